@@ -1,0 +1,154 @@
+"""Typed configuration: pydantic models loaded from YAML, with `dotted.key=value` overrides.
+
+Unknown keys are errors that name the key. Every YAML under `configs/` is an instance of `Config`.
+Secrets are never part of a config: the API key is read from the environment variable that
+`rate.api_key_env` names.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config file or override that cannot be used; the message names the file and the key."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    """Where the instruction-tuning rows come from."""
+
+    path: str = Field(
+        "builtin:alpaca_sample",
+        description="A file, a directory or a glob of JSON-array, JSONL or Parquet files; local or any "
+        "filesystem pyarrow reads (s3://, gs://). 'builtin:alpaca_sample' is the sample shipped with the package.",
+    )
+    format: Literal["auto", "json", "jsonl", "parquet"] = Field(
+        "auto", description="File format; 'auto' goes by the extension and, for .json, by the first character."
+    )
+    id_field: str = Field("id", description="Input field holding a row id; rows without one get an id from their content.")
+    field_map: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra renames from input field to instruction/input/output, applied after the Dolly names "
+        "(context -> input, response -> output).",
+    )
+    max_row_chars: int = Field(
+        32_000, gt=0, description="Rows longer than this (instruction + input + output) are set aside as invalid_input."
+    )
+    limit: int | None = Field(None, gt=0, description="Use only the first N rows (for trials).")
+
+
+class RateConfig(_Strict):
+    """The grader and how to call it."""
+
+    backend: Literal["vllm", "openai"] = Field("openai", description="vllm: Ray Data LLM on GPUs (or CPU); openai: any OpenAI-compatible API.")
+    model: str = Field("gpt-3.5-turbo", description="Model name at the API, or a model directory / hub id for vllm.")
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://host:8000/v1; None means OpenAI's.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never the key itself).")
+    dimension: str = Field("accuracy", min_length=1, description="The property the grader rates: accuracy (paper default), helpfulness, ...")
+    max_tokens: int = Field(256, gt=0, description="Reply length cap: the score line plus the explanation.")
+    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature of the grader.")
+    logprobs: bool = Field(True, description="Ask for top logprobs and record the probability-weighted score_expected.")
+    top_logprobs: int = Field(5, ge=1, le=20, description="How many alternatives per token to ask for.")
+    batch_size: int = Field(64, gt=0, description="Rows per Ray Data block; also the unit saved to disk as it finishes.")
+    retry_failed: bool = Field(False, description="On a rerun, send rows that ended request_failed again.")
+    # openai backend
+    concurrency: int = Field(16, gt=0, description="Requests in flight at once, across all workers together.")
+    num_workers: int = Field(1, gt=0, description="Ray actors sending requests (openai backend); the concurrency is split among them.")
+    requests_per_minute: int | None = Field(None, gt=0, description="Account limit on requests per minute, across all workers.")
+    tokens_per_minute: int | None = Field(None, gt=0, description="Account limit on tokens per minute (prompt estimate + max_tokens), across all workers.")
+    max_retries: int = Field(5, ge=0, description="Retries of a failed request (429, 5xx, timeouts) by the openai client, honouring Retry-After.")
+    request_timeout: float = Field(120.0, gt=0, description="Seconds before a request is abandoned (then retried).")
+    price_input_per_million: float | None = Field(None, ge=0, description="USD per million prompt tokens, for the cost estimate.")
+    price_output_per_million: float | None = Field(None, ge=0, description="USD per million completion tokens, for the cost estimate.")
+    # vllm backend
+    constrained: bool = Field(True, description="vllm: constrain the reply to the valid scores 0, 0.5, ..., 5 (no explanation then).")
+    num_engines: int = Field(1, gt=0, description="vllm: engine replicas (one per GPU, or per tensor-parallel group).")
+    tensor_parallel_size: int = Field(1, gt=0, description="vllm: GPUs per engine.")
+    use_gpu: bool = Field(True, description="vllm: give each engine GPUs; false runs on CPU (tests, demo).")
+    accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type for the engines, e.g. A100.")
+    max_model_len: int = Field(4096, gt=0, description="vllm: context length of the engine.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vllm.LLM engine arguments.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "RateConfig":
+        if self.backend == "openai" and self.concurrency < self.num_workers:
+            raise ValueError(f"rate.concurrency ({self.concurrency}) must be at least rate.num_workers ({self.num_workers})")
+        return self
+
+
+class Config(_Strict):
+    """One run: the run directory and the settings of each stage."""
+
+    run_dir: str = Field("runs/default", description="Where every stage writes its artifacts.")
+    data: DataConfig = Field(default_factory=DataConfig)
+    rate: RateConfig = Field(default_factory=RateConfig)
+
+
+def load_config(path: str | None, overrides: list[str] = ()) -> Config:
+    """Read a YAML config and apply `dotted.key=value` overrides (values parsed as YAML).
+
+    >>> load_config(None, ["rate.concurrency=8", "run_dir=/tmp/r"]).rate.concurrency
+    8
+    >>> load_config(None, ["rate.concurency=8"])
+    Traceback (most recent call last):
+    ...
+    alpagasus_ray.config.ConfigError: <overrides>: rate.concurency: unknown key
+    """
+    raw: dict[str, Any] = {}
+    source = "<overrides>"
+    if path is not None:
+        source = path
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config: {e.strerror}") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: a config is a mapping of keys, got {type(raw).__name__}")
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        _set_dotted(raw, key.strip(), yaml.safe_load(value) if value else "")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_describe(source, e)) from None
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        tree = tree.setdefault(part, {})
+        if not isinstance(tree, dict):
+            raise ConfigError(f"override {dotted}: {part} is not a section")
+    tree[leaf] = value
+
+
+def _describe(source: str, error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        problems.append(f"{source}: {key}: {message}")
+    return "\n".join(problems)
+
+
+def config_for_record(config: Config) -> dict[str, Any]:
+    """The config as written into the run directory: plain data, and by construction no secret in it."""
+    return config.model_dump(mode="json")
+
+
+def api_key(rate: RateConfig) -> str:
+    """The API key from the environment; a local server without auth accepts any placeholder."""
+    return os.environ.get(rate.api_key_env) or "EMPTY"

@@ -1,0 +1,96 @@
+"""A tiny Llama built locally, for tests and the demo: no hub, no download.
+
+    python -m alpagasus_ray.tiny_model /tmp/tiny-llama
+
+Its outputs carry no meaning; it exists so that every stage can run end to end on a CPU with the
+real engines (vLLM, DeepSpeed). The shape respects vLLM's CPU kernels (head_dim 64).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+# A chat template in the Llama-2 spirit, short enough for a 256-token model window.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' %}<<SYS>>{{ m['content'] }}<</SYS>>"
+    "{% elif m['role'] == 'user' %}[INST]{{ m['content'] }}[/INST]"
+    "{% else %}{{ m['content'] }}</s>{% endif %}"
+    "{% endfor %}"
+)
+
+_CORPUS = [
+    "Give three tips for staying healthy. Eat a balanced diet and get enough sleep.",
+    "What is the capital of France? The capital of France is Paris.",
+    "Score: 4.5 The response is accurate and helpful. 0 0.5 1 1.5 2 2.5 3 3.5 4 4.5 5",
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request.",
+    "### Instruction: ### Input: ### Response: Assistant 1 2 3 4 5 6 7 8 9 10",
+    "def add(a, b): return a + b  # Python, Java, C++, C#",
+]
+
+
+def build_tiny_model(out_dir: str, vocab_size: int = 512, seed: int = 0) -> str:
+    """Build and save a ~0.4M-parameter Llama and its byte-level BPE tokenizer in `out_dir`.
+
+    Idempotent: returns at once when `out_dir` already holds a model built by this function.
+
+    Args:
+        out_dir: directory to write (created if missing).
+        vocab_size: tokenizer vocabulary size.
+        seed: torch seed for the random weights, so two builds are identical.
+
+    Returns:
+        `out_dir`, a Hugging Face model directory that transformers and vLLM load.
+    """
+    marker = os.path.join(out_dir, "tiny_model.json")
+    if os.path.exists(marker):
+        return out_dir
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    os.makedirs(out_dir, exist_ok=True)
+    bpe = Tokenizer(models.BPE(unk_token=None))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    bpe.train_from_iterator(_CORPUS, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        pad_token="<pad>",
+    )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    tokenizer.save_pretrained(out_dir)
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    model.save_pretrained(out_dir, safe_serialization=True)
+    with open(marker, "w") as f:
+        json.dump({"built_by": "alpagasus_ray.tiny_model", "seed": seed, "note": "smoke-scale stand-in"}, f)
+    return out_dir
+
+
+if __name__ == "__main__":
+    print(build_tiny_model(sys.argv[1] if len(sys.argv) > 1 else "tiny-llama"))
