@@ -143,8 +143,9 @@ def _rate_rows(valid: pa.Table, cfg, store: RatedStore, meta: dict) -> None:
 
     ensure_ray()
     backend = make_backend(cfg)
-    blocks = [valid.slice(i, cfg.batch_size) for i in range(0, valid.num_rows, cfg.batch_size)]
-    dataset = ray.data.from_arrow(blocks).select_columns([C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT])
+    # One block per batch, so each is saved as soon as it is rated rather than with a large block.
+    needed = valid.select([C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT])
+    dataset = ray.data.from_arrow([needed.slice(i, cfg.batch_size) for i in range(0, needed.num_rows, cfg.batch_size)])
     position = {rid: i for i, rid in enumerate(valid[C.ID].to_pylist())}
     done, counts, last_report, start = 0, Counter(), time.time(), time.time()
     for results in backend.rate(dataset).iter_batches(batch_size=None, batch_format="pyarrow"):
@@ -208,7 +209,7 @@ def _dry_run_report(rows: Rows, valid: pa.Table, cfg) -> dict:
 def _cost(cfg, tokens_in: int, tokens_out: int) -> float | None:
     if cfg.price_input_per_million is None or cfg.price_output_per_million is None:
         return None
-    return round((tokens_in * cfg.price_input_per_million + tokens_out * cfg.price_output_per_million) / 1e6, 4)
+    return round((tokens_in * cfg.price_input_per_million + tokens_out * cfg.price_output_per_million) / 1e6, 6)
 
 
 def _summarize(rows: Rows, rated: pa.Table, cfg, seconds: float, sent: int) -> dict:

@@ -1,0 +1,81 @@
+"""The `alpagasus` command and its configs: every shipped YAML loads, bad keys and inputs fail clearly."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from alpagasus_ray.cli import main
+from alpagasus_ray.config import Config, ConfigError, load_config
+
+sys.path.insert(0, os.path.dirname(__file__))
+from fake_openai_server import serve, stats  # noqa: E402
+
+CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+def test_every_shipped_config_loads_and_starts_with_its_command(path):
+    config = load_config(path)
+    assert isinstance(config, Config)
+    first_line = open(path).readline()
+    assert first_line.startswith("# alpagasus ") and os.path.basename(path) in first_line
+
+
+def test_unknown_keys_and_wrong_types_name_the_key(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"rate": {"backend": "openai", "concurrancy": 4}}))
+    with pytest.raises(ConfigError, match=r"c.yaml: rate.concurrancy: unknown key"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match=r"rate.concurrency: Input should be greater than 0"):
+        load_config(None, ["rate.concurrency=0"])
+    with pytest.raises(ConfigError, match=r"rate.backend: Input should be 'vllm' or 'openai'"):
+        load_config(None, ["rate.backend=claude"])
+    with pytest.raises(ConfigError, match="not of the form"):
+        load_config(None, ["rate.concurrency"])
+
+
+def test_help_lists_the_stage_and_its_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["rate", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--config" in out and "--dry-run" in out and "dotted.key=value" in out
+
+
+def test_bad_config_or_input_exits_2_before_anything_is_sent(tmp_path, capsys):
+    with serve({}) as url:
+        code = main(["rate", "--config", CONFIGS[0], f"rate.base_url={url}", "rate.concurency=3"])
+        assert code == 2 and "rate.concurency: unknown key" in capsys.readouterr().err
+        empty = tmp_path / "empty.jsonl"
+        empty.write_text("")
+        code = main(["rate", "--config", CONFIGS[0], f"rate.base_url={url}", f"data.path={empty}",
+                     f"run_dir={tmp_path / 'run'}"])
+        assert code == 2 and "empty.jsonl: the file is empty" in capsys.readouterr().err
+        assert stats(url)["requests"] == 0
+    assert not (tmp_path / "run").exists()
+
+
+def test_dry_run_counts_and_prices_without_sending(tmp_path):
+    rows = [{"instruction": "x" * 400, "input": "", "output": "y" * 400}] * 3 + [{"instruction": "no output"}]
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows))
+    with serve({}) as url:
+        result = subprocess.run(
+            [sys.executable, "-m", "alpagasus_ray.cli", "rate", "--config", "configs/rate_openai_compatible.yaml",
+             f"rate.base_url={url}", f"data.path={data}", f"run_dir={tmp_path / 'run'}", "--dry-run",
+             "rate.price_input_per_million=1.0", "rate.price_output_per_million=2.0", "rate.max_tokens=100"],
+            capture_output=True, text=True, timeout=120,
+        )
+        assert stats(url)["requests"] == 0
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["rows_in"] == 4 and report["invalid_input"] == 1 and report["to_send"] == 3
+    # each row: 800 characters of text plus the fixed prompt (~750 characters), at 4 characters a token
+    assert 3 * 350 < report["prompt_tokens_estimate"] < 3 * 450
+    assert report["cost_usd_at_most"] == pytest.approx((report["prompt_tokens_estimate"] * 1.0 + 300 * 2.0) / 1e6)
+    assert not (tmp_path / "run").exists()
