@@ -66,6 +66,10 @@ class RateConfig(_Strict):
     tokens_per_minute: int | None = Field(None, gt=0, description="Account limit on tokens per minute (prompt estimate + max_tokens), across all workers.")
     max_retries: int = Field(5, ge=0, description="Retries of a failed request (429, 5xx, timeouts) by the openai client, honouring Retry-After.")
     request_timeout: float = Field(120.0, gt=0, description="Seconds before a request is abandoned (then retried).")
+    extra_body: dict[str, Any] = Field(
+        default_factory=dict,
+        description="openai: extra JSON fields of each request, e.g. {structured_outputs: {choice: [...]}} on a vLLM server.",
+    )
     price_input_per_million: float | None = Field(None, ge=0, description="USD per million prompt tokens, for the cost estimate.")
     price_output_per_million: float | None = Field(None, ge=0, description="USD per million completion tokens, for the cost estimate.")
     # vllm backend

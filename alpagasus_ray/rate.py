@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from alpagasus_ray import columns as C
-from alpagasus_ray.backends import Rating, make_backend, ratings_table
+from alpagasus_ray.backends import MAX_ASKS, RESULT_SCHEMA, Rating, make_backend, ratings_table
 from alpagasus_ray.config import Config, ConfigError, config_for_record
 from alpagasus_ray.data import INVALID_REASON, Rows, read_rows
 from alpagasus_ray.prompts import CHARS_PER_TOKEN, PROMPT_VERSION, RATING_SYSTEM, RATING_USER
@@ -78,7 +78,9 @@ class RatedStore:
             return table
         # C.STATUSES lists ok first, so the index of a row's status is its rank.
         rank = pc.index_in(table[C.STATUS], value_set=pa.array(C.STATUSES))
-        table = table.append_column("_rank", rank).sort_by([(C.ID, "ascending"), ("_rank", "ascending")])
+        table = table.append_column("_rank", rank).sort_by(
+            [(C.ID, "ascending"), ("_rank", "ascending"), (C.ATTEMPTS, "descending")]
+        )
         ids = table[C.ID].combine_chunks()
         first_of_id = pa.concat_arrays([pa.array([True]), pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))])
         table = table.filter(first_of_id)
@@ -147,18 +149,33 @@ def _rate_rows(valid: pa.Table, cfg, store: RatedStore, meta: dict) -> None:
     needed = valid.select([C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT])
     dataset = ray.data.from_arrow([needed.slice(i, cfg.batch_size) for i in range(0, needed.num_rows, cfg.batch_size)])
     position = {rid: i for i, rid in enumerate(valid[C.ID].to_pylist())}
+    reask = _save_as_they_come(backend.rate(dataset), valid, position, store, meta)
+    if reask:
+        # Backends that cannot re-ask inside a request (vLLM) get the unparseable rows once more.
+        log.info("rate: asking again for %d rows whose reply had no score", len(reask))
+        again = valid.take(pa.array(sorted(position[i] for i in reask))).select(needed.column_names)
+        _save_as_they_come(backend.rate(ray.data.from_arrow(again), reask=True), valid, position, store, meta)
+
+
+def _save_as_they_come(results_ds, valid: pa.Table, position: dict, store: "RatedStore", meta: dict) -> list[str]:
+    """Consume a backend's results, saving each block as it arrives; returns ids to ask again."""
     done, counts, last_report, start = 0, Counter(), time.time(), time.time()
-    for results in backend.rate(dataset).iter_batches(batch_size=None, batch_format="pyarrow"):
+    reask = []
+    for results in results_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
         if results.num_rows == 0:
             continue
+        results = results.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
         rows = valid.take(pa.array([position[i] for i in results[C.ID].to_pylist()]))
         store.write(_rated_rows(rows, results, meta))
         done += results.num_rows
         counts.update(results[C.STATUS].to_pylist())
-        if time.time() - last_report > 10 or done == valid.num_rows:
+        first_ask_failed = pc.and_(pc.equal(results[C.STATUS], C.PARSE_FAILED), pc.less(results[C.ATTEMPTS], MAX_ASKS))
+        reask += pc.filter(results[C.ID], first_ask_failed).to_pylist()
+        if time.time() - last_report > 10:
             last_report = time.time()
-            rate = done / max(last_report - start, 1e-9)
-            log.info("rate: %s/%s rows (%.1f rows/s) %s", f"{done:,}", f"{valid.num_rows:,}", rate, dict(counts))
+            log.info("rate: %s rows done (%.1f rows/s) %s", f"{done:,}", done / (last_report - start), dict(counts))
+    log.info("rate: %s rows done %s", f"{done:,}", dict(counts))
+    return reask
 
 
 def _rated_rows(rows: pa.Table, results: pa.Table, meta: dict) -> pa.Table:
@@ -176,9 +193,11 @@ def _rated_rows(rows: pa.Table, results: pa.Table, meta: dict) -> pa.Table:
 
 
 def _final_mask(done: pa.Table, retry_failed: bool):
-    if not retry_failed:
-        return pa.array([True] * done.num_rows, pa.bool_())
-    return pc.not_equal(done[C.STATUS], C.REQUEST_FAILED)
+    """Rows not to send again: all but unparseable first asks (and request failures on request)."""
+    final = pc.invert(pc.and_(pc.equal(done[C.STATUS], C.PARSE_FAILED), pc.less(done[C.ATTEMPTS], MAX_ASKS)))
+    if retry_failed:
+        final = pc.and_(final, pc.not_equal(done[C.STATUS], C.REQUEST_FAILED))
+    return final
 
 
 def _check_same_grader(done: pa.Table, grader: str, dimension: str, where: str) -> None:

@@ -63,6 +63,7 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=64, help="requests in flight C")
     parser.add_argument("--workers", type=int, default=1, help="rate.num_workers")
     parser.add_argument("--rows", type=int, default=52_002, help="rows to rate (all 52,002 by default)")
+    parser.add_argument("--no-logprobs", action="store_true", help="do not ask for top logprobs")
     parser.add_argument("--reference-rows", type=int, default=500, help="rows for the reference pattern")
     args = parser.parse_args()
     ideal = args.concurrency / args.latency
@@ -71,7 +72,7 @@ def main() -> None:
         config = load_config(None, [
             f"run_dir={run_dir}", f"data.path={DATA}", f"data.limit={args.rows}", "rate.backend=openai",
             f"rate.base_url={url}", "rate.model=fake", f"rate.concurrency={args.concurrency}",
-            f"rate.num_workers={args.workers}", "rate.logprobs=true",
+            f"rate.num_workers={args.workers}", f"rate.logprobs={not args.no_logprobs}",
         ])
         started = time.perf_counter()
         summary = run_rate(config)

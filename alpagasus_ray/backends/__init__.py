@@ -19,6 +19,9 @@ from alpagasus_ray.prompts import ParsedScore
 if TYPE_CHECKING:
     import ray.data
 
+# Asks per row: a reply with no readable score is asked once more, then kept as parse_failed.
+MAX_ASKS = 2
+
 RESULT_SCHEMA = pa.schema([
     (C.ID, pa.string()),
     (C.STATUS, pa.string()),
@@ -64,8 +67,12 @@ class Backend(Protocol):
 
     grader: str  # recorded in every output row, e.g. "openai:gpt-4o-mini"
 
-    def rate(self, rows: "ray.data.Dataset") -> "ray.data.Dataset":
-        """Rate every row; the result has the columns of RESULT_SCHEMA, one row per input row."""
+    def rate(self, rows: "ray.data.Dataset", reask: bool = False) -> "ray.data.Dataset":
+        """Rate every row; the result has the columns of RESULT_SCHEMA, one row per input row.
+
+        A backend that can re-ask within a request does so and never returns parse_failed with
+        attempts < MAX_ASKS; one that cannot returns it, and is called again with `reask=True`.
+        """
         ...
 
 

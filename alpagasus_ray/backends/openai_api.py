@@ -18,14 +18,12 @@ import openai
 import pyarrow as pa
 
 from alpagasus_ray import columns as C
-from alpagasus_ray.backends import Rating, rating_from_reply, ratings_table
+from alpagasus_ray.backends import MAX_ASKS, Rating, rating_from_reply, ratings_table
 from alpagasus_ray.config import RateConfig, api_key
 from alpagasus_ray.prompts import estimate_tokens, expected_score, parse_score, rating_messages
 from alpagasus_ray.ratelimit import SharedLimiter
 
 log = logging.getLogger(__name__)
-# Asks per row: a reply that cannot be read or parsed is asked again once.
-MAX_ASKS = 2
 
 
 class OpenAIBackend:
@@ -40,7 +38,7 @@ class OpenAIBackend:
                 "set it in the environment (never in a config), or set rate.base_url to a server without auth"
             )
 
-    def rate(self, rows):
+    def rate(self, rows, reask: bool = False):
         import ray
         from ray.data import ActorPoolStrategy
 
@@ -128,7 +126,8 @@ class _Rater:
         extra = {"logprobs": True, "top_logprobs": cfg.top_logprobs} if cfg.logprobs else {}
         async with self.slots:
             return await self.client.chat.completions.create(
-                model=cfg.model, messages=messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature, **extra
+                model=cfg.model, messages=messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
+                extra_body=cfg.extra_body or None, **extra,
             )
 
     async def _on_response(self, response) -> None:

@@ -1,0 +1,108 @@
+"""The `vllm` backend: an open grader model served by vLLM inside Ray Data (`ray.data.llm`).
+
+One engine per GPU (or per tensor-parallel group), `rate.num_engines` of them; prefix caching on,
+since every prompt shares the rating instructions. With `rate.constrained` the reply is one of
+"0", "0.5", ..., "5" (structured outputs), and the top logprobs give `score_expected`.
+"""
+
+from __future__ import annotations
+
+import math
+
+from alpagasus_ray import columns as C
+from alpagasus_ray.backends import Rating, rating_from_reply
+from alpagasus_ray.config import RateConfig
+from alpagasus_ray.prompts import SCORE_CHOICES, expected_score, parse_score, rating_messages
+
+# A greedy re-ask would repeat the same reply word for word; the one re-ask of an unparseable
+# reply samples instead.
+REASK_TEMPERATURE = 0.7
+
+
+class VLLMBackend:
+    """Rates rows with vLLM engines run by Ray Data LLM."""
+
+    def __init__(self, rate: RateConfig):
+        self.cfg = rate
+        self.grader = f"vllm:{rate.model}"
+
+    def rate(self, rows, reask: bool = False):
+        from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+        cfg = self.cfg
+        engine_kwargs = {
+            "max_model_len": cfg.max_model_len,
+            "enable_prefix_caching": True,
+            "tensor_parallel_size": cfg.tensor_parallel_size,
+            # Logprobs after the structured-output mask: a distribution over the allowed scores.
+            "logprobs_mode": "processed_logprobs",
+        }
+        if not cfg.use_gpu:
+            engine_kwargs.update(dtype="float32", enforce_eager=True)
+        engine_kwargs.update(cfg.engine_kwargs)
+        # The template and tokenizer stages are light; on a CPU-only node at their default of one CPU
+        # each they can hold every core while the engine actor waits for one.
+        light = {} if cfg.use_gpu else {"num_cpus": 0.1}
+        processor_config = vLLMEngineProcessorConfig(
+            model_source=cfg.model,
+            engine_kwargs=engine_kwargs,
+            concurrency=cfg.num_engines,
+            batch_size=cfg.batch_size,
+            accelerator_type=cfg.accelerator_type if cfg.use_gpu else None,
+            # A row the engine refuses (e.g. longer than max_model_len) ends request_failed, not the job.
+            should_continue_on_error=True,
+            placement_group_config=None if cfg.use_gpu else {"bundles": [{"CPU": 1}]},
+            chat_template_stage={"enabled": True, **light},
+            tokenize_stage={"enabled": True, **light},
+            detokenize_stage={"enabled": True, **light},
+        )
+        sampling = {
+            "temperature": REASK_TEMPERATURE if reask else cfg.temperature,
+            "max_tokens": cfg.max_tokens if not cfg.constrained else 4,
+        }
+        if cfg.logprobs:
+            sampling["logprobs"] = cfg.top_logprobs
+        if cfg.constrained:
+            sampling["structured_outputs"] = {"choice": list(SCORE_CHOICES)}
+        processor = build_processor(
+            processor_config,
+            preprocess=lambda row: {
+                C.ID: row[C.ID],
+                "messages": rating_messages(row[C.INSTRUCTION], row[C.INPUT], row[C.OUTPUT], cfg.dimension),
+                "sampling_params": sampling,
+            },
+            preprocess_map_kwargs=light,
+        )
+        # Rows the engine refused skip a processor's postprocess, so the rating is made after it, for all.
+        attempts = 2 if reask else 1
+        return processor(rows).map(lambda row: _rating_row(row, attempts), **light)
+
+
+def _rating_row(row: dict, attempts: int) -> dict:
+    """One engine output as a flat rating row (the columns of RESULT_SCHEMA)."""
+    counts = {"tokens_in": int(row.get("num_input_tokens") or 0), "tokens_out": int(row.get("num_generated_tokens") or 0)}
+    error = row.get("__inference_error__")  # "" on rows that succeeded
+    if error:
+        rating = Rating(row[C.ID], C.REQUEST_FAILED, attempts=attempts, error=str(error).splitlines()[0][:300], **counts)
+    else:
+        parsed = parse_score(row.get("generated_text"))
+        positions = _positions(row.get("logprobs"), row.get("generated_tokens"))
+        expected = expected_score(positions) if parsed.score is not None else None
+        rating = rating_from_reply(row[C.ID], parsed, expected, attempts=attempts, **counts)
+    return {**rating.__dict__, C.SCORE: _float(rating.score), C.SCORE_EXPECTED: _float(rating.score_expected)}
+
+
+def _positions(logprobs, chosen_ids) -> list[list[tuple[str, float]]]:
+    """Ray Data LLM's logprobs (per token: {token_id: {logprob, rank, decoded_token}}) as lists of
+    (token, logprob), the generated token first, then the alternatives by rank."""
+    positions = []
+    for entry, chosen in zip(logprobs or [], list(chosen_ids) if chosen_ids is not None else []):
+        entry = {int(k): v for k, v in (entry or {}).items()}
+        first = [entry.pop(int(chosen))] if int(chosen) in entry else []
+        rest = sorted(entry.values(), key=lambda v: v.get("rank") or math.inf)
+        positions.append([(v.get("decoded_token") or "", float(v["logprob"])) for v in first + rest])
+    return positions
+
+
+def _float(value):
+    return None if value is None else float(value)

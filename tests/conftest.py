@@ -1,0 +1,99 @@
+"""Session fixtures: the tiny local model, a vLLM OpenAI-compatible server on it, a local Ray.
+
+Everything runs on a CPU without network: the model is built locally (`alpagasus_ray.tiny_model`).
+Environment defaults are set at import, before Ray starts, because Ray's workers inherit them.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import pytest
+
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for vLLM on CPU
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # no `uv run` runtime-env hook
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-stats reporting (no network)
+os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # no progress lines every 10 s
+# A stalled Ray Data pipeline (e.g. CPU stages holding both cores) fails after 5 min, not 30.
+os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "300")
+
+SERVER_READY_TIMEOUT_S = 180
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: str, n: int = 60) -> str:
+    with open(path, errors="replace") as f:
+        return "".join(f.readlines()[-n:])
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """Path of the tiny Llama (HF directory), built once per session."""
+    from alpagasus_ray.tiny_model import build_tiny_model
+
+    return build_tiny_model(str(tmp_path_factory.mktemp("tiny-llama")))
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model):
+    """Base URL (`http://127.0.0.1:PORT/v1`) of vLLM's OpenAI-compatible server on the tiny model.
+
+    The served model name is the model path, `tiny_model`. The server runs in its own process
+    group, logs to a temp file, and is terminated with its group at the end of the session.
+    """
+    port = _free_port()
+    log_path = tempfile.NamedTemporaryFile(prefix="vllm-server-", suffix=".log", delete=False).name
+    cmd = [
+        sys.executable, "-m", "vllm.entrypoints.openai.api_server",
+        "--model", tiny_model, "--dtype", "float32", "--max-model-len", "1024",
+        "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
+    ]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base_url = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline = time.monotonic() + SERVER_READY_TIMEOUT_S
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"vLLM server exited with {proc.returncode}; log {log_path}:\n{_tail(log_path)}")
+            try:
+                with urllib.request.urlopen(f"{base_url}/models", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vLLM server not ready in {SERVER_READY_TIMEOUT_S}s; log {log_path}:\n{_tail(log_path)}")
+            time.sleep(0.5)
+        yield base_url
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with 2 CPUs and no dashboard, started once per session and shut down at the end."""
+    import ray
+
+    ctx = ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    yield ctx
+    ray.shutdown()
