@@ -31,7 +31,7 @@ _CORPUS = [
 ]
 
 
-def build_tiny_model(out_dir: str, vocab_size: int = 512, seed: int = 0) -> str:
+def build_tiny_model(out_dir: str, vocab_size: int = 512, seed: int = 0, hidden_size: int = 128, num_layers: int = 2) -> str:
     """Build and save a ~0.4M-parameter Llama and its byte-level BPE tokenizer in `out_dir`.
 
     Idempotent: returns at once when `out_dir` already holds a model built by this function.
@@ -40,6 +40,8 @@ def build_tiny_model(out_dir: str, vocab_size: int = 512, seed: int = 0) -> str:
         out_dir: directory to write (created if missing).
         vocab_size: tokenizer vocabulary size.
         seed: torch seed for the random weights, so two builds are identical.
+        hidden_size: model width (a multiple of 64: vLLM's CPU attention needs head_dim 64).
+        num_layers: decoder layers.
 
     Returns:
         `out_dir`, a Hugging Face model directory that transformers and vLLM load.
@@ -74,11 +76,11 @@ def build_tiny_model(out_dir: str, vocab_size: int = 512, seed: int = 0) -> str:
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=128,
-        intermediate_size=256,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=hidden_size // 64,
+        num_key_value_heads=hidden_size // 64,
         max_position_embeddings=4096,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -90,6 +92,21 @@ def build_tiny_model(out_dir: str, vocab_size: int = 512, seed: int = 0) -> str:
     with open(marker, "w") as f:
         json.dump({"built_by": "alpagasus_ray.tiny_model", "seed": seed, "note": "smoke-scale stand-in"}, f)
     return out_dir
+
+
+BUILTIN_MODEL = "builtin:tiny-llama"
+
+
+def resolve_model(name: str) -> str:
+    """A model path for engines: `builtin:tiny-llama` is built once into the user's cache.
+
+    >>> resolve_model("/models/llama-7b")
+    '/models/llama-7b'
+    """
+    if name != BUILTIN_MODEL:
+        return name
+    cache = os.environ.get("ALPAGASUS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "alpagasus_ray"))
+    return build_tiny_model(os.path.join(cache, "tiny-llama-v1"))
 
 
 if __name__ == "__main__":

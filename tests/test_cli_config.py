@@ -16,14 +16,30 @@ sys.path.insert(0, os.path.dirname(__file__))
 from fake_openai_server import serve, stats  # noqa: E402
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
+PACKAGED = [os.path.join(os.path.dirname(__file__), "..", "alpagasus_ray", "demo.yaml")]
 
 
-@pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
+@pytest.mark.parametrize("path", CONFIGS + PACKAGED, ids=os.path.basename)
 def test_every_shipped_config_loads_and_starts_with_its_command(path):
     config = load_config(path)
     assert isinstance(config, Config)
     first_line = open(path).readline()
     assert first_line.startswith("# alpagasus ") and os.path.basename(path) in first_line
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_and_a_rerun_sends_nothing(tmp_path):
+    command = [sys.executable, "-m", "alpagasus_ray.cli", "demo", "--run-dir", str(tmp_path / "demo"), "data.limit=16"]
+    env = {**os.environ, "ALPAGASUS_CACHE": str(tmp_path / "cache")}
+    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    summary_path = first.stdout.strip().splitlines()[-1]  # the last line names the summary
+    summary = json.load(open(summary_path))
+    assert summary["rows_out"] == 16 and summary["by_status"]["ok"] == 16
+    assert summary["grader"] == "vllm:builtin:tiny-llama"
+    assert os.path.isfile(tmp_path / "cache" / "tiny-llama-v1" / "model.safetensors")
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert again.returncode == 0 and json.load(open(summary_path))["rows_sent_this_run"] == 0
 
 
 def test_unknown_keys_and_wrong_types_name_the_key(tmp_path):

@@ -12,6 +12,7 @@ import math
 from alpagasus_ray import columns as C
 from alpagasus_ray.backends import Rating, rating_from_reply
 from alpagasus_ray.config import RateConfig
+from alpagasus_ray.tiny_model import resolve_model
 from alpagasus_ray.prompts import SCORE_CHOICES, expected_score, parse_score, rating_messages
 
 # A greedy re-ask would repeat the same reply word for word; the one re-ask of an unparseable
@@ -44,7 +45,7 @@ class VLLMBackend:
         # each they can hold every core while the engine actor waits for one.
         light = {} if cfg.use_gpu else {"num_cpus": 0.1}
         processor_config = vLLMEngineProcessorConfig(
-            model_source=cfg.model,
+            model_source=resolve_model(cfg.model),
             engine_kwargs=engine_kwargs,
             concurrency=cfg.num_engines,
             batch_size=cfg.batch_size,
