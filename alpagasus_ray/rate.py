@@ -119,6 +119,10 @@ def run_rate(config: Config, dry_run: bool = False) -> dict:
         f"{rows.table.num_rows:,}", ", ".join(rows.files), f"{rows.num_invalid:,}", f"{len(final):,}",
         f"{valid.num_rows:,}", grader,
     )
+    if rows.duplicate_ids:
+        first = next(iter(rows.duplicate_ids.items()))
+        log.warning("rate: %d ids repeat in the input (e.g. %r at %s); repeats get ids id~2, id~3, ...",
+                    len(rows.duplicate_ids), first[0], ", ".join(first[1][:3]))
     if dry_run:
         return _dry_run_report(rows, valid, cfg)
 

@@ -176,6 +176,7 @@ class _Stats:
         self.by_status: collections.Counter[str] = collections.Counter()
         self.by_rule: collections.Counter[str] = collections.Counter()
         self.by_fault: collections.Counter[str] = collections.Counter()
+        self.fault_times: list[list] = []  # [arrival time, fault kind] of each fault served
         self.first_ts: float | None = None
         self.last_ts: float | None = None
         # Arrivals of the last 60 s only, so memory stays bounded in soak runs.
@@ -211,6 +212,7 @@ class _Stats:
             "by_status": dict(self.by_status),
             "by_rule": dict(self.by_rule),
             "by_fault": dict(self.by_fault),
+            "fault_times": self.fault_times,
             "first_ts": self.first_ts,
             "last_ts": self.last_ts,
             "per_minute_max": self.per_minute_max,
@@ -318,6 +320,7 @@ class FakeOpenAI:
             fault = config["fail_kind"]
         if fault is not None:
             self.stats.by_fault[fault] += 1
+            self.stats.fault_times.append([time.time(), fault])
 
         if config["latency"]:
             await asyncio.sleep(config["latency"])

@@ -116,3 +116,14 @@ def test_field_map_renames_custom_fields(tmp_path):
     assert result.table.to_pylist()[0] | {"source": None} == {
         "id": "7", "instruction": "p", "input": "", "output": "c", "source": None, INVALID_REASON: None,
     }
+
+
+def test_uri_paths_go_through_the_filesystem_layer(tmp_path):
+    """s3:// and gs:// take the same path through pyarrow's filesystems as file:// does here."""
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "a.jsonl").write_text(json.dumps({"instruction": "q", "output": "a"}) + "\n")
+    result = read_rows(DataConfig(path=f"file://{tmp_path}/d"))
+    assert result.files == [f"file://{tmp_path}/d/a.jsonl"]
+    assert result.table.to_pylist()[0]["source"] == f"file://{tmp_path}/d/a.jsonl:1"
+    with pytest.raises(InputError, match="no such file"):
+        read_rows(DataConfig(path=f"file://{tmp_path}/missing.jsonl"))

@@ -115,6 +115,25 @@ def test_rate_limits_hold_across_workers(tmp_path, ray_local):
     assert sorted(gaps)[len(gaps) // 2] >= 0.08
 
 
+def test_a_429_retry_after_pauses_every_worker(tmp_path, ray_local):
+    data = _write_rows(tmp_path / "rows.jsonl", 60)
+    with serve({"latency": 0.05, "retry_after": 1.5, "rules": [{"match": "ROW-010", "faults": ["429"]}]}) as url:
+        config = load_config(None, [
+            f"run_dir={tmp_path / 'run'}", f"data.path={data}", f"rate.base_url={url}", "rate.model=fake",
+            "rate.num_workers=2", "rate.concurrency=4", "rate.batch_size=4", "rate.requests_per_minute=60000",
+        ])
+        summary = run_rate(config)
+        seen = stats(url)
+    assert summary["by_status"]["ok"] == 60
+    (t429, kind), = seen["fault_times"]
+    assert kind == "429"
+    # Without the pause, ~80 requests/s would arrive; requests already sent or past the limiter when
+    # the 429 came back may still land early in the window, none after.
+    during = [t for t in seen["arrivals"] if t429 + 0.4 < t < t429 + 1.4]
+    assert during == []
+    assert any(t > t429 + 1.4 for t in seen["arrivals"])
+
+
 def test_kill_minus_nine_then_rerun_finishes_without_resending_and_never_writes_the_key(tmp_path):
     key = "sk-test-" + "K3Y" * 8
     n = 96

@@ -120,11 +120,13 @@ class _Rater:
 
     async def _request(self, messages: list[dict]):
         cfg = self.cfg
-        if self.limiter is not None:
-            prompt = sum(estimate_tokens(m["content"]) for m in messages)
-            await self.limiter.acquire.remote(prompt + cfg.max_tokens)
         extra = {"logprobs": True, "top_logprobs": cfg.top_logprobs} if cfg.logprobs else {}
+        # Slot first, then the limiter: when a Retry-After pause begins, only requests already
+        # past the limiter (at most one per slot) can still go out.
         async with self.slots:
+            if self.limiter is not None:
+                prompt = sum(estimate_tokens(m["content"]) for m in messages)
+                await self.limiter.acquire.remote(prompt + cfg.max_tokens)
             return await self.client.chat.completions.create(
                 model=cfg.model, messages=messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
                 extra_body=cfg.extra_body or None, **extra,
