@@ -1,6 +1,7 @@
 """The `alpagasus` command: one subcommand per stage.
 
     alpagasus rate --config configs/rate_openai.yaml rate.concurrency=64 [--dry-run]
+    alpagasus filter --config configs/filter_alpagasus_9k.yaml [--compare OTHER.json]
     alpagasus demo [--run-dir runs/demo]
 
 Every subcommand takes `--config FILE` and `dotted.key=value` overrides. Exit code 0 means the
@@ -51,6 +52,16 @@ def _parser() -> argparse.ArgumentParser:
     rate.add_argument("--dry-run", action="store_true", help="count rows and estimate tokens and cost; send nothing")
     rate.set_defaults(func=_rate)
 
+    filt = sub.add_parser(
+        "filter",
+        help="select the training rows from the ratings (threshold, top-k, random-k, subsample, balanced)",
+        description="Select rows from <run_dir>/rated/ and write <run_dir>/selected.json, selected.jsonl, "
+        "selection.json and plots/*.png. Only rows rated ok are selected.",
+    )
+    _add_config_args(filt)
+    filt.add_argument("--compare", metavar="OTHER.json", help="report overlap with another selection of the same data")
+    filt.set_defaults(func=_filter)
+
     demo = sub.add_parser(
         "demo",
         help="rate the bundled sample with a tiny local model on CPU (no GPU, key or network)",
@@ -78,6 +89,17 @@ def _rate(args) -> int:
         return 0
     print(json.dumps(summary["by_status"]))
     print(os.path.join(config.run_dir, SUMMARY_FILE))
+    return 0
+
+
+def _filter(args) -> int:
+    from alpagasus_ray.filter import SELECTION_FILE, run_filter
+
+    overrides = [*args.overrides, *([f"filter.compare={args.compare}"] if args.compare else [])]
+    config = load_config(args.config, overrides)
+    record = run_filter(config)
+    print(f"selected {record['selected']:,} of {record['pool']:,} ok rows ({record['mode']})")
+    print(os.path.join(config.run_dir, SELECTION_FILE))
     return 0
 
 

@@ -88,12 +88,55 @@ class RateConfig(_Strict):
         return self
 
 
+# The paper's App. E keyword set for coding rows.
+CODING_KEYWORDS = ["Java", "java", "C++", "c++", "C#", "c#", "Python", "python"]
+
+
+class FilterConfig(_Strict):
+    """How the training subset is chosen from the rated rows."""
+
+    mode: Literal["threshold", "top_k", "random_k", "subsample", "balanced"] = Field(
+        "threshold",
+        description="threshold: score >= threshold; top_k: the k best; random_k: k at random (the paper's "
+        "random control); subsample: k at random from those >= threshold; balanced: threshold plus a "
+        "per-category floor/quota.",
+    )
+    threshold: float = Field(4.5, description="tau: keep rows scoring at least this (threshold, subsample, balanced).")
+    k: int | None = Field(None, gt=0, description="Rows to keep (top_k, random_k, subsample).")
+    k_from: str | None = Field(
+        None, description="Take k from another selection: its selection.json or selected.json (e.g. random_k of the same size)."
+    )
+    seed: int = Field(0, description="Seed of every random choice, recorded in selection.json.")
+    score: Literal["score", "score_expected"] = Field(
+        "score", description="Which score to select on: the discrete one or the logprob-weighted one."
+    )
+    category_field: str | None = Field(
+        None, description="An input field holding each row's category (e.g. Dolly's 'category'), read from data.path."
+    )
+    category_keywords: dict[str, list[str]] = Field(
+        default_factory=lambda: {"coding": list(CODING_KEYWORDS)},
+        description="Keyword rules when there is no category field: a row whose instruction, input or output "
+        "contains one of a category's keywords belongs to it (first match in order); the rest are 'other'.",
+    )
+    category_floor: float = Field(
+        0.0, ge=0.0, le=1.0, description="balanced: keep at least this fraction of each category's rated rows."
+    )
+    category_quota: dict[str, int] = Field(
+        default_factory=dict, description="balanced: keep at least this many rows of the named categories."
+    )
+    compare: str | None = Field(
+        None, description="Another selection of the same data (Alpaca-format JSON/JSONL) to report overlap with."
+    )
+    plots: bool = Field(True, description="Write the PNG plots under <run_dir>/plots/.")
+
+
 class Config(_Strict):
     """One run: the run directory and the settings of each stage."""
 
     run_dir: str = Field("runs/default", description="Where every stage writes its artifacts.")
     data: DataConfig = Field(default_factory=DataConfig)
     rate: RateConfig = Field(default_factory=RateConfig)
+    filter: FilterConfig = Field(default_factory=FilterConfig)
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:

@@ -49,8 +49,11 @@ class Rows:
         return self.table.num_rows - self.table[INVALID_REASON].null_count
 
 
-def read_rows(cfg: DataConfig) -> Rows:
+def read_rows(cfg: DataConfig, extra_fields: tuple[str, ...] = ()) -> Rows:
     """Read every file of `cfg.path` into one table of rows (see `Rows`).
+
+    `extra_fields` are input fields kept as string columns beside the text (e.g. Dolly's
+    `category`); missing ones are null.
 
     Raises:
         InputError: a path that matches no file, an empty or unreadable file, a JSON array that
@@ -61,7 +64,11 @@ def read_rows(cfg: DataConfig) -> Rows:
     for path in files:
         fmt = cfg.format if cfg.format != "auto" else EXTENSIONS.get(_extension(path), "jsonl")
         for source, item in _read_file(path, fmt):
-            records.append(_normalize(source, item, cfg))
+            record = _normalize(source, item, cfg)
+            for name in extra_fields:
+                value = item.get(name) if isinstance(item, dict) else None
+                record[name] = None if value is None else _clean(str(value))
+            records.append(record)
             if cfg.limit is not None and len(records) >= cfg.limit:
                 break
         if cfg.limit is not None and len(records) >= cfg.limit:
@@ -69,7 +76,7 @@ def read_rows(cfg: DataConfig) -> Rows:
     if not records:
         raise InputError(f"{cfg.path}: no rows found")
     duplicates = _make_ids_unique(records)
-    names = [C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT, C.SOURCE, INVALID_REASON]
+    names = [C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT, C.SOURCE, INVALID_REASON, *extra_fields]
     table = pa.table({name: pa.array([r[name] for r in records], pa.string()) for name in names})
     return Rows(table=table, files=files, duplicate_ids=duplicates)
 

@@ -1,0 +1,171 @@
+"""The selection stage: every mode from the CLI and from config, the outputs, the pictures, bad input."""
+
+import json
+import os
+import sys
+
+import matplotlib.image
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from alpagasus_ray import columns as C
+from alpagasus_ray.cli import main
+from alpagasus_ray.config import CODING_KEYWORDS, load_config
+from alpagasus_ray.filter import SelectionError, run_filter
+
+sys.path.insert(0, os.path.dirname(__file__))
+from rated_fixtures import alpaca_rows, synthetic_ratings, write_rated  # noqa: E402
+
+DOLLY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "alpagasus_release", "dolly_3k.json")
+N = 600
+
+
+@pytest.fixture(scope="module")
+def rated_dir(tmp_path_factory):
+    run_dir = str(tmp_path_factory.mktemp("rated"))
+    rows = alpaca_rows(N)
+    ratings = synthetic_ratings(N, seed=3, failed_fraction=0.05)
+    ids = write_rated(run_dir, rows, ratings)
+    return run_dir, dict(zip(ids, ratings))
+
+
+def _run(rated, tmp_path, *overrides):
+    """Run `alpagasus filter` from the CLI on a copy of the rated rows; returns selection.json and selected.json."""
+    out = tmp_path / "run"
+    out.mkdir(parents=True)
+    os.symlink(os.path.join(rated[0], "rated"), out / "rated")
+    code = main(["filter", "--config", "configs/filter_alpagasus_9k.yaml", f"run_dir={out}", *overrides])
+    assert code == 0
+    return json.load(open(out / "selection.json")), json.load(open(out / "selected.json")), out
+
+
+def test_threshold_keeps_exactly_the_ok_rows_at_or_above_tau_and_the_counts_add_up(rated_dir, tmp_path):
+    record, selected, out = _run(rated_dir, tmp_path, "filter.threshold=4.5")
+    truth = rated_dir[1]
+    expected_ids = {i for i, (st, s, _) in truth.items() if st == C.OK and s >= 4.5}
+    assert {r["id"] for r in selected} == expected_ids and record["selected"] == len(expected_ids)
+    assert all(set(r) == {"instruction", "input", "output", "id", "score"} and r["score"] >= 4.5 for r in selected)
+    assert [json.loads(line) for line in open(out / "selected.jsonl")] == selected
+    assert sum(record["by_status"].values()) == record["rows_rated"] == N
+    assert record["pool"] + record["not_selectable"] == N
+    assert record["pool"] == record["by_status"]["ok"] and record["not_selectable"] > 0
+    per = record["per_category"]
+    assert sum(c["rows"] for c in per.values()) == N and sum(c["kept"] for c in per.values()) == record["selected"]
+    assert record["kept_fraction_of_pool"] == round(len(expected_ids) / record["pool"], 4)
+
+
+def test_score_expected_selects_on_the_finer_score(rated_dir, tmp_path):
+    record, selected, _ = _run(rated_dir, tmp_path, "filter.score=score_expected", "filter.threshold=4.3")
+    truth = rated_dir[1]
+    assert {r["id"] for r in selected} == {i for i, (st, _, e) in truth.items() if st == C.OK and e >= 4.3}
+    assert all(r["score"] == truth[r["id"]][2] for r in selected)
+
+
+def test_top_k_takes_the_best_with_deterministic_ties(rated_dir, tmp_path):
+    record, selected, _ = _run(rated_dir, tmp_path, "filter.mode=top_k", "filter.k=50")
+    truth = rated_dir[1]
+    ok = sorted(((-s, -e, i) for i, (st, s, e) in truth.items() if st == C.OK))
+    assert [r["id"] for r in sorted(selected, key=lambda r: (-r["score"], -truth[r["id"]][2], r["id"]))] == [i for *_, i in ok[:50]]
+    assert record["k"] == 50
+
+
+def test_random_k_is_reproducible_and_k_from_matches_another_selection(rated_dir, tmp_path):
+    base, _, base_dir = _run(rated_dir, tmp_path / "a", "filter.threshold=4.5")
+    one = _run(rated_dir, tmp_path / "b", "filter.mode=random_k", f"filter.k_from={base_dir / 'selection.json'}")
+    two = _run(rated_dir, tmp_path / "c", "filter.mode=random_k", f"filter.k_from={base_dir / 'selected.json'}")
+    other = _run(rated_dir, tmp_path / "d", "filter.mode=random_k", "filter.k=40", "filter.seed=1")
+    assert one[0]["selected"] == base["selected"] == len(one[1])
+    assert [r["id"] for r in one[1]] == [r["id"] for r in two[1]]
+    assert {r["id"] for r in other[1]} != {r["id"] for r in one[1]}
+    truth = rated_dir[1]
+    assert all(truth[r["id"]][0] == C.OK for r in one[1])  # non-ok rows are never drawn
+
+
+def test_subsample_draws_k_from_the_threshold_selection(rated_dir, tmp_path):
+    record, selected, _ = _run(rated_dir, tmp_path, "filter.mode=subsample", "filter.k=30", "filter.threshold=4.5")
+    assert len(selected) == 30 and all(r["score"] >= 4.5 for r in selected)
+    assert record["params"]["seed"] == 0 and record["seed"] == 0
+
+
+def test_category_floor_keeps_a_category_a_plain_threshold_drops(tmp_path):
+    rows = alpaca_rows(3000)
+    coding = {i for i, r in enumerate(rows)
+              if any(k in r["instruction"] + r["input"] + r["output"] for k in CODING_KEYWORDS)}
+    assert len(coding) >= 10
+    ratings = [(C.OK, 3.0, 3.0) if i in coding else (C.OK, 4.5, 4.5) for i in range(len(rows))]
+    write_rated(str(tmp_path), rows, ratings)
+    plain = run_filter(load_config(None, [f"run_dir={tmp_path}", "filter.mode=threshold"]))
+    assert plain["per_category"]["coding"]["kept"] == 0  # a plain threshold filters coding away
+    floor = run_filter(load_config(None, [f"run_dir={tmp_path}", "filter.mode=balanced", "filter.category_floor=0.25"]))
+    coding_rows = floor["per_category"]["coding"]["rows"]
+    assert floor["per_category"]["coding"]["kept"] == -(-coding_rows // 4)  # ceil(25%)
+    assert floor["selected"] == plain["selected"] + floor["per_category"]["coding"]["kept"]
+    quota = run_filter(load_config(None, [f"run_dir={tmp_path}", "filter.mode=balanced", "filter.category_quota={coding: 7}"]))
+    assert quota["per_category"]["coding"]["kept"] == 7
+
+
+def test_categories_from_a_data_field_dolly(tmp_path):
+    rows = json.load(open(DOLLY))[:400]
+    ratings = [(C.OK, 4.5 if r["category"] != "creative_writing" else 2.0, None) for r in rows]
+    write_rated(str(tmp_path), rows, ratings)
+    overrides = [f"run_dir={tmp_path}", f"data.path={DOLLY}", "data.limit=400", "filter.category_field=category",
+                 "filter.mode=balanced", "filter.category_floor=0.5"]
+    record = run_filter(load_config(None, overrides))
+    assert record["category_source"] == "field:category"
+    creative = record["per_category"]["creative_writing"]
+    assert creative["rows"] == sum(r["category"] == "creative_writing" for r in rows) > 0
+    assert creative["kept"] == -(-creative["rows"] // 2)
+    assert record["per_category"]["open_qa"]["filter_ratio"] == 0.0
+
+
+def test_compare_reports_overlap_by_content_and_by_id(rated_dir, tmp_path):
+    _, selected, _ = _run(rated_dir, tmp_path / "a", "filter.threshold=4.5")
+    other_rows = [{k: r[k] for k in ("instruction", "input", "output")} for r in selected[:20]]
+    other_rows += [{"instruction": "not in this data", "input": "", "output": "x"}] * 1
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps(other_rows))
+    record, _, _ = _run(rated_dir, tmp_path / "b", "filter.threshold=4.5", f"--compare={other}")
+    by_content = record["compare"]["by_content"]
+    assert by_content == {"both": 20, "only_this": len(selected) - 20, "only_other": 1,
+                          "jaccard": round(20 / (len(selected) + 1), 4)}
+    assert record["compare"]["by_id"] is None  # the other file has no ids
+
+
+def test_pictures_exist_and_show_something(rated_dir, tmp_path):
+    _, _, out = _run(rated_dir, tmp_path, "filter.threshold=4.5")
+    for name in ("score_histogram.png", "tau_curve.png", "category_kept.png"):
+        path = out / "plots" / name
+        image = matplotlib.image.imread(str(path))
+        assert path.stat().st_size > 10_000 and image.shape[0] > 200 and image.shape[1] > 400
+        assert image[..., :3].std() > 0.05  # not a blank canvas
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["filter.threshold=7"], "outside the grader's scale 0-5"),
+    (["filter.mode=top_k", "filter.k=100000"], "filter.k=100,000 is more than the ok rows"),
+    (["filter.mode=top_k"], "needs filter.k"),
+    (["filter.mode=balanced"], "needs filter.category_floor"),
+    (["filter.threshold=5", "filter.mode=subsample", "filter.k=10000"], "is more than the rows scoring >= 5"),
+])
+def test_bad_selections_fail_clearly_and_write_nothing(rated_dir, tmp_path, overrides, message):
+    out = tmp_path / "run"
+    out.mkdir()
+    os.symlink(os.path.join(rated_dir[0], "rated"), out / "rated")
+    with pytest.raises(SelectionError, match=message):
+        run_filter(load_config(None, [f"run_dir={out}", *overrides]))
+    assert sorted(os.listdir(out)) == ["rated"]
+
+
+def test_bad_rated_data_fails_clearly(tmp_path):
+    with pytest.raises(SelectionError, match="no rated rows; run `alpagasus rate` first"):
+        run_filter(load_config(None, [f"run_dir={tmp_path}"]))
+    (tmp_path / "rated").mkdir()
+    pq.write_table(pa.table({"id": ["a"], "instruction": ["i"], "status": ["ok"]}), tmp_path / "rated" / "part-x.parquet")
+    with pytest.raises(SelectionError, match="lack column\\(s\\) input, output, score"):
+        run_filter(load_config(None, [f"run_dir={tmp_path}"]))
+    empty = tmp_path / "empty"
+    write_rated(str(empty), alpaca_rows(5), [(C.REQUEST_FAILED, None, None)] * 5)
+    with pytest.raises(SelectionError, match="nothing to select from"):
+        run_filter(load_config(None, [f"run_dir={empty}"]))
+    assert not (empty / "selected.json").exists()
