@@ -33,8 +33,11 @@ def test_demo_runs_end_to_end_and_a_rerun_sends_nothing(tmp_path):
     env = {**os.environ, "ALPAGASUS_CACHE": str(tmp_path / "cache")}
     first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
-    summary_path = first.stdout.strip().splitlines()[-1]  # the last line names the summary
+    selection_path = first.stdout.strip().splitlines()[-1]  # the last line names the selection record
+    summary_path = os.path.join(tmp_path, "demo", "rated_summary.json")
     summary = json.load(open(summary_path))
+    assert json.load(open(selection_path))["rows_rated"] == 16
+    assert sorted(os.listdir(tmp_path / "demo" / "plots")) == ["category_kept.png", "score_histogram.png", "tau_curve.png"]
     assert summary["rows_out"] == 16 and summary["by_status"]["ok"] == 16
     assert summary["grader"] == "vllm:builtin:tiny-llama"
     assert os.path.isfile(tmp_path / "cache" / "tiny-llama-v1" / "model.safetensors")
