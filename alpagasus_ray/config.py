@@ -130,6 +130,49 @@ class FilterConfig(_Strict):
     plots: bool = Field(True, description="Write the PNG plots under <run_dir>/plots/.")
 
 
+class TrainConfig(_Strict):
+    """Fine-tuning with the Stanford Alpaca recipe on Ray Train + DeepSpeed (the paper's Table 5)."""
+
+    data: str | None = Field(None, description="Alpaca-format JSON/JSONL to train on; default <run_dir>/selected.json.")
+    model: str = Field("builtin:tiny-llama", description="Base model: a local Hugging Face directory or a hub id.")
+    num_workers: int = Field(2, gt=0, description="Ray Train workers (one per GPU on a cluster).")
+    use_gpu: bool = Field(False, description="Train on GPUs (bf16) or CPUs (fp32, gloo).")
+    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}.")
+    zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    offload: bool = Field(False, description="ZeRO CPU offload of optimizer state (and parameters with stage 3).")
+    epochs: float = Field(3, gt=0, description="Passes over the data (Table 5: 3 for 7B, 5 for 13B).")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (Table 5: 2e-5 for 7B, 1e-5 for 13B).")
+    lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Schedule after warmup.")
+    warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of the steps spent warming up.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    global_batch_size: int = Field(128, gt=0, description="Rows per optimizer step across all workers.")
+    micro_batch_size: int = Field(4, gt=0, description="Rows (or packed rows) per worker per forward pass.")
+    max_length: int = Field(512, gt=8, description="Tokens per example (and per packed row).")
+    packing: bool = Field(True, description="Pack several examples per row, so few computed tokens are padding.")
+    max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (a cap for trials).")
+    seed: int = Field(42, description="Seed of shuffling and initialisation.")
+    checkpoint_every: int = Field(50, gt=0, description="Optimizer steps between checkpoints (and one at the end).")
+    keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept (the latest ones).")
+    storage_path: str | None = Field(None, description="Checkpoint storage shared by all nodes (path or s3://); default <run_dir>/checkpoints.")
+    max_failures: int = Field(3, ge=0, description="Worker failures Ray Train recovers from by resuming the last checkpoint.")
+    tensorboard: bool = Field(False, description="Also write metrics for TensorBoard under <run_dir>/tensorboard.")
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainConfig":
+        per_step = self.num_workers * self.micro_batch_size
+        if self.global_batch_size % per_step:
+            raise ValueError(
+                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of train.num_workers x "
+                f"train.micro_batch_size ({self.num_workers} x {self.micro_batch_size} = {per_step})"
+            )
+        return self
+
+    @property
+    def accumulation_steps(self) -> int:
+        """Micro-batches per worker per optimizer step: global = workers x micro x accumulation."""
+        return self.global_batch_size // (self.num_workers * self.micro_batch_size)
+
+
 class Config(_Strict):
     """One run: the run directory and the settings of each stage."""
 
@@ -137,6 +180,7 @@ class Config(_Strict):
     data: DataConfig = Field(default_factory=DataConfig)
     rate: RateConfig = Field(default_factory=RateConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:

@@ -1,0 +1,180 @@
+"""The Stanford Alpaca fine-tuning recipe as pure functions: prompt, loss mask, packing.
+
+The model learns the response and EOS only: prompt tokens get the label IGNORE. Prompt and
+response are tokenized apart and joined, so the mask boundary is exact token by token. Packing
+places whole examples into rows of `max_length` tokens; each example's positions restart at 0 and
+`block_causal_mask` keeps every token from attending outside its own example (position ids alone
+do not: transformers 5.x still attends across them). Every example starts with masked prompt
+tokens, so no loss crosses a boundary either.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Sequence
+
+IGNORE = -100  # the label torch's cross-entropy skips
+
+# The two templates of the Stanford Alpaca recipe (with and without an input). Generation in the
+# evaluation stage must use the same text.
+PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:"
+)
+PROMPT_NO_INPUT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:"
+)
+
+
+def alpaca_prompt(instruction: str, input: str = "") -> str:
+    """The Alpaca prompt for a row: the template with an input when the row has one.
+
+    >>> alpaca_prompt("Add 2 and 2.").endswith("### Instruction:\\nAdd 2 and 2.\\n\\n### Response:")
+    True
+    >>> "### Input:\\n7" in alpaca_prompt("Double it.", "7")
+    True
+    """
+    if input and input.strip():
+        return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
+    return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized training row: `labels` is IGNORE on the prompt, the token id on the target."""
+
+    input_ids: list[int]
+    labels: list[int]
+
+
+def encode(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: int, max_length: int) -> Example | None:
+    """Join prompt and response + EOS, mask the prompt, cut at `max_length`.
+
+    Returns None when nothing of the target survives the cut (the row would teach nothing).
+
+    >>> encode([1, 5, 6], [7, 8], eos_id=2, max_length=16)
+    Example(input_ids=[1, 5, 6, 7, 8, 2], labels=[-100, -100, -100, 7, 8, 2])
+    >>> encode([1, 5, 6], [7, 8], eos_id=2, max_length=4)
+    Example(input_ids=[1, 5, 6, 7], labels=[-100, -100, -100, 7])
+    >>> encode([1, 5, 6], [7, 8], eos_id=2, max_length=3) is None
+    True
+    """
+    target = [*response_ids, eos_id]
+    input_ids = [*prompt_ids, *target][:max_length]
+    labels = ([IGNORE] * len(prompt_ids) + target)[:max_length]
+    if all(label == IGNORE for label in labels):
+        return None
+    return Example(input_ids, labels)
+
+
+def pack(lengths: Sequence[int], max_length: int, seed: int = 0) -> list[list[int]]:
+    """Group example indices into rows of at most `max_length` tokens, first-fit decreasing,
+    then shuffle the rows with `seed`. Every index appears exactly once.
+
+    >>> rows = pack([5, 3, 4, 2, 6], max_length=8)
+    >>> sorted(sorted(r) for r in rows)
+    [[0, 1], [2], [3, 4]]
+    >>> sorted(i for r in pack([9, 1], max_length=8) for i in r)  # longer than a row: alone
+    [0, 1]
+    """
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        for r, free in enumerate(room):
+            if lengths[i] <= free:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(max_length - lengths[i])
+    random.Random(seed).shuffle(rows)
+    return rows
+
+
+def group_by_length(lengths: Sequence[int], micro_batch: int, seed: int = 0, window: int = 64) -> list[list[int]]:
+    """Micro-batches of similar lengths, without packing: shuffle, sort within windows of
+    `window` micro-batches, cut, then shuffle the batches.
+
+    >>> batches = group_by_length([1, 9, 2, 8, 3, 7], micro_batch=2, window=8)
+    >>> sorted(sorted(b) for b in batches)
+    [[0, 2], [1, 3], [4, 5]]
+    """
+    rnd = random.Random(seed)
+    order = list(range(len(lengths)))
+    rnd.shuffle(order)
+    span = micro_batch * window
+    batches = []
+    for start in range(0, len(order), span):
+        chunk = sorted(order[start:start + span], key=lambda i: lengths[i])
+        batches += [chunk[j:j + micro_batch] for j in range(0, len(chunk), micro_batch)]
+    rnd.shuffle(batches)
+    return batches
+
+
+def collate(examples: Sequence[Sequence[Example]], pad_id: int) -> dict[str, list[list[int]]]:
+    """Batch rows, each a list of examples placed one after another (one example when not
+    packing), padded to the longest row. Positions restart at 0 for each example and for the
+    padding; pad tokens have label IGNORE; `segment_ids` number the examples of a row (padding
+    last) for `block_causal_mask`.
+
+    >>> a, b = Example([1, 5, 7], [-100, -100, 7]), Example([1, 6], [-100, 6])
+    >>> batch = collate([[a, b], [b]], pad_id=0)
+    >>> batch["input_ids"], batch["position_ids"]
+    ([[1, 5, 7, 1, 6], [1, 6, 0, 0, 0]], [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]])
+    >>> batch["segment_ids"]
+    [[0, 0, 0, 1, 1], [0, 0, 1, 1, 1]]
+    >>> batch["labels"][1]
+    [-100, 6, -100, -100, -100]
+    """
+    width = max(sum(len(e.input_ids) for e in row) for row in examples)
+    batch: dict[str, list[list[int]]] = {"input_ids": [], "labels": [], "position_ids": [], "segment_ids": []}
+    for row in examples:
+        ids = [t for e in row for t in e.input_ids]
+        labels = [t for e in row for t in e.labels]
+        positions = [p for e in row for p in range(len(e.input_ids))]
+        segments = [n for n, e in enumerate(row) for _ in e.input_ids]
+        pad = width - len(ids)
+        batch["input_ids"].append(ids + [pad_id] * pad)
+        batch["labels"].append(labels + [IGNORE] * pad)
+        batch["position_ids"].append(positions + list(range(pad)))
+        batch["segment_ids"].append(segments + [len(row)] * pad)
+    return batch
+
+
+def block_causal_mask(segment_ids, dtype=None):
+    """The additive attention mask (batch, 1, length, length) that lets a token see only earlier
+    tokens of its own example: 0 where allowed, the dtype's minimum elsewhere.
+
+    >>> import torch
+    >>> (block_causal_mask(torch.tensor([[0, 0, 1]])) == 0).int()[0, 0].tolist()
+    [[1, 0, 0], [1, 1, 0], [0, 0, 1]]
+    """
+    import torch
+
+    dtype = dtype or torch.float32
+    length = segment_ids.shape[-1]
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    allowed = (same & causal)[:, None]
+    return torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
+
+
+def real_token_fraction(lengths: Sequence[int], rows: Sequence[Sequence[int]], micro_batch: int) -> float:
+    """Real tokens over computed tokens when `rows` go in micro-batches of `micro_batch`, each
+    padded to its longest row.
+
+    >>> real_token_fraction([4, 4, 2], rows=[[0], [1], [2]], micro_batch=3)  # 10 real of 12
+    0.8333
+    """
+    real = computed = 0
+    for start in range(0, len(rows), micro_batch):
+        sizes = [sum(lengths[i] for i in row) for row in rows[start:start + micro_batch]]
+        real += sum(sizes)
+        computed += max(sizes) * len(sizes)
+    return round(real / computed, 4) if computed else 0.0
