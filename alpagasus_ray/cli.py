@@ -62,6 +62,15 @@ def _parser() -> argparse.ArgumentParser:
     filt.add_argument("--compare", metavar="OTHER.json", help="report overlap with another selection of the same data")
     filt.set_defaults(func=_filter)
 
+    train = sub.add_parser(
+        "train",
+        help="fine-tune on the selected rows with Ray Train + DeepSpeed (the Alpaca recipe)",
+        description="Fine-tune train.model on train.data (default <run_dir>/selected.json); writes <run_dir>/model/. "
+        "Rerun the same command to resume from the last checkpoint.",
+    )
+    _add_config_args(train)
+    train.set_defaults(func=_train)
+
     demo = sub.add_parser(
         "demo",
         help="rate the bundled sample with a tiny local model on CPU (no GPU, key or network)",
@@ -100,6 +109,16 @@ def _filter(args) -> int:
     record = run_filter(config)
     print(f"selected {record['selected']:,} of {record['pool']:,} ok rows ({record['mode']})")
     print(os.path.join(config.run_dir, SELECTION_FILE))
+    return 0
+
+
+def _train(args) -> int:
+    from alpagasus_ray.train import MODEL_DIR, run_train
+
+    config = load_config(args.config, args.overrides)
+    metrics = run_train(config)
+    print(f"trained {metrics.get('step')} steps, final loss {metrics.get('loss', float('nan')):.4f}")
+    print(os.path.join(config.run_dir, MODEL_DIR))
     return 0
 
 

@@ -1,0 +1,265 @@
+"""The training stage: fine-tune on the selected rows with Ray Train + DeepSpeed, the Alpaca recipe.
+
+    alpagasus train --config configs/train_llama_7b.yaml run_dir=runs/alpaca-chatgpt train.model=/models/llama-7b
+
+The driver checks the data, the model and the batch arithmetic, tokenizes every row once and
+plans every optimizer step (packed rows, in a seeded order) before any worker starts. Workers run
+DeepSpeed (ZeRO-2/3) with the configured optimizer and learning-rate schedule, report metrics each
+step and a checkpoint every `train.checkpoint_every` steps; a worker that dies resumes from the
+last checkpoint, and rerunning the same command after the whole job died continues from it too.
+The final model lands in `<run_dir>/model/` as a Hugging Face directory.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+
+from alpagasus_ray.config import Config, TrainConfig
+from alpagasus_ray.data import InputError
+from alpagasus_ray.recipe import Example, alpaca_prompt, block_causal_mask, collate, encode, group_by_length, pack
+
+log = logging.getLogger(__name__)
+
+MODEL_DIR = "model"
+STATE_FILE = "train_state.json"
+HF_SUBDIR = "hf"
+
+
+def run_train(config: Config) -> dict:
+    """Fine-tune `train.model` on `train.data`; returns the final metrics."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    t = config.train
+    data_path = t.data or os.path.join(config.run_dir, "selected.json")
+    model_path = _check_model(t.model)
+    examples, dropped = _tokenize(data_path, model_path, t)
+    plan = plan_steps([len(e.input_ids) for e in examples], t)
+    log.info("train: %s examples (%d cut to nothing) -> %d optimizer steps of %d rows (%d workers x %d x %d)",
+             f"{len(examples):,}", dropped, len(plan), t.global_batch_size, t.num_workers, t.micro_batch_size,
+             t.accumulation_steps)
+    from alpagasus_ray.rate import ensure_ray
+
+    ensure_ray()
+    storage = t.storage_path or os.path.abspath(os.path.join(config.run_dir, "checkpoints"))
+    trainer = TorchTrainer(
+        _train_loop,
+        train_loop_config={"train": t.model_dump(), "model": model_path, "plan": plan,
+                           "examples": ray.put([(e.input_ids, e.labels) for e in examples])},
+        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                     resources_per_worker=t.resources_per_worker or None),
+        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+        run_config=RunConfig(
+            name=_run_name(config), storage_path=storage,
+            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=t.max_failures),
+        ),
+    )
+    result = trainer.fit()
+    out = os.path.join(config.run_dir, MODEL_DIR)
+    with result.checkpoint.as_directory() as directory:
+        tmp = tempfile.mkdtemp(prefix=".model-", dir=config.run_dir)
+        shutil.copytree(os.path.join(directory, HF_SUBDIR), tmp, dirs_exist_ok=True)
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    metrics = dict(result.metrics)
+    with open(os.path.join(config.run_dir, "train_metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    return metrics
+
+
+def plan_steps(lengths: list[int], t: TrainConfig) -> list[list[list[int]]]:
+    """Every optimizer step as its rows (each a list of example indices), in training order.
+
+    Epochs are packed (or length-grouped) with seed + epoch; a fractional epoch count takes the
+    first part of the last epoch. The plan is the same on every run, which is what lets a resumed
+    run skip exactly the steps it already took.
+    """
+    rows_per_step = t.global_batch_size
+    rows: list[list[int]] = []
+    for epoch in range(math.ceil(t.epochs)):
+        seed = t.seed + epoch
+        epoch_rows = pack(lengths, t.max_length, seed) if t.packing else [
+            [i] for batch in group_by_length(lengths, t.micro_batch_size, seed) for i in batch
+        ]
+        if epoch + 1 > t.epochs:  # the fractional tail
+            epoch_rows = epoch_rows[: int(len(epoch_rows) * (t.epochs - epoch))]
+        rows += epoch_rows
+    steps = [rows[i:i + rows_per_step] for i in range(0, len(rows) - rows_per_step + 1, rows_per_step)]
+    if not steps:
+        raise InputError(f"{len(rows)} training rows are fewer than one step of train.global_batch_size={rows_per_step}")
+    return steps[: t.max_steps] if t.max_steps else steps
+
+
+def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
+    """The configured schedule: linear warmup, then cosine/linear decay to 0, or constant.
+
+    >>> [round(lr_multiplier(s, 10, 2, "cosine"), 3) for s in (0, 1, 2, 6, 10)]
+    [0.0, 0.5, 1.0, 0.5, 0.0]
+    >>> lr_multiplier(5, 10, 0, "constant")
+    1.0
+    """
+    if step < warmup:
+        return step / max(1, warmup)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, total - warmup)
+    return max(0.0, 0.5 * (1 + math.cos(math.pi * progress)) if schedule == "cosine" else 1 - progress)
+
+
+def _check_model(name: str) -> str:
+    from alpagasus_ray.tiny_model import resolve_model
+
+    path = os.path.expanduser(resolve_model(name))
+    hub_id = not path.startswith(("/", ".")) and path.count("/") == 1
+    if not os.path.isdir(path) and not hub_id:
+        raise InputError(f"train.model={name}: no such model directory (nor an org/name hub id)")
+    return path
+
+
+def _tokenize(data_path: str, model_path: str, t: TrainConfig) -> tuple[list[Example], int]:
+    from transformers import AutoTokenizer
+
+    from alpagasus_ray import columns as C
+    from alpagasus_ray.config import DataConfig
+    from alpagasus_ray.data import INVALID_REASON, read_rows
+
+    rows = read_rows(DataConfig(path=data_path, max_row_chars=10**9)).table
+    bad = rows.filter(rows[INVALID_REASON].is_valid())
+    if bad.num_rows:
+        first = bad.slice(0, 3).to_pylist()
+        raise InputError(f"train.data={data_path}: {bad.num_rows} rows cannot be trained on, e.g. "
+                         + "; ".join(f"{r[C.SOURCE]}: {r[INVALID_REASON]}" for r in first))
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    eos = tokenizer.eos_token_id
+    examples, dropped = [], 0
+    for row in rows.select([C.INSTRUCTION, C.INPUT, C.OUTPUT]).to_pylist():
+        prompt = tokenizer(alpaca_prompt(row[C.INSTRUCTION], row[C.INPUT])).input_ids
+        response = tokenizer(row[C.OUTPUT], add_special_tokens=False).input_ids
+        example = encode(prompt, response, eos, t.max_length)
+        if example is None:
+            dropped += 1
+        else:
+            examples.append(example)
+    if not examples:
+        raise InputError(f"train.data={data_path}: no row keeps any target token within train.max_length={t.max_length}")
+    return examples, dropped
+
+
+def _run_name(config: Config) -> str:
+    """One name per run directory, so rerunning the same command finds its checkpoints."""
+    return "train-" + os.path.basename(os.path.abspath(config.run_dir))
+
+
+def _train_loop(loop_config: dict) -> None:
+    """Ray Train worker: DeepSpeed over this worker's share of every planned step."""
+    import deepspeed
+    import ray
+    import ray.train
+    import torch
+    import torch.distributed as dist
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    t = TrainConfig(**loop_config["train"])
+    plan = loop_config["plan"]
+    examples = [Example(ids, labels) for ids, labels in ray.get(loop_config["examples"])]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(t.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(loop_config["model"])
+    dtype = torch.bfloat16 if t.use_gpu else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(loop_config["model"], torch_dtype=dtype)
+    if tokenizer.pad_token_id is None:
+        tokenizer.add_special_tokens({"pad_token": "<pad>"})
+        model.resize_token_embeddings(len(tokenizer))
+    total, warmup = len(plan), math.ceil(t.warmup_ratio * len(plan))
+    zero = {"stage": t.zero_stage}
+    if t.offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if t.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    ds_config = {
+        "train_batch_size": t.global_batch_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.accumulation_steps,
+        "gradient_clipping": 1.0,
+        "zero_optimization": zero,
+        "bf16": {"enabled": t.use_gpu},
+        "steps_per_print": 10**9,
+        # No "scheduler" and no "optimizer" section: ours are passed in, so DeepSpeed cannot swap them.
+    }
+    engine, _, _, scheduler = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_config,
+        optimizer=lambda params: torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay, betas=(0.9, 0.999)),
+        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_multiplier(s, total, warmup, t.lr_scheduler)),
+        dist_init_required=False,
+    )
+
+    start = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            engine.load_checkpoint(directory, tag="ds")
+            with open(os.path.join(directory, STATE_FILE)) as f:
+                start = json.load(f)["step"]
+        print(f"[alpagasus train] resuming after step {start} of {total}", flush=True)
+
+    pad = tokenizer.pad_token_id
+    for step in range(start, total):
+        began = time.perf_counter()
+        mine = plan[step][rank::world]  # this worker's rows of the step
+        losses, computed = [], 0
+        for m in range(0, len(mine), t.micro_batch_size):
+            rows = [[examples[i] for i in row] for row in mine[m:m + t.micro_batch_size]]
+            batch = {k: torch.tensor(v, device=device) for k, v in collate(rows, pad).items()}
+            computed += batch["input_ids"].numel()
+            out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                         attention_mask=block_causal_mask(batch["segment_ids"], dtype), labels=batch["labels"])
+            engine.backward(out.loss)
+            engine.step()
+            losses.append(out.loss.item())
+        real_tokens = sum(len(examples[i].input_ids) for row in mine for i in row)
+        stats = torch.tensor([sum(losses) / len(losses), real_tokens, computed], dtype=torch.float64)
+        dist.all_reduce(stats)
+        seconds = time.perf_counter() - began
+        metrics = {
+            "step": step + 1, "steps": total, "loss": stats[0].item() / world,
+            "lr": scheduler.get_last_lr()[0], "tokens_per_s": stats[1].item() / seconds,
+            "real_token_fraction": stats[1].item() / stats[2].item(),
+        }
+        if rank == 0:
+            print("[alpagasus train] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                  for k, v in metrics.items()), flush=True)
+        last = step + 1 == total
+        if (step + 1) % t.checkpoint_every == 0 or last:
+            _report_checkpoint(engine, tokenizer, metrics, rank, export=last, zero_stage=t.zero_stage)
+        else:
+            ray.train.report(metrics)
+
+
+def _report_checkpoint(engine, tokenizer, metrics: dict, rank: int, export: bool, zero_stage: int) -> None:
+    """Save DeepSpeed state (every rank its shard), the step, and at the end the HF model."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save_checkpoint(directory, tag="ds")
+        if export:
+            state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else engine.module.state_dict()
+            if rank == 0:
+                engine.module.save_pretrained(os.path.join(directory, HF_SUBDIR), state_dict=state, safe_serialization=True)
+                tokenizer.save_pretrained(os.path.join(directory, HF_SUBDIR))
+        if rank == 0:
+            with open(os.path.join(directory, STATE_FILE), "w") as f:
+                json.dump({"step": metrics["step"]}, f)
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
