@@ -27,7 +27,8 @@ from alpagasus_ray.recipe import Example, alpaca_prompt, block_causal_mask, coll
 log = logging.getLogger(__name__)
 
 MODEL_DIR = "model"
-STATE_FILE = "train_state.json"
+STATE_FILE = "train_state.json"  # in each checkpoint: the step and the metrics of every step so far
+LOG_FILE = "train_log.jsonl"
 HF_SUBDIR = "hf"
 
 
@@ -69,10 +70,11 @@ def run_train(config: Config) -> dict:
         shutil.copytree(os.path.join(directory, HF_SUBDIR), tmp, dirs_exist_ok=True)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
-    metrics = dict(result.metrics)
-    with open(os.path.join(config.run_dir, "train_metrics.json"), "w") as f:
-        json.dump(metrics, f, indent=2)
-    return metrics
+        with open(os.path.join(directory, STATE_FILE)) as f:
+            history = json.load(f)["history"]
+    with open(os.path.join(config.run_dir, LOG_FILE), "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in history)
+    return dict(result.metrics)
 
 
 def plan_steps(lengths: list[int], t: TrainConfig) -> list[list[list[int]]]:
@@ -205,13 +207,14 @@ def _train_loop(loop_config: dict) -> None:
         dist_init_required=False,
     )
 
-    start = 0
+    start, history = 0, []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             engine.load_checkpoint(directory, tag="ds")
             with open(os.path.join(directory, STATE_FILE)) as f:
-                start = json.load(f)["step"]
+                state = json.load(f)
+        start, history = state["step"], state["history"]
         print(f"[alpagasus train] resuming after step {start} of {total}", flush=True)
 
     pad = tokenizer.pad_token_id
@@ -237,17 +240,18 @@ def _train_loop(loop_config: dict) -> None:
             "lr": scheduler.get_last_lr()[0], "tokens_per_s": stats[1].item() / seconds,
             "real_token_fraction": stats[1].item() / stats[2].item(),
         }
+        history.append(metrics)
         if rank == 0:
             print("[alpagasus train] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                   for k, v in metrics.items()), flush=True)
         last = step + 1 == total
         if (step + 1) % t.checkpoint_every == 0 or last:
-            _report_checkpoint(engine, tokenizer, metrics, rank, export=last, zero_stage=t.zero_stage)
+            _report_checkpoint(engine, tokenizer, history, rank, export=last, zero_stage=t.zero_stage)
         else:
             ray.train.report(metrics)
 
 
-def _report_checkpoint(engine, tokenizer, metrics: dict, rank: int, export: bool, zero_stage: int) -> None:
+def _report_checkpoint(engine, tokenizer, history: list[dict], rank: int, export: bool, zero_stage: int) -> None:
     """Save DeepSpeed state (every rank its shard), the step, and at the end the HF model."""
     import ray.train
     from ray.train import Checkpoint
@@ -261,5 +265,5 @@ def _report_checkpoint(engine, tokenizer, metrics: dict, rank: int, export: bool
                 tokenizer.save_pretrained(os.path.join(directory, HF_SUBDIR))
         if rank == 0:
             with open(os.path.join(directory, STATE_FILE), "w") as f:
-                json.dump({"step": metrics["step"]}, f)
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(directory))
+                json.dump({"step": history[-1]["step"], "history": history}, f)
+        ray.train.report(history[-1], checkpoint=Checkpoint.from_directory(directory))

@@ -1,0 +1,152 @@
+"""The training stage on real parts: Ray Train with 2 CPU workers on gloo, DeepSpeed ZeRO-2/3, a tiny
+Llama built in the test; checkpoints, resume after a killed worker and after a dead driver, export."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import psutil
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from alpagasus_ray.config import ConfigError, load_config
+from alpagasus_ray.data import InputError
+from alpagasus_ray.recipe import alpaca_prompt
+from alpagasus_ray.train import LOG_FILE, MODEL_DIR, run_train
+
+ALPACA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "alpaca_52k_reconstructed.json")
+
+
+def _data(tmp_path, n=48, rows=None):
+    path = tmp_path / "train.json"
+    path.write_text(json.dumps(rows if rows is not None else json.load(open(ALPACA))[:n]))
+    return path
+
+
+def _overrides(tmp_path, data, model, *extra):
+    return [f"run_dir={tmp_path / 'run'}", f"train.data={data}", f"train.model={model}", "train.num_workers=2",
+            "train.global_batch_size=8", "train.micro_batch_size=2", "train.max_length=256", *extra]
+
+
+def _log(tmp_path):
+    return [json.loads(line) for line in open(tmp_path / "run" / LOG_FILE)]
+
+
+def test_bad_input_fails_before_any_worker_starts(tmp_path, tiny_model):
+    empty = tmp_path / "empty.json"
+    empty.write_text("")
+    with pytest.raises(InputError, match="empty.json: the file is empty"):
+        run_train(load_config(None, _overrides(tmp_path, empty, tiny_model)))
+    broken = _data(tmp_path, rows=[{"instruction": "a", "output": "b"}, {"instruction": "no output"}])
+    with pytest.raises(InputError, match=r"1 rows cannot be trained on, e.g. .*train.json\[1\]: missing field 'output'"):
+        run_train(load_config(None, _overrides(tmp_path, broken, tiny_model)))
+    with pytest.raises(InputError, match="train.model=/nowhere/llama: no such model directory"):
+        run_train(load_config(None, _overrides(tmp_path, _data(tmp_path, 8), "/nowhere/llama")))
+    with pytest.raises(InputError, match="fewer than one step of train.global_batch_size=8"):
+        run_train(load_config(None, _overrides(tmp_path, _data(tmp_path, 3), tiny_model, "train.packing=false", "train.epochs=1")))
+    with pytest.raises(ConfigError, match=r"global_batch_size \(10\) must be a multiple of .* \(2 x 2 = 4\)"):
+        load_config(None, _overrides(tmp_path, empty, tiny_model, "train.global_batch_size=10"))
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_zero2_trains_checkpoints_and_exports_a_model_that_generates(tmp_path, tiny_model, ray_local):
+    config = load_config(None, _overrides(
+        tmp_path, _data(tmp_path, 96), tiny_model, "train.zero_stage=2", "train.lr=3e-3", "train.lr_scheduler=constant",
+        "train.warmup_ratio=0", "train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2",
+        "train.packing=false",
+    ))
+    metrics = run_train(config)
+    log = _log(tmp_path)
+    assert [m["step"] for m in log] == [1, 2, 3, 4, 5, 6] and metrics["step"] == 6
+    assert log[-1]["loss"] < log[0]["loss"] - 0.05  # the loss falls
+    assert all(m["lr"] == pytest.approx(3e-3) for m in log)  # the configured (constant) schedule, not DeepSpeed's
+    assert all(0 < m["real_token_fraction"] <= 1 and m["tokens_per_s"] > 0 for m in log)
+    storage = tmp_path / "run" / "checkpoints" / "train-run"
+    checkpoints = [d for d in storage.iterdir() if d.is_dir() and d.name.startswith("checkpoint_")]
+    assert len(checkpoints) == 2  # keep-last-K
+    model_dir = tmp_path / "run" / MODEL_DIR
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(model_dir))
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    assert not torch.equal(model.lm_head.weight, base.lm_head.weight)  # the export holds the trained weights
+    prompt = tokenizer(alpaca_prompt("Say hello."), return_tensors="pt").input_ids
+    assert model.generate(prompt, max_new_tokens=4, do_sample=False).shape[1] == prompt.shape[1] + 4
+
+
+@pytest.mark.slow
+def test_zero3_with_packing_exports_the_whole_model(tmp_path, tiny_model, ray_local):
+    config = load_config(None, _overrides(tmp_path, _data(tmp_path, 96), tiny_model, "train.zero_stage=3",
+                                          "train.max_steps=2", "train.packing=true"))
+    run_train(config)
+    log = _log(tmp_path)
+    assert all(m["real_token_fraction"] > 0.9 for m in log)
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / MODEL_DIR).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert trained.keys() == base.keys() and all(trained[k].shape == base[k].shape for k in base)
+
+
+@pytest.mark.slow
+def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_at_the_same_step(tmp_path, tiny_model, ray_local):
+    config = load_config(None, _overrides(tmp_path, _data(tmp_path, 96), tiny_model, "train.max_steps=8",
+                                          "train.checkpoint_every=2", "train.max_failures=1", "train.packing=false"))
+    killed = []
+
+    def kill_a_worker_after_a_checkpoint():
+        storage = tmp_path / "run" / "checkpoints" / "train-run"
+        while not killed:
+            if storage.exists() and any(d.is_dir() and d.name.startswith("checkpoint_") for d in storage.iterdir()):
+                workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+                if workers:
+                    workers[-1].send_signal(signal.SIGKILL)
+                    killed.append(workers[-1].pid)
+            time.sleep(0.2)
+
+    watcher = threading.Thread(target=kill_a_worker_after_a_checkpoint, daemon=True)
+    watcher.start()
+    metrics = run_train(config)
+    assert killed, "no worker was killed"
+    assert metrics["step"] == 8 and [m["step"] for m in _log(tmp_path)] == list(range(1, 9))
+
+
+@pytest.mark.slow
+def test_rerunning_after_the_driver_died_continues_from_the_checkpoint(tmp_path, tiny_model):
+    data = _data(tmp_path, 96)
+    command = [sys.executable, "-m", "alpagasus_ray.cli", "train", "--config", "configs/demo.yaml",
+               *_overrides(tmp_path, data, tiny_model, "train.max_steps=6", "train.checkpoint_every=2", "train.packing=false")]
+    storage = tmp_path / "run" / "checkpoints" / "train-run"
+    before = {p.pid for p in psutil.process_iter()}
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not _registered_checkpoint(storage):
+        assert driver.poll() is None, "the first run ended before its first checkpoint"
+        time.sleep(0.2)
+    driver.send_signal(signal.SIGKILL)
+    driver.wait()
+    _reap(before)
+    again = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    _reap(before)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming after step" in again.stdout + again.stderr
+    assert [m["step"] for m in _log(tmp_path)] == [1, 2, 3, 4, 5, 6]
+
+
+def _registered_checkpoint(storage) -> bool:
+    """Ray Train has recorded a checkpoint in its snapshot (what a new run restores from)."""
+    try:
+        return json.load(open(storage / "checkpoint_manager_snapshot.json"))["latest_checkpoint_result"] is not None
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def _reap(before: set[int]) -> None:
+    """Ray processes of a driver killed with -9 outlive it; stop the ones this test left behind."""
+    for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if proc.info["pid"] not in before and proc.info["ppid"] == 1 and "ray" in cmd:
+            proc.kill()
