@@ -155,7 +155,7 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept (the latest ones).")
     storage_path: str | None = Field(None, description="Checkpoint storage shared by all nodes (path or s3://); default <run_dir>/checkpoints.")
     max_failures: int = Field(3, ge=0, description="Worker failures Ray Train recovers from by resuming the last checkpoint.")
-    tensorboard: bool = Field(False, description="Also write metrics for TensorBoard under <run_dir>/tensorboard.")
+    tensorboard: bool = Field(False, description="Also write metrics for TensorBoard under <run_dir>/tensorboard (a path the first worker can write).")
 
     @model_validator(mode="after")
     def _check(self) -> "TrainConfig":

@@ -53,6 +53,7 @@ def run_train(config: Config) -> dict:
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"train": t.model_dump(), "model": model_path, "plan": plan,
+                           "tensorboard_dir": os.path.abspath(os.path.join(config.run_dir, "tensorboard")),
                            "examples": ray.put([(e.input_ids, e.labels) for e in examples])},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=t.resources_per_worker or None),
@@ -217,6 +218,11 @@ def _train_loop(loop_config: dict) -> None:
         start, history = state["step"], state["history"]
         print(f"[alpagasus train] resuming after step {start} of {total}", flush=True)
 
+    writer = None
+    if t.tensorboard and rank == 0:
+        from tensorboardX import SummaryWriter
+
+        writer = SummaryWriter(loop_config["tensorboard_dir"])
     pad = tokenizer.pad_token_id
     for step in range(start, total):
         began = time.perf_counter()
@@ -241,6 +247,10 @@ def _train_loop(loop_config: dict) -> None:
             "real_token_fraction": stats[1].item() / stats[2].item(),
         }
         history.append(metrics)
+        if writer is not None:
+            for name in ("loss", "lr", "tokens_per_s", "real_token_fraction"):
+                writer.add_scalar(f"train/{name}", metrics[name], metrics["step"])
+            writer.flush()
         if rank == 0:
             print("[alpagasus train] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                   for k, v in metrics.items()), flush=True)

@@ -16,6 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alpagasus_ray.config import ConfigError, load_config
 from alpagasus_ray.data import InputError
+from alpagasus_ray.rate import run_rate
 from alpagasus_ray.recipe import alpaca_prompt
 from alpagasus_ray.train import LOG_FILE, MODEL_DIR, run_train
 
@@ -59,9 +60,10 @@ def test_zero2_trains_checkpoints_and_exports_a_model_that_generates(tmp_path, t
     config = load_config(None, _overrides(
         tmp_path, _data(tmp_path, 96), tiny_model, "train.zero_stage=2", "train.lr=3e-3", "train.lr_scheduler=constant",
         "train.warmup_ratio=0", "train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=2",
-        "train.packing=false",
+        "train.packing=false", "train.tensorboard=true",
     ))
     metrics = run_train(config)
+    assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "run" / "tensorboard"))
     log = _log(tmp_path)
     assert [m["step"] for m in log] == [1, 2, 3, 4, 5, 6] and metrics["step"] == 6
     assert log[-1]["loss"] < log[0]["loss"] - 0.05  # the loss falls
@@ -78,6 +80,12 @@ def test_zero2_trains_checkpoints_and_exports_a_model_that_generates(tmp_path, t
     assert not torch.equal(model.lm_head.weight, base.lm_head.weight)  # the export holds the trained weights
     prompt = tokenizer(alpaca_prompt("Say hello."), return_tensors="pt").input_ids
     assert model.generate(prompt, max_new_tokens=4, do_sample=False).shape[1] == prompt.shape[1] + 4
+    # vLLM serves it too: the exported directory as the grader of a small rating run.
+    rows = tmp_path / "rate.json"
+    rows.write_text(json.dumps(json.load(open(ALPACA))[:4]))
+    summary = run_rate(load_config(None, [f"run_dir={tmp_path / 'graded'}", f"data.path={rows}", "rate.backend=vllm",
+                                          f"rate.model={model_dir}", "rate.use_gpu=false", "rate.max_model_len=2048"]))
+    assert summary["by_status"]["ok"] == 4
 
 
 @pytest.mark.slow
