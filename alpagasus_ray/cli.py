@@ -42,40 +42,26 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="alpagasus", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
 
-    rate = sub.add_parser(
-        "rate",
-        help="score every row with an LLM grader (vLLM or an OpenAI-compatible API)",
-        description="Score every (instruction, input, response) row 0-5 with the AlpaGasus grader prompt. "
-        "Writes <run_dir>/rated/ (Parquet) and <run_dir>/rated_summary.json; rerun to resume.",
-    )
-    _add_config_args(rate)
+    rate = _stage(sub, "rate", _rate,
+                  "score every row with an LLM grader (vLLM or an OpenAI-compatible API)",
+                  "Score every (instruction, input, response) row 0-5 with the AlpaGasus grader prompt. "
+                  "Writes <run_dir>/rated/ (Parquet) and <run_dir>/rated_summary.json; rerun to resume.")
     rate.add_argument("--dry-run", action="store_true", help="count rows and estimate tokens and cost; send nothing")
-    rate.set_defaults(func=_rate)
-
-    filt = sub.add_parser(
-        "filter",
-        help="select the training rows from the ratings (threshold, top-k, random-k, subsample, balanced)",
-        description="Select rows from <run_dir>/rated/ and write <run_dir>/selected.json, selected.jsonl, "
-        "selection.json and plots/*.png. Only rows rated ok are selected.",
-    )
-    _add_config_args(filt)
+    filt = _stage(sub, "filter", _filter,
+                  "select the training rows from the ratings (threshold, top-k, random-k, subsample, balanced)",
+                  "Select rows from <run_dir>/rated/ and write <run_dir>/selected.json, selected.jsonl, "
+                  "selection.json and plots/*.png. Only rows rated ok are selected.")
     filt.add_argument("--compare", metavar="OTHER.json", help="report overlap with another selection of the same data")
-    filt.set_defaults(func=_filter)
-
-    train = sub.add_parser(
-        "train",
-        help="fine-tune on the selected rows with Ray Train + DeepSpeed (the Alpaca recipe)",
-        description="Fine-tune train.model on train.data (default <run_dir>/selected.json); writes <run_dir>/model/. "
-        "Rerun the same command to resume from the last checkpoint.",
-    )
-    _add_config_args(train)
-    train.set_defaults(func=_train)
+    _stage(sub, "train", _train,
+           "fine-tune on the selected rows with Ray Train + DeepSpeed (the Alpaca recipe)",
+           "Fine-tune train.model on train.data (default <run_dir>/selected.json); writes <run_dir>/model/. "
+           "Rerun the same command to resume from the last checkpoint.")
 
     demo = sub.add_parser(
         "demo",
-        help="rate the bundled sample with a tiny local model on CPU (no GPU, key or network)",
-        description="Builds a tiny model locally (a smoke-scale stand-in whose scores carry no meaning) and rates "
-        "the bundled Alpaca sample with the vllm backend on CPU.",
+        help="rate and select the bundled sample with a tiny local model on CPU (no GPU, key or network)",
+        description="Builds a tiny model locally (a smoke-scale stand-in whose scores carry no meaning), rates "
+        "the bundled Alpaca sample with the vllm backend on CPU and selects the rows scoring >= 4.5.",
     )
     demo.add_argument("--run-dir", default="runs/demo", help="where to write (default: runs/demo)")
     demo.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
@@ -83,9 +69,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
+def _stage(sub, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
+    """A stage subcommand: `--config FILE` plus `dotted.key=value` overrides."""
+    parser = sub.add_parser(name, help=help, description=description)
     parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides, e.g. rate.concurrency=64")
+    parser.set_defaults(func=func)
+    return parser
 
 
 def _rate(args) -> int:

@@ -87,9 +87,10 @@ def load_rated(run_dir: str, score: str = C.SCORE) -> pa.Table:
     """The rated rows of `run_dir`, checked to have what selection needs."""
     path = os.path.join(run_dir, RATED_DIR)
     store = RatedStore(run_dir)
-    if not store.parts():
+    parts = store.parts()
+    if not parts:
         raise SelectionError(f"{path}: no rated rows; run `alpagasus rate` first")
-    schema = pq.read_schema(store.parts()[0])
+    schema = pq.read_schema(parts[0])
     missing = [c for c in (*REQUIRED, score) if c not in schema.names]
     if missing:
         raise SelectionError(f"{path}: the rated rows lack column(s) {', '.join(missing)}")

@@ -26,6 +26,7 @@ from alpagasus_ray import columns as C
 from alpagasus_ray.backends import MAX_ASKS, RESULT_SCHEMA, Rating, make_backend, ratings_table
 from alpagasus_ray.config import Config, ConfigError, config_for_record
 from alpagasus_ray.data import INVALID_REASON, Rows, read_rows
+from alpagasus_ray.ray_runtime import ensure_ray
 from alpagasus_ray.prompts import CHARS_PER_TOKEN, PROMPT_VERSION, RATING_SYSTEM, RATING_USER
 
 log = logging.getLogger(__name__)
@@ -268,14 +269,3 @@ def _summarize(rows: Rows, rated: pa.Table, cfg, seconds: float, sent: int) -> d
         "input_files": rows.files,
     }
 
-
-def ensure_ray() -> None:
-    """Join the cluster in RAY_ADDRESS (as under `ray job submit`), or start a local one."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    ray.init(ignore_reinit_error=True, log_to_driver=True)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False

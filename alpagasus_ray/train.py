@@ -46,7 +46,7 @@ def run_train(config: Config) -> dict:
     log.info("train: %s examples (%d cut to nothing) -> %d optimizer steps of %d rows (%d workers x %d x %d)",
              f"{len(examples):,}", dropped, len(plan), t.global_batch_size, t.num_workers, t.micro_batch_size,
              t.accumulation_steps)
-    from alpagasus_ray.rate import ensure_ray
+    from alpagasus_ray.ray_runtime import ensure_ray
 
     ensure_ray()
     storage = t.storage_path or os.path.abspath(os.path.join(config.run_dir, "checkpoints"))

@@ -69,7 +69,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
 
-    from alpagasus_ray.rate import ensure_ray
+    from alpagasus_ray.ray_runtime import ensure_ray
     from alpagasus_ray.tiny_model import build_tiny_model
 
     model = build_tiny_model(os.path.join(tempfile.gettempdir(), f"bench-llama-{args.hidden}x{args.layers}"),

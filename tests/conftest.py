@@ -89,6 +89,20 @@ def vllm_server(tiny_model):
             proc.wait()
 
 
+@pytest.fixture
+def reap_ray_orphans():
+    """For tests that kill a driver with -9: its Ray processes outlive it (reparented to init);
+    stop the ones started during the test."""
+    import psutil
+
+    before = {p.pid for p in psutil.process_iter()}
+    yield
+    for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if proc.info["pid"] not in before and proc.info["ppid"] == 1 and "ray" in cmd:
+            proc.kill()
+
+
 @pytest.fixture(scope="session")
 def ray_local():
     """A local Ray with 2 CPUs and no dashboard, started once per session and shut down at the end."""

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 
-import psutil
 import pyarrow.parquet as pq
 import pytest
 
@@ -134,12 +133,11 @@ def test_a_429_retry_after_pauses_every_worker(tmp_path, ray_local):
     assert any(t > t429 + 1.4 for t in seen["arrivals"])
 
 
-def test_kill_minus_nine_then_rerun_finishes_without_resending_and_never_writes_the_key(tmp_path):
+def test_kill_minus_nine_then_rerun_finishes_without_resending_and_never_writes_the_key(tmp_path, reap_ray_orphans):
     key = "sk-test-" + "K3Y" * 8
     n = 96
     data = _write_rows(tmp_path / "rows.jsonl", n)
     run_dir = tmp_path / "run"
-    before = {p.pid for p in psutil.process_iter()}
     with serve({"latency": 0.25, "rules": [{"match": f"ROW-{i:03d}"} for i in range(n)]}) as url:
         command = [sys.executable, "-m", "alpagasus_ray.cli", "rate", "--config", "configs/rate_openai_compatible.yaml",
                    f"rate.base_url={url}", f"data.path={data}", f"run_dir={run_dir}", "rate.concurrency=4",
@@ -158,7 +156,6 @@ def test_kill_minus_nine_then_rerun_finishes_without_resending_and_never_writes_
         markers_before = {r["instruction"][:7] for r in store.read().to_pylist()}
         second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         seen = stats(url)
-    _reap_orphans(before)
     assert second.returncode == 0, second.stderr[-3000:]
     rated = pq.read_table(run_dir / "rated")
     assert rated.num_rows == n and len(set(rated["id"].to_pylist())) == n
@@ -174,10 +171,3 @@ def test_kill_minus_nine_then_rerun_finishes_without_resending_and_never_writes_
     assert key not in log1.read_text() + second.stdout + second.stderr
     assert key not in (run_dir / "rate_config.json").read_text()
 
-
-def _reap_orphans(before: set[int]) -> None:
-    """Ray agents of a driver killed with -9 outlive it; stop the ones this test left behind."""
-    for proc in psutil.process_iter(["pid", "ppid", "name", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if proc.info["pid"] not in before and proc.info["ppid"] == 1 and ("ray" in cmd or "raylet" in cmd):
-            proc.kill()

@@ -124,21 +124,18 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_at_the_same_s
 
 
 @pytest.mark.slow
-def test_rerunning_after_the_driver_died_continues_from_the_checkpoint(tmp_path, tiny_model):
+def test_rerunning_after_the_driver_died_continues_from_the_checkpoint(tmp_path, tiny_model, reap_ray_orphans):
     data = _data(tmp_path, 96)
     command = [sys.executable, "-m", "alpagasus_ray.cli", "train", "--config", "configs/demo.yaml",
                *_overrides(tmp_path, data, tiny_model, "train.max_steps=6", "train.checkpoint_every=2", "train.packing=false")]
     storage = tmp_path / "run" / "checkpoints" / "train-run"
-    before = {p.pid for p in psutil.process_iter()}
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     while not _registered_checkpoint(storage):
         assert driver.poll() is None, "the first run ended before its first checkpoint"
         time.sleep(0.2)
     driver.send_signal(signal.SIGKILL)
     driver.wait()
-    _reap(before)
     again = subprocess.run(command, capture_output=True, text=True, timeout=900)
-    _reap(before)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "resuming after step" in again.stdout + again.stderr
     assert [m["step"] for m in _log(tmp_path)] == [1, 2, 3, 4, 5, 6]
@@ -151,10 +148,3 @@ def _registered_checkpoint(storage) -> bool:
     except (OSError, ValueError, KeyError):
         return False
 
-
-def _reap(before: set[int]) -> None:
-    """Ray processes of a driver killed with -9 outlive it; stop the ones this test left behind."""
-    for proc in psutil.process_iter(["pid", "ppid", "cmdline"]):
-        cmd = " ".join(proc.info["cmdline"] or [])
-        if proc.info["pid"] not in before and proc.info["ppid"] == 1 and "ray" in cmd:
-            proc.kill()

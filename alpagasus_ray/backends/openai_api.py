@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import logging
 import math
 import os
 
@@ -22,8 +21,6 @@ from alpagasus_ray.backends import MAX_ASKS, Rating, rating_from_reply, ratings_
 from alpagasus_ray.config import RateConfig, api_key
 from alpagasus_ray.prompts import estimate_tokens, expected_score, parse_score, rating_messages
 from alpagasus_ray.ratelimit import SharedLimiter
-
-log = logging.getLogger(__name__)
 
 
 class OpenAIBackend:
