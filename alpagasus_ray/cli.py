@@ -2,6 +2,10 @@
 
     alpagasus rate --config configs/rate_openai.yaml rate.concurrency=64 [--dry-run]
     alpagasus filter --config configs/filter_alpagasus_9k.yaml [--compare OTHER.json]
+    alpagasus train --config configs/train_llama_7b.yaml
+    alpagasus generate --config FILE generate.model=runs/x/model
+    alpagasus judge --config FILE judge.candidate=alpagasus-9k judge.baseline=alpaca-52k
+    alpagasus report --config FILE
     alpagasus demo [--run-dir runs/demo]
 
 Every subcommand takes `--config FILE` and `dotted.key=value` overrides. Exit code 0 means the
@@ -56,6 +60,17 @@ def _parser() -> argparse.ArgumentParser:
            "fine-tune on the selected rows with Ray Train + DeepSpeed (the Alpaca recipe)",
            "Fine-tune train.model on train.data (default <run_dir>/selected.json); writes <run_dir>/model/. "
            "Rerun the same command to resume from the last checkpoint.")
+    _stage(sub, "generate", _generate,
+           "answer the test sets (Koala, Vicuna, WizardLM, Self-Instruct) with a model, greedily",
+           "Answer every prompt of generate.test_sets with generate.model (default <run_dir>/model) on vLLM "
+           "engines, or an API model; writes <run_dir>/answers/<name>/<test_set>.jsonl. Rerun to resume.")
+    _stage(sub, "judge", _judge,
+           "compare two models' answers with an LLM judge, in both orders",
+           "Ask the judge about every prompt answered by judge.candidate and judge.baseline, candidate first "
+           "and then second; writes <run_dir>/judgments/<candidate>_vs_<baseline>/<test_set>.jsonl. Rerun to resume.")
+    _stage(sub, "report", _report,
+           "win/tie/lose, winning score, categories and plots of every judged pair",
+           "Writes <run_dir>/report.json, report.md and plots/*.png from <run_dir>/judgments/.")
 
     demo = sub.add_parser(
         "demo",
@@ -109,6 +124,38 @@ def _train(args) -> int:
     metrics = run_train(config)
     print(f"trained {metrics.get('step')} steps, final loss {metrics.get('loss', float('nan')):.4f}")
     print(os.path.join(config.run_dir, MODEL_DIR))
+    return 0
+
+
+def _generate(args) -> int:
+    from alpagasus_ray.generate import run_generate
+
+    config = load_config(args.config, args.overrides)
+    record = run_generate(config)
+    print(f"answered {record['prompts']} prompts as {record['name']}: {record['by_finish_reason']}")
+    print(os.path.join(config.run_dir, "answers", record["name"]))
+    return 0
+
+
+def _judge(args) -> int:
+    from alpagasus_ray.judge import pair_name, run_judge
+
+    config = load_config(args.config, args.overrides)
+    record = run_judge(config)
+    print(f"judgments by status: {record['judgments_by_status']}")
+    print(os.path.join(config.run_dir, "judgments", pair_name(record["candidate"], record["baseline"])))
+    return 0
+
+
+def _report(args) -> int:
+    from alpagasus_ray.report import ALL, REPORT_MD, run_report
+
+    config = load_config(args.config, args.overrides)
+    report = run_report(config)
+    for pair, entry in report.items():
+        t = entry[ALL]
+        print(f"{pair}: win {t['win']} / tie {t['tie']} / lose {t['lose']}, winning score {t['winning_score']:.4f}")
+    print(os.path.join(config.run_dir, REPORT_MD))
     return 0
 
 

@@ -45,18 +45,14 @@ class DataConfig(_Strict):
     limit: int | None = Field(None, gt=0, description="Use only the first N rows (for trials).")
 
 
-class RateConfig(_Strict):
-    """The grader and how to call it."""
+class EndpointConfig(_Strict):
+    """A model to call, and how: shared by the rating, generation and judging stages."""
 
     backend: Literal["vllm", "openai"] = Field("openai", description="vllm: Ray Data LLM on GPUs (or CPU); openai: any OpenAI-compatible API.")
     model: str = Field("gpt-3.5-turbo", description="Model name at the API, or a model directory / hub id for vllm.")
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://host:8000/v1; None means OpenAI's.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never the key itself).")
-    dimension: str = Field("accuracy", min_length=1, description="The property the grader rates: accuracy (paper default), helpfulness, ...")
-    max_tokens: int = Field(256, gt=0, description="Reply length cap: the score line plus the explanation.")
-    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature of the grader.")
-    logprobs: bool = Field(True, description="Ask for top logprobs and record the probability-weighted score_expected.")
-    top_logprobs: int = Field(5, ge=1, le=20, description="How many alternatives per token to ask for.")
+    temperature: float = Field(0.0, ge=0.0, description="Sampling temperature.")
     batch_size: int = Field(64, gt=0, description="Rows per Ray Data block; also the unit saved to disk as it finishes.")
     retry_failed: bool = Field(False, description="On a rerun, send rows that ended request_failed again.")
     # openai backend
@@ -73,7 +69,6 @@ class RateConfig(_Strict):
     price_input_per_million: float | None = Field(None, ge=0, description="USD per million prompt tokens, for the cost estimate.")
     price_output_per_million: float | None = Field(None, ge=0, description="USD per million completion tokens, for the cost estimate.")
     # vllm backend
-    constrained: bool = Field(True, description="vllm: constrain the reply to the valid scores 0, 0.5, ..., 5 (no explanation then).")
     num_engines: int = Field(1, gt=0, description="vllm: engine replicas (one per GPU, or per tensor-parallel group).")
     tensor_parallel_size: int = Field(1, gt=0, description="vllm: GPUs per engine.")
     use_gpu: bool = Field(True, description="vllm: give each engine GPUs; false runs on CPU (tests, demo).")
@@ -82,10 +77,20 @@ class RateConfig(_Strict):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vllm.LLM engine arguments.")
 
     @model_validator(mode="after")
-    def _check(self) -> "RateConfig":
+    def _check(self) -> "EndpointConfig":
         if self.backend == "openai" and self.concurrency < self.num_workers:
-            raise ValueError(f"rate.concurrency ({self.concurrency}) must be at least rate.num_workers ({self.num_workers})")
+            raise ValueError(f"concurrency ({self.concurrency}) must be at least num_workers ({self.num_workers})")
         return self
+
+
+class RateConfig(EndpointConfig):
+    """The grader and how to call it."""
+
+    dimension: str = Field("accuracy", min_length=1, description="The property the grader rates: accuracy (paper default), helpfulness, ...")
+    max_tokens: int = Field(256, gt=0, description="Reply length cap: the score line plus the explanation.")
+    logprobs: bool = Field(True, description="Ask for top logprobs and record the probability-weighted score_expected.")
+    top_logprobs: int = Field(5, ge=1, le=20, description="How many alternatives per token to ask for.")
+    constrained: bool = Field(True, description="vllm: constrain the reply to the valid scores 0, 0.5, ..., 5 (no explanation then).")
 
 
 # The paper's App. E keyword set for coding rows.
@@ -173,6 +178,39 @@ class TrainConfig(_Strict):
         return self.global_batch_size // (self.num_workers * self.micro_batch_size)
 
 
+TEST_SETS = ["koala", "vicuna", "wizardlm", "sinstruct"]
+
+
+class GenerateConfig(EndpointConfig):
+    """Answers of one model to the test sets, for judging."""
+
+    backend: Literal["vllm", "openai"] = Field("vllm", description="vllm: a model directory on Ray Data LLM engines; openai: an OpenAI-compatible endpoint (a reference system).")
+    model: str | None = Field(None, description="Model directory or hub id (vllm), or model name at the API; default <run_dir>/model, what train wrote.")
+    name: str | None = Field(None, description="What the model is called in outputs (answers/<name>/); default the model directory's name.")
+    test_sets: list[str] = Field(default_factory=lambda: list(TEST_SETS), min_length=1, description="Shipped test sets by name (koala, vicuna, wizardlm, sinstruct) or JSONL files in one of their formats.")
+    limit: int | None = Field(None, gt=0, description="Only the first N prompts of each test set (for trials).")
+    max_new_tokens: int = Field(1024, gt=0, description="Answer length cap in tokens (the paper: 1024).")
+    template: Literal["alpaca", "chat"] = Field("alpaca", description="alpaca: the Alpaca prompt the model was trained on, as a plain completion; chat: the instruction (and input) as a chat message, for chat models and APIs.")
+
+
+class JudgeConfig(EndpointConfig):
+    """The LLM judge that compares two models' answers, in both orders."""
+
+    model: str = Field("gpt-4", description="The judge: model name at the API, or a model directory / hub id for vllm.")
+    candidate: str | None = Field(None, description="Answers to judge: a name under <run_dir>/answers/ or a path to an answers directory.")
+    baseline: str | None = Field(None, description="Answers to compare against: a name under <run_dir>/answers/ or a path to an answers directory.")
+    prompt: Literal["vicuna", "pair"] = Field("vicuna", description="vicuna: the paper's App. C prompt, two scores 1-10; pair: the FastChat pair prompt, verdict [[A]]/[[B]]/[[C]] (Table 3).")
+    test_sets: list[str] | None = Field(None, description="Test sets to judge; default every set answered by both models.")
+    max_tokens: int = Field(512, gt=0, description="Judge reply cap: the scores line plus the explanation.")
+
+
+class ReportConfig(_Strict):
+    """What the report covers."""
+
+    runs: list[str] = Field(default_factory=list, description="Other run directories to plot winning score against training size (the paper's Fig. 2); this run is included.")
+    plots: bool = Field(True, description="Write the PNG plots under <run_dir>/plots/.")
+
+
 class Config(_Strict):
     """One run: the run directory and the settings of each stage."""
 
@@ -181,6 +219,9 @@ class Config(_Strict):
     rate: RateConfig = Field(default_factory=RateConfig)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    report: ReportConfig = Field(default_factory=ReportConfig)
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
@@ -240,6 +281,6 @@ def config_for_record(config: Config) -> dict[str, Any]:
     return config.model_dump(mode="json")
 
 
-def api_key(rate: RateConfig) -> str:
+def api_key(endpoint: EndpointConfig) -> str:
     """The API key from the environment; a local server without auth accepts any placeholder."""
-    return os.environ.get(rate.api_key_env) or "EMPTY"
+    return os.environ.get(endpoint.api_key_env) or "EMPTY"

@@ -1,4 +1,5 @@
-"""PNG pictures of a selection, with plain matplotlib: what a person looks at to choose tau."""
+"""PNG pictures, with plain matplotlib: of a selection (what a person looks at to choose tau) and
+of an evaluation (win/tie/lose as in the paper's Fig. 6, per category, against training size)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,67 @@ def category_kept(per_category: dict[str, dict], overall: float, path: str, titl
     ax.set_xlim(0, min(1.0, max(fractions + [overall]) * 1.25 + 0.05))
     ax.set_title(title)
     ax.legend(loc="lower right")
+    _save(fig, path)
+
+
+WIN_TIE_LOSE_COLORS = {"win": "#55A868", "tie": "#CCCCCC", "lose": "#C44E52"}
+
+
+def win_tie_lose(results: dict[str, dict], path: str, title: str) -> None:
+    """One stacked bar per test set: the candidate's wins, ties and losses (the paper's Fig. 6)."""
+    names = list(results)
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(names) + 1.6))
+    left = [0] * len(names)
+    for outcome, color in WIN_TIE_LOSE_COLORS.items():
+        counts = [results[n][outcome] for n in names]
+        bars = ax.barh([f"{n} (N={results[n]['n']})" for n in names], counts, left=left, color=color, label=outcome)
+        ax.bar_label(bars, labels=[str(c) if c else "" for c in counts], label_type="center", fontsize=9)
+        left = [a + b for a, b in zip(left, counts)]
+    for i, n in enumerate(names):
+        ax.annotate(f"{results[n]['winning_score']:.3f}", (left[i], i), xytext=(4, 0), textcoords="offset points",
+                    va="center", fontsize=9)
+    ax.invert_yaxis()
+    ax.set_xlabel("prompts (winning score at the right)")
+    ax.set_xlim(0, max(left + [1]) * 1.15)
+    ax.set_title(title)
+    ax.legend(loc="lower right", ncol=3, fontsize=8)
+    _save(fig, path)
+
+
+def category_scores(per_set: dict[str, dict[str, dict]], path: str, title: str) -> None:
+    """Winning score per category (Vicuna categories, WizardLM skills), one panel per test set."""
+    sets = list(per_set)
+    heights = [len(per_set[s]) for s in sets]
+    fig, axes = plt.subplots(len(sets), 1, figsize=(8, 0.28 * sum(heights) + 1.2 * len(sets)),
+                             gridspec_kw={"height_ratios": heights}, squeeze=False)
+    for ax, name in zip(axes[:, 0], sets):
+        cats = sorted(per_set[name], key=lambda c: per_set[name][c]["winning_score"])
+        scores = [per_set[name][c]["winning_score"] for c in cats]
+        colors = ["#55A868" if s > 1 else "#C44E52" if s < 1 else "#999999" for s in scores]
+        bars = ax.barh([f"{c} ({per_set[name][c]['n']})" for c in cats], scores, color=colors)
+        ax.bar_label(bars, labels=[f"{s:.2f}" for s in scores], fontsize=7, padding=2)
+        ax.axvline(1.0, color="black", linewidth=0.8)
+        ax.set_xlim(0, 2.15)
+        ax.tick_params(axis="y", labelsize=7)
+        ax.set_title(name, fontsize=10)
+    axes[-1, 0].set_xlabel("winning score (1.0 = parity)")
+    fig.suptitle(title)
+    _save(fig, path)
+
+
+def score_vs_size(points: dict[str, list[tuple[int, float]]], path: str, title: str) -> None:
+    """Winning score against training size, one line per test set (the paper's Fig. 2)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for name, values in points.items():
+        values = sorted(values)
+        ax.plot([v[0] for v in values], [v[1] for v in values], marker="o", label=name)
+    ax.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
+    ax.set_xlabel("training rows")
+    ax.set_ylabel("winning score")
+    ax.xaxis.set_major_formatter(_THOUSANDS)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     _save(fig, path)
 
 

@@ -46,7 +46,7 @@ def build_tiny_model(out_dir: str, vocab_size: int = 512, seed: int = 0, hidden_
     Returns:
         `out_dir`, a Hugging Face model directory that transformers and vLLM load.
     """
-    marker = os.path.join(out_dir, "tiny_model.json")
+    marker = os.path.join(out_dir, MARKER_FILE)
     if os.path.exists(marker):
         return out_dir
     import torch
@@ -95,6 +95,17 @@ def build_tiny_model(out_dir: str, vocab_size: int = 512, seed: int = 0, hidden_
 
 
 BUILTIN_MODEL = "builtin:tiny-llama"
+MARKER_FILE = "tiny_model.json"
+
+
+def is_stand_in(model: str | None) -> bool:
+    """Whether `model` is the tiny stand-in, or a model fine-tuned from it (training copies the
+    marker), so that reports can say its scores carry no meaning.
+
+    >>> is_stand_in("builtin:tiny-llama"), is_stand_in("/models/llama-7b")
+    (True, False)
+    """
+    return model == BUILTIN_MODEL or (model is not None and os.path.exists(os.path.join(model, MARKER_FILE)))
 
 
 def resolve_model(name: str) -> str:

@@ -22,6 +22,7 @@ import time
 
 from alpagasus_ray.config import Config, TrainConfig
 from alpagasus_ray.data import InputError
+from alpagasus_ray.tiny_model import MARKER_FILE, is_stand_in
 from alpagasus_ray.recipe import Example, alpaca_prompt, block_causal_mask, collate, encode, group_by_length, pack
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,8 @@ def run_train(config: Config) -> dict:
     with result.checkpoint.as_directory() as directory:
         tmp = tempfile.mkdtemp(prefix=".model-", dir=config.run_dir)
         shutil.copytree(os.path.join(directory, HF_SUBDIR), tmp, dirs_exist_ok=True)
+        if is_stand_in(model_path):  # a model fine-tuned from the stand-in is still one
+            shutil.copy(os.path.join(model_path, MARKER_FILE), tmp)
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
         with open(os.path.join(directory, STATE_FILE)) as f:

@@ -10,6 +10,12 @@ from alpagasus_ray.data import InputError
 from alpagasus_ray.judging import TIE, WIN, combine, flip, judge_messages, parse_pair, parse_vicuna, winning_score
 from alpagasus_ray.testsets import NAMES, TESTSET_DIR, load_test_set
 
+# Judge replies for 180 prompts: (reply with the candidate as Assistant 1, reply with the
+# candidate as Assistant 2). By Sec. 3.3 they are 94 wins, 71 ties and 15 losses.
+PAPER_CASES = ([("8 6", "6 8")] * 60 + [("8 6", "7 7")] * 34      # win twice / win + tie  -> 94 wins
+               + [("7 7", "7 7")] * 50 + [("9 5", "9 5")] * 21    # tie twice / win + lose -> 71 ties
+               + [("5 9", "9 5")] * 10 + [("6 6", "8 4")] * 5)    # lose twice / tie + lose -> 15 losses
+
 SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "testsets")
 
 
@@ -38,12 +44,8 @@ def test_an_unknown_format_names_the_file_and_line(tmp_path):
 
 def test_both_orders_combine_to_the_papers_counts_and_winning_score():
     """180 prompts judged twice from real reply strings: 94 wins, 71 ties, 15 losses -> 1.4389."""
-    # (reply with the candidate as Assistant 1, reply with the candidate as Assistant 2)
-    cases = ([("8 6", "6 8")] * 60 + [("8 6", "7 7")] * 34      # win twice / win + tie  -> 94 wins
-             + [("7 7", "7 7")] * 50 + [("9 5", "9 5")] * 21    # tie twice / win + lose -> 71 ties
-             + [("5 9", "9 5")] * 10 + [("6 6", "8 4")] * 5)    # lose twice / tie + lose -> 15 losses
     results = []
-    for first_reply, second_reply in cases:
+    for first_reply, second_reply in PAPER_CASES:
         as_first = parse_vicuna(first_reply).outcome
         as_second = flip(parse_vicuna(second_reply).outcome)  # the judge's Assistant 1 was the baseline
         results.append(combine(as_first, as_second))

@@ -1,7 +1,8 @@
-"""The `openai` backend: any OpenAI-compatible chat endpoint, called from Ray Data actors.
+"""The `openai` backend: any OpenAI-compatible endpoint, called from Ray Data actors. Rating,
+generation and judging each define an `ApiWorker`; `map_with_api` runs it.
 
-Each actor keeps up to `rate.concurrency / rate.num_workers` requests in flight on one event loop.
-Retries of 429, 5xx and timeouts are the openai client's own (bounded by `rate.max_retries`,
+Each actor keeps up to `concurrency / num_workers` requests in flight on one event loop.
+Retries of 429, 5xx and timeouts are the openai client's own (bounded by `max_retries`,
 honouring Retry-After). Requests-per-minute and tokens-per-minute limits are held by one shared
 limiter actor for all workers, which a 429's Retry-After also pauses.
 """
@@ -9,6 +10,7 @@ limiter actor for all workers, which a 429's Retry-After also pauses.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import math
 import os
@@ -18,7 +20,7 @@ import pyarrow as pa
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.backends import MAX_ASKS, Rating, rating_from_reply, ratings_table
-from alpagasus_ray.config import RateConfig, api_key
+from alpagasus_ray.config import EndpointConfig, RateConfig, api_key
 from alpagasus_ray.prompts import estimate_tokens, expected_score, parse_score, rating_messages
 from alpagasus_ray.ratelimit import SharedLimiter
 
@@ -27,46 +29,60 @@ class OpenAIBackend:
     """Rates rows through an OpenAI-compatible API under concurrency and rate limits."""
 
     def __init__(self, rate: RateConfig):
+        require_key(rate, "rate")
         self.cfg = rate
         self.grader = f"openai:{rate.model}"
-        if rate.base_url is None and not os.environ.get(rate.api_key_env):
-            raise ValueError(
-                f"rate.backend=openai with OpenAI's endpoint needs an API key in ${rate.api_key_env}; "
-                "set it in the environment (never in a config), or set rate.base_url to a server without auth"
-            )
 
     def rate(self, rows, reask: bool = False):
-        import ray
-        from ray.data import ActorPoolStrategy
+        return map_with_api(rows, _Rater, self.cfg)
 
-        cfg = self.cfg
-        limiter = None
-        if cfg.requests_per_minute or cfg.tokens_per_minute:
-            limiter = (
-                ray.remote(SharedLimiter)
-                .options(num_cpus=0, max_concurrency=10_000)
-                .remote(cfg.requests_per_minute, cfg.tokens_per_minute)
-            )
-        slots = cfg.concurrency // cfg.num_workers
-        # Enough blocks per actor that a full batch is waiting whenever one finishes.
-        calls = 2 * math.ceil(slots / cfg.batch_size) + 1
-        return rows.map_batches(
-            _Rater,
-            batch_size=cfg.batch_size,
-            batch_format="pyarrow",
-            fn_constructor_kwargs={"rate": cfg.model_dump(), "slots": slots, "limiter": limiter},
-            compute=ActorPoolStrategy(
-                size=cfg.num_workers, max_tasks_in_flight_per_actor=calls, max_concurrent_calls_per_actor=calls
-            ),
-            num_cpus=0.5,
+
+def require_key(endpoint: EndpointConfig, section: str) -> None:
+    """OpenAI's own endpoint needs a key in the environment; fail before anything is sent."""
+    if endpoint.base_url is None and not os.environ.get(endpoint.api_key_env):
+        raise ValueError(
+            f"{section}.backend=openai with OpenAI's endpoint needs an API key in ${endpoint.api_key_env}; "
+            f"set it in the environment (never in a config), or set {section}.base_url to a server without auth"
         )
 
 
-class _Rater:
-    """Ray Data actor: rates the rows of each batch concurrently on the actor's event loop."""
+def map_with_api(rows, worker: type["ApiWorker"], endpoint: EndpointConfig, **kwargs):
+    """`rows` mapped by `worker` actors, `endpoint.num_workers` of them, sharing the endpoint's
+    concurrency and one limiter for its requests- and tokens-per-minute limits."""
+    import ray
+    from ray.data import ActorPoolStrategy
 
-    def __init__(self, rate: dict, slots: int, limiter=None):
-        self.cfg = RateConfig(**rate)
+    limiter = None
+    if endpoint.requests_per_minute or endpoint.tokens_per_minute:
+        limiter = (
+            ray.remote(SharedLimiter)
+            .options(num_cpus=0, max_concurrency=10_000)
+            .remote(endpoint.requests_per_minute, endpoint.tokens_per_minute)
+        )
+    slots = endpoint.concurrency // endpoint.num_workers
+    # Enough blocks per actor that a full batch is waiting whenever one finishes.
+    calls = 2 * math.ceil(slots / endpoint.batch_size) + 1
+    return rows.map_batches(
+        worker,
+        batch_size=endpoint.batch_size,
+        batch_format="pyarrow",
+        fn_constructor_kwargs={"config": endpoint.model_dump(), "slots": slots, "limiter": limiter, **kwargs},
+        compute=ActorPoolStrategy(
+            size=endpoint.num_workers, max_tasks_in_flight_per_actor=calls, max_concurrent_calls_per_actor=calls
+        ),
+        num_cpus=0.5,
+    )
+
+
+class ApiWorker:
+    """Base of the Ray Data actors that call the API: one client, `slots` requests in flight on
+    the actor's event loop, and the shared limiter. Subclasses set `config_type` and define
+    `async __call__(batch: pa.Table) -> pa.Table`."""
+
+    config_type: type[EndpointConfig] = EndpointConfig
+
+    def __init__(self, config: dict, slots: int, limiter=None):
+        self.cfg = self.config_type(**config)
         self.limiter = limiter
         self.slots = asyncio.Semaphore(slots)
         # The client's pool (1,000 connections) is larger than any slot count; the semaphore bounds use.
@@ -79,30 +95,72 @@ class _Rater:
             http_client=http_client,
         )
 
+    async def chat(self, messages: list[dict], max_tokens: int, **extra):
+        """One chat completion under the slots and the limiter."""
+        prompt = sum(estimate_tokens(m["content"]) for m in messages)
+        async with self._turn(prompt + max_tokens):
+            return await self.client.chat.completions.create(
+                model=self.cfg.model, messages=messages, max_tokens=max_tokens, temperature=self.cfg.temperature,
+                extra_body=self.cfg.extra_body or None, **extra,
+            )
+
+    async def complete(self, prompt: str, max_tokens: int):
+        """One plain completion (no chat template) under the slots and the limiter."""
+        async with self._turn(estimate_tokens(prompt) + max_tokens):
+            return await self.client.completions.create(
+                model=self.cfg.model, prompt=prompt, max_tokens=max_tokens, temperature=self.cfg.temperature,
+                extra_body=self.cfg.extra_body or None,
+            )
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, tokens: int):
+        # Slot first, then the limiter: when a Retry-After pause begins, only requests already
+        # past the limiter (at most one per slot) can still go out.
+        async with self.slots:
+            if self.limiter is not None:
+                await self.limiter.acquire.remote(tokens)
+            yield
+
+    async def _on_response(self, response) -> None:
+        """Tell the shared limiter about a 429's Retry-After, so every worker holds back."""
+        if response.status_code != 429 or self.limiter is None:
+            return
+        seconds = retry_after_seconds(response.headers)
+        if seconds:
+            self.limiter.pause.remote(seconds)
+
+
+class _Rater(ApiWorker):
+    """Ray Data actor: rates the rows of each batch concurrently on the actor's event loop."""
+
+    config_type = RateConfig
+
     async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.select([C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT]).to_pylist()
         ratings = await asyncio.gather(*(self._rate_row(row) for row in rows))
         return ratings_table(list(ratings))
 
     async def _rate_row(self, row: dict) -> Rating:
-        messages = rating_messages(row[C.INSTRUCTION], row[C.INPUT], row[C.OUTPUT], self.cfg.dimension)
+        cfg = self.cfg
+        messages = rating_messages(row[C.INSTRUCTION], row[C.INPUT], row[C.OUTPUT], cfg.dimension)
+        extra = {"logprobs": True, "top_logprobs": cfg.top_logprobs} if cfg.logprobs else {}
         tokens_in = tokens_out = 0
         problem = None
         for ask in range(1, MAX_ASKS + 1):
             try:
-                reply = await self._request(messages)
+                reply = await self.chat(messages, cfg.max_tokens, **extra)
             except json.JSONDecodeError as e:
                 # A 200 whose body is not JSON: the client does not retry it; we ask once more.
                 problem = f"unreadable response body: {e.msg}"
                 continue
             except openai.APIError as e:
                 # The client has already retried what is worth retrying (429, 5xx, timeouts).
-                return Rating(row[C.ID], C.REQUEST_FAILED, attempts=ask, error=_describe(e),
+                return Rating(row[C.ID], C.REQUEST_FAILED, attempts=ask, error=describe_error(e),
                               tokens_in=tokens_in, tokens_out=tokens_out)
-            counts = _usage(reply)
+            counts = usage(reply)
             tokens_in += counts[0]
             tokens_out += counts[1]
-            text, positions, problem = _read_reply(reply)
+            text, positions, problem = read_reply(reply)
             if problem is not None:
                 continue
             parsed = parse_score(text)
@@ -114,28 +172,6 @@ class _Rater:
                                      tokens_in=tokens_in, tokens_out=tokens_out)
         return Rating(row[C.ID], C.REQUEST_FAILED, attempts=MAX_ASKS, error=problem,
                       tokens_in=tokens_in, tokens_out=tokens_out)
-
-    async def _request(self, messages: list[dict]):
-        cfg = self.cfg
-        extra = {"logprobs": True, "top_logprobs": cfg.top_logprobs} if cfg.logprobs else {}
-        # Slot first, then the limiter: when a Retry-After pause begins, only requests already
-        # past the limiter (at most one per slot) can still go out.
-        async with self.slots:
-            if self.limiter is not None:
-                prompt = sum(estimate_tokens(m["content"]) for m in messages)
-                await self.limiter.acquire.remote(prompt + cfg.max_tokens)
-            return await self.client.chat.completions.create(
-                model=cfg.model, messages=messages, max_tokens=cfg.max_tokens, temperature=cfg.temperature,
-                extra_body=cfg.extra_body or None, **extra,
-            )
-
-    async def _on_response(self, response) -> None:
-        """Tell the shared limiter about a 429's Retry-After, so every worker holds back."""
-        if response.status_code != 429 or self.limiter is None:
-            return
-        seconds = retry_after_seconds(response.headers)
-        if seconds:
-            self.limiter.pause.remote(seconds)
 
 
 def retry_after_seconds(headers) -> float | None:
@@ -157,7 +193,7 @@ def retry_after_seconds(headers) -> float | None:
     return None
 
 
-def _read_reply(reply) -> tuple[str, list[list[tuple[str, float]]], str | None]:
+def read_reply(reply) -> tuple[str, list[list[tuple[str, float]]], str | None]:
     """(text, top logprobs per token, problem) of a chat completion; problem is None when readable."""
     choices = getattr(reply, "choices", None)
     if not choices:
@@ -172,14 +208,14 @@ def _read_reply(reply) -> tuple[str, list[list[tuple[str, float]]], str | None]:
     return text, positions, None
 
 
-def _usage(reply) -> tuple[int, int]:
+def usage(reply) -> tuple[int, int]:
     usage = getattr(reply, "usage", None)
     if usage is None:
         return 0, 0
     return usage.prompt_tokens or 0, usage.completion_tokens or 0
 
 
-def _describe(error: Exception) -> str:
+def describe_error(error: Exception) -> str:
     """A one-line description of a failed request; never includes request headers (the key)."""
     status = getattr(error, "status_code", None)
     message = str(getattr(error, "message", None) or error).splitlines()[0][:300]

@@ -11,7 +11,7 @@ import math
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.backends import Rating, rating_from_reply
-from alpagasus_ray.config import RateConfig
+from alpagasus_ray.config import EndpointConfig, RateConfig
 from alpagasus_ray.tiny_model import resolve_model
 from alpagasus_ray.prompts import SCORE_CHOICES, expected_score, parse_score, rating_messages
 
@@ -28,35 +28,7 @@ class VLLMBackend:
         self.grader = f"vllm:{rate.model}"
 
     def rate(self, rows, reask: bool = False):
-        from ray.data.llm import build_processor, vLLMEngineProcessorConfig
-
         cfg = self.cfg
-        engine_kwargs = {
-            "max_model_len": cfg.max_model_len,
-            "enable_prefix_caching": True,
-            "tensor_parallel_size": cfg.tensor_parallel_size,
-            # Logprobs after the structured-output mask: a distribution over the allowed scores.
-            "logprobs_mode": "processed_logprobs",
-        }
-        if not cfg.use_gpu:
-            engine_kwargs.update(dtype="float32", enforce_eager=True)
-        engine_kwargs.update(cfg.engine_kwargs)
-        # The template and tokenizer stages are light; on a CPU-only node at their default of one CPU
-        # each they can hold every core while the engine actor waits for one.
-        light = {} if cfg.use_gpu else {"num_cpus": 0.1}
-        processor_config = vLLMEngineProcessorConfig(
-            model_source=resolve_model(cfg.model),
-            engine_kwargs=engine_kwargs,
-            concurrency=cfg.num_engines,
-            batch_size=cfg.batch_size,
-            accelerator_type=cfg.accelerator_type if cfg.use_gpu else None,
-            # A row the engine refuses (e.g. longer than max_model_len) ends request_failed, not the job.
-            should_continue_on_error=True,
-            placement_group_config=None if cfg.use_gpu else {"bundles": [{"CPU": 1}]},
-            chat_template_stage={"enabled": True, **light},
-            tokenize_stage={"enabled": True, **light},
-            detokenize_stage={"enabled": True, **light},
-        )
         sampling = {
             "temperature": REASK_TEMPERATURE if reask else cfg.temperature,
             "max_tokens": cfg.max_tokens if not cfg.constrained else 4,
@@ -65,26 +37,76 @@ class VLLMBackend:
             sampling["logprobs"] = cfg.top_logprobs
         if cfg.constrained:
             sampling["structured_outputs"] = {"choice": list(SCORE_CHOICES)}
-        processor = build_processor(
-            processor_config,
-            preprocess=lambda row: {
+        processor = engine_processor(
+            cfg,
+            lambda row: {
                 C.ID: row[C.ID],
                 "messages": rating_messages(row[C.INSTRUCTION], row[C.INPUT], row[C.OUTPUT], cfg.dimension),
                 "sampling_params": sampling,
             },
-            preprocess_map_kwargs=light,
+            # Logprobs after the structured-output mask: a distribution over the allowed scores.
+            engine_kwargs={"logprobs_mode": "processed_logprobs"},
         )
         # Rows the engine refused skip a processor's postprocess, so the rating is made after it, for all.
         attempts = 2 if reask else 1
-        return processor(rows).map(lambda row: _rating_row(row, attempts), **light)
+        return processor(rows).map(lambda row: _rating_row(row, attempts), **light_stage(cfg))
+
+
+def light_stage(endpoint: EndpointConfig) -> dict:
+    """Ray resources of the light stages around the engine (templates, tokenizer, parsing).
+
+    On a CPU-only node at their default of one CPU each they can hold every core while the engine
+    actor waits for one.
+    """
+    return {} if endpoint.use_gpu else {"num_cpus": 0.1}
+
+
+def engine_processor(endpoint: EndpointConfig, preprocess, *, chat: bool = True, engine_kwargs: dict | None = None):
+    """A Ray Data LLM processor with `endpoint.num_engines` vLLM engines on `endpoint.model`.
+
+    `preprocess` turns a row into `messages` (chat: the model's chat template applies) or a plain
+    `prompt`, plus `sampling_params`. A row the engine refuses (e.g. longer than max_model_len)
+    comes out with `__inference_error__` set instead of ending the job.
+    """
+    from ray.data.llm import build_processor, vLLMEngineProcessorConfig
+
+    kwargs = {
+        "max_model_len": endpoint.max_model_len,
+        "enable_prefix_caching": True,
+        "tensor_parallel_size": endpoint.tensor_parallel_size,
+        **(engine_kwargs or {}),
+    }
+    if not endpoint.use_gpu:
+        kwargs.update(dtype="float32", enforce_eager=True)
+    kwargs.update(endpoint.engine_kwargs)
+    light = light_stage(endpoint)
+    config = vLLMEngineProcessorConfig(
+        model_source=resolve_model(endpoint.model),
+        engine_kwargs=kwargs,
+        concurrency=endpoint.num_engines,
+        batch_size=endpoint.batch_size,
+        accelerator_type=endpoint.accelerator_type if endpoint.use_gpu else None,
+        should_continue_on_error=True,
+        placement_group_config=None if endpoint.use_gpu else {"bundles": [{"CPU": 1}]},
+        chat_template_stage={"enabled": chat, **light},
+        tokenize_stage={"enabled": True, **light},
+        detokenize_stage={"enabled": True, **light},
+    )
+    return build_processor(config, preprocess=preprocess, preprocess_map_kwargs=light)
+
+
+def inference_error(row: dict) -> str | None:
+    """The engine's error for a row it refused, as one line; None for a row it answered."""
+    error = row.get("__inference_error__")  # "" on rows that succeeded
+    return str(error).splitlines()[0][:300] if error else None
 
 
 def _rating_row(row: dict, attempts: int) -> dict:
     """One engine output as a flat rating row (the columns of RESULT_SCHEMA)."""
     counts = {"tokens_in": int(row.get("num_input_tokens") or 0), "tokens_out": int(row.get("num_generated_tokens") or 0)}
-    error = row.get("__inference_error__")  # "" on rows that succeeded
+    error = inference_error(row)
     if error:
-        rating = Rating(row[C.ID], C.REQUEST_FAILED, attempts=attempts, error=str(error).splitlines()[0][:300], **counts)
+        rating = Rating(row[C.ID], C.REQUEST_FAILED, attempts=attempts, error=error, **counts)
     else:
         parsed = parse_score(row.get("generated_text"))
         positions = _positions(row.get("logprobs"), row.get("generated_tokens"))

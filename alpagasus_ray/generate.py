@@ -1,0 +1,260 @@
+"""The generation stage: one model's answers to the test sets, for judging.
+
+    alpagasus generate --config configs/eval_alpagasus_vs_alpaca.yaml generate.limit=5
+
+Loads the test sets (the paper's four are shipped; other files in their formats work too), builds
+each prompt with the Alpaca template the model was trained with, and generates greedily, up to
+`generate.max_new_tokens` tokens (the paper: 1024). With the vllm backend the engines are Ray Data
+LLM actors, one per GPU (one CPU engine in tests); the answer is exactly the generated tokens,
+which stop at the model's end-of-sequence token or at the cap, never a search in the text. With
+the openai backend a reference system answers instead.
+
+Writes `<run_dir>/answers/<name>/<test_set>.jsonl`, one line per prompt:
+id, test_set, category, instruction, input, prompt, answer, model, finish_reason, status, error,
+tokens_in, tokens_out; and `<run_dir>/answers/<name>/generation.json` (what it ran with). Answers
+are saved as they arrive; a rerun generates only the missing ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import Counter
+
+import openai
+import pyarrow as pa
+
+from alpagasus_ray import columns as C
+from alpagasus_ray.backends.openai_api import ApiWorker, describe_error, map_with_api, require_key, usage
+from alpagasus_ray.config import Config, ConfigError, GenerateConfig, config_for_record
+from alpagasus_ray.data import InputError
+from alpagasus_ray.ray_runtime import ensure_ray
+from alpagasus_ray.recipe import alpaca_prompt
+from alpagasus_ray.records import RecordFile
+from alpagasus_ray.testsets import load_test_set
+from alpagasus_ray.tiny_model import BUILTIN_MODEL, resolve_model
+
+log = logging.getLogger(__name__)
+
+ANSWERS_DIR = "answers"
+GENERATION_FILE = "generation.json"
+STOP, LENGTH, ERROR = "stop", "length", "error"
+# What a backend returns per prompt, joined back to the prompt by id.
+RESULT_SCHEMA = pa.schema([
+    (C.ID, pa.string()), ("answer", pa.string()), ("finish_reason", pa.string()), (C.ERROR, pa.string()),
+    (C.ATTEMPTS, pa.int32()), (C.TOKENS_IN, pa.int64()), (C.TOKENS_OUT, pa.int64()),
+])
+
+
+def run_generate(config: Config) -> dict:
+    """Answer every prompt of `config.generate.test_sets`; returns the record of the run.
+
+    Raises:
+        InputError: a test set or the model cannot be read (nothing was generated).
+    """
+    started = time.time()
+    cfg = config.generate
+    model = cfg.model or os.path.join(config.run_dir, "model")
+    name = cfg.name or answers_name(model)
+    if cfg.backend == "vllm":
+        check_model_dir(model)
+    elif cfg.model is None:
+        raise ConfigError("generate.backend=openai needs generate.model, the model's name at the API")
+    else:
+        require_key(cfg, "generate")
+    prompts = _load_prompts(cfg)
+    out_dir = os.path.join(config.run_dir, ANSWERS_DIR, name)
+    files = {ts: RecordFile(os.path.join(out_dir, f"{ts}.jsonl"), key=lambda r: r[C.ID]) for ts in {p["test_set"] for p in prompts}}
+    done = {k: v for f in files.values() for k, v in f.read().items() if _final(v, cfg.retry_failed)}
+    pending = [p for p in prompts if p[C.ID] not in done]
+    log.info("generate: %d prompts of %s for %s (%d already answered); %d to generate with %s",
+             len(prompts), ", ".join(cfg.test_sets), name, len(done), len(pending), cfg.backend)
+    os.makedirs(out_dir, exist_ok=True)
+    record = {"name": name, "model": model, "backend": cfg.backend, "config": config_for_record(config)["generate"]}
+    if pending:
+        ensure_ray()
+        by_id = {p[C.ID]: p for p in pending}
+        results = _answer(pending, cfg, model)
+        for table in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+            rows = table.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA).to_pylist()
+            for ts in {by_id[r[C.ID]]["test_set"] for r in rows}:
+                files[ts].append(_answer_record(by_id[r[C.ID]], r, name) for r in rows if by_id[r[C.ID]]["test_set"] == ts)
+    answers = {}
+    for ts, f in files.items():
+        answers.update(f.read())
+        f.rewrite(answers[p[C.ID]] for p in prompts if p["test_set"] == ts)
+    missing = [p[C.ID] for p in prompts if p[C.ID] not in answers]
+    if missing:
+        raise RuntimeError(f"prompts in != answers out: {len(missing)} prompts have no answer (e.g. {missing[:5]})")
+    record.update(_counts(prompts, answers), wall_seconds=round(time.time() - started, 2), generated_this_run=len(pending))
+    with open(os.path.join(out_dir, GENERATION_FILE), "w") as f:
+        json.dump(record, f, indent=2)
+    return record
+
+
+def answers_name(model: str) -> str:
+    """What answers of `model` are called by default: its directory's name, or the run's name
+    when it is a run's trained model (<run_dir>/model).
+
+    >>> answers_name("runs/alpagasus-9k/model"), answers_name("/models/llama-7b/"), answers_name("gpt-4o")
+    ('alpagasus-9k', 'llama-7b', 'gpt-4o')
+    """
+    if model == BUILTIN_MODEL:
+        return "tiny-llama"
+    parts = [p for p in model.replace("\\", "/").split("/") if p]
+    if len(parts) >= 2 and parts[-1] == "model":
+        return parts[-2]
+    return parts[-1] if parts else "model"
+
+
+def check_model_dir(model: str) -> None:
+    """Fail early, naming the directory, when a local model does not load (config and tokenizer).
+    A name that is not a local path (a hub id such as org/name) is left to the engine."""
+    if model == BUILTIN_MODEL:
+        return
+    looks_local = os.path.exists(model) or model.startswith(("/", ".", "~")) or model.count("/") > 1
+    if not looks_local:
+        return
+    if not os.path.isdir(model):
+        raise InputError(f"{model}: no such model directory (train first, or set generate.model)")
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        AutoConfig.from_pretrained(model)
+        AutoTokenizer.from_pretrained(model)
+    except Exception as e:  # transformers raises many kinds for a broken directory
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise InputError(f"{model}: the model directory does not load: {first}") from None
+
+
+def _load_prompts(cfg: GenerateConfig) -> list[dict]:
+    prompts, seen = [], {}
+    for name in cfg.test_sets:
+        for p in load_test_set(name, cfg.limit):
+            if p[C.ID] in seen:
+                raise InputError(f"{name}: id {p[C.ID]!r} is also in {seen[p[C.ID]]}; ids must be unique across test sets")
+            seen[p[C.ID]] = name
+            text = alpaca_prompt(p["instruction"], p["input"]) if cfg.template == "alpaca" else question(p)
+            prompts.append({**p, "prompt": text})
+    return prompts
+
+
+def question(prompt: dict) -> str:
+    """The question as a person would ask it: the instruction, then the input if there is one.
+
+    >>> question({"instruction": "Translate.", "input": "Bonjour"})
+    'Translate.\\n\\nBonjour'
+    """
+    extra = (prompt.get("input") or "").strip()
+    return f"{prompt['instruction']}\n\n{extra}" if extra else prompt["instruction"]
+
+
+def _final(record: dict, retry_failed: bool) -> bool:
+    return record.get(C.STATUS) == C.OK or not retry_failed
+
+
+def _answer_record(prompt: dict, result: dict, name: str) -> dict:
+    ok = result["finish_reason"] != ERROR
+    return {
+        C.ID: prompt[C.ID], "test_set": prompt["test_set"], "category": prompt["category"],
+        C.INSTRUCTION: prompt[C.INSTRUCTION], C.INPUT: prompt[C.INPUT], "prompt": prompt["prompt"],
+        "answer": result["answer"] or "", "model": name, "finish_reason": result["finish_reason"],
+        C.STATUS: C.OK if ok else C.REQUEST_FAILED, C.ERROR: result[C.ERROR],
+        C.TOKENS_IN: result[C.TOKENS_IN], C.TOKENS_OUT: result[C.TOKENS_OUT],
+    }
+
+
+def _counts(prompts: list[dict], answers: dict) -> dict:
+    by_set = Counter(p["test_set"] for p in prompts)
+    return {
+        "prompts": len(prompts),
+        "by_test_set": dict(by_set),
+        "by_finish_reason": dict(Counter(answers[p[C.ID]]["finish_reason"] for p in prompts)),
+        "tokens_in": sum(answers[p[C.ID]][C.TOKENS_IN] or 0 for p in prompts),
+        "tokens_out": sum(answers[p[C.ID]][C.TOKENS_OUT] or 0 for p in prompts),
+    }
+
+
+def _answer(pending: list[dict], cfg: GenerateConfig, model: str):
+    """A Ray Dataset of RESULT_SCHEMA rows, one per pending prompt."""
+    import ray
+
+    rows = pa.Table.from_pylist([{C.ID: p[C.ID], "prompt": p["prompt"]} for p in pending])
+    blocks = [rows.slice(i, cfg.batch_size) for i in range(0, rows.num_rows, cfg.batch_size)]
+    dataset = ray.data.from_arrow(blocks)
+    if cfg.backend == "openai":
+        return map_with_api(dataset, _Answerer, cfg)
+    from alpagasus_ray.backends.vllm_engine import engine_processor, light_stage
+
+    sampling = {"temperature": cfg.temperature, "max_tokens": cfg.max_new_tokens}
+    chat = cfg.template == "chat"
+    processor = engine_processor(
+        cfg.model_copy(update={"model": model}),
+        lambda row: {
+            C.ID: row[C.ID],
+            **({"messages": [{"role": "user", "content": row["prompt"]}]} if chat else {"prompt": row["prompt"]}),
+            "sampling_params": sampling,
+        },
+        chat=chat,
+    )
+    limits = {"max_new_tokens": cfg.max_new_tokens, "max_model_len": cfg.max_model_len}
+    return processor(dataset).map(lambda row: _engine_result(row, **limits), **light_stage(cfg))
+
+
+def _engine_result(row: dict, max_new_tokens: int, max_model_len: int) -> dict:
+    """One engine output as a RESULT_SCHEMA row. The engine stops at EOS or a length limit only,
+    so an answer shorter than both limits ended with EOS."""
+    from alpagasus_ray.backends.vllm_engine import inference_error
+
+    tokens_in = int(row.get("num_input_tokens") or 0)
+    tokens_out = int(row.get("num_generated_tokens") or 0)
+    error = inference_error(row)
+    if error:
+        reason = ERROR
+    elif tokens_out >= max_new_tokens or tokens_in + tokens_out >= max_model_len:
+        reason = LENGTH
+    else:
+        reason = STOP
+    return {C.ID: row[C.ID], "answer": "" if error else (row.get("generated_text") or "").strip(),
+            "finish_reason": reason, C.ERROR: error, C.ATTEMPTS: 1, C.TOKENS_IN: tokens_in, C.TOKENS_OUT: tokens_out}
+
+
+class _Answerer(ApiWorker):
+    """Ray Data actor: answers of an API model (a reference system) to a batch of prompts."""
+
+    config_type = GenerateConfig
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.select([C.ID, "prompt"]).to_pylist()
+        results = await asyncio.gather(*(self._answer(row) for row in rows))
+        return pa.Table.from_pylist(list(results), schema=RESULT_SCHEMA)
+
+    async def _answer(self, row: dict) -> dict:
+        result = {C.ID: row[C.ID], "answer": "", "finish_reason": ERROR, C.ERROR: None, C.ATTEMPTS: 1,
+                  C.TOKENS_IN: 0, C.TOKENS_OUT: 0}
+        for ask in (1, 2):
+            result[C.ATTEMPTS] = ask
+            try:
+                if self.cfg.template == "alpaca":
+                    reply = await self.complete(row["prompt"], self.cfg.max_new_tokens)
+                else:
+                    reply = await self.chat([{"role": "user", "content": row["prompt"]}], self.cfg.max_new_tokens)
+            except json.JSONDecodeError as e:
+                result[C.ERROR] = f"unreadable response body: {e.msg}"  # asked once more
+                continue
+            except openai.APIError as e:
+                result[C.ERROR] = describe_error(e)  # the client has retried what is worth retrying
+                return result
+            choices = getattr(reply, "choices", None)
+            if not choices:
+                result[C.ERROR] = f"unreadable response: {str(reply)[:200]!r}"
+                continue
+            choice = choices[0]
+            text = choice.text if hasattr(choice, "text") else (choice.message.content if choice.message else None)
+            result[C.TOKENS_IN], result[C.TOKENS_OUT] = usage(reply)
+            result.update({"answer": (text or "").strip(), "finish_reason": choice.finish_reason or STOP, C.ERROR: None})
+            return result
+        return result

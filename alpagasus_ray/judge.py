@@ -1,0 +1,299 @@
+"""The judging stage: an LLM judge compares two models' answers, each prompt in both orders.
+
+    alpagasus judge --config configs/eval_alpagasus_vs_alpaca.yaml judge.candidate=alpagasus-9k judge.baseline=alpaca-52k
+
+For every prompt answered by both models the judge is asked twice, candidate first and then
+baseline first, with the paper's App. C prompt (`judge.prompt=vicuna`: two scores 1-10) or the
+FastChat pair prompt (`pair`: a verdict [[A]]/[[B]]/[[C]]). A reply that cannot be read is asked
+once more, then kept as parse_failed: it is never a score. The judge runs on the same backends as
+rating (an OpenAI-compatible API under concurrency and rate limits, or vLLM engines on Ray Data).
+
+Writes `<run_dir>/judgments/<candidate>_vs_<baseline>/<test_set>.jsonl`, one line per judgment
+(two per prompt), each from the candidate's side: id, test_set, category, order, status, outcome,
+score_candidate, score_baseline, review, attempts, error, tokens, judge, prompt. Judgments are
+saved as they arrive; a rerun asks only for the missing ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections import Counter
+
+import openai
+import pyarrow as pa
+
+from alpagasus_ray import columns as C
+from alpagasus_ray.backends import MAX_ASKS
+from alpagasus_ray.backends.openai_api import ApiWorker, describe_error, map_with_api, read_reply, require_key, usage
+from alpagasus_ray.config import Config, ConfigError, JudgeConfig, config_for_record
+from alpagasus_ray.data import InputError
+from alpagasus_ray.generate import ANSWERS_DIR, GENERATION_FILE, question
+from alpagasus_ray.judging import PARSERS, flip, judge_messages
+from alpagasus_ray.ray_runtime import ensure_ray
+from alpagasus_ray.records import RecordFile, read_jsonl
+
+log = logging.getLogger(__name__)
+
+JUDGMENTS_DIR = "judgments"
+JUDGE_FILE = "judge.json"
+CANDIDATE_FIRST, BASELINE_FIRST = "candidate_first", "baseline_first"
+NO_ANSWER = "no_answer"  # a model has no answer to the prompt (its generation failed): not sent
+# What a backend returns per judgment, in the judge's own positions (1 = shown first).
+RESULT_SCHEMA = pa.schema([
+    ("key", pa.string()), (C.STATUS, pa.string()), ("outcome", pa.string()), ("score_1", pa.float64()),
+    ("score_2", pa.float64()), (C.REVIEW, pa.string()), (C.ATTEMPTS, pa.int32()), (C.ERROR, pa.string()),
+    (C.TOKENS_IN, pa.int64()), (C.TOKENS_OUT, pa.int64()),
+])
+
+
+def pair_name(candidate: str, baseline: str) -> str:
+    return f"{candidate}_vs_{baseline}"
+
+
+def run_judge(config: Config) -> dict:
+    """Judge `judge.candidate` against `judge.baseline` on every common test set; returns the record.
+
+    Raises:
+        ConfigError: candidate or baseline missing, or the directory holds another judge's verdicts.
+        InputError: an answers file cannot be read, or the two models answered different prompts.
+    """
+    started = time.time()
+    cfg = config.judge
+    if not cfg.candidate or not cfg.baseline:
+        raise ConfigError("judge.candidate and judge.baseline must name answers (under <run_dir>/answers/ or a path)")
+    cand_dir, cand = _answers_dir(config.run_dir, cfg.candidate, "judge.candidate")
+    base_dir, base = _answers_dir(config.run_dir, cfg.baseline, "judge.baseline")
+    if cand == base:
+        raise ConfigError(f"judge.candidate and judge.baseline are both called {cand!r}; give them different names")
+    if cfg.backend == "openai":
+        require_key(cfg, "judge")
+    judge = f"{cfg.backend}:{cfg.model}"
+    test_sets = cfg.test_sets or sorted(_answered_sets(cand_dir) & _answered_sets(base_dir))
+    if not test_sets:
+        raise InputError(f"{cand_dir} and {base_dir} have no test set answered by both (generate first)")
+    out_dir = os.path.join(config.run_dir, JUDGMENTS_DIR, pair_name(cand, base))
+    files, tasks = {}, []
+    for ts in test_sets:
+        files[ts] = RecordFile(os.path.join(out_dir, f"{ts}.jsonl"), key=lambda r: _key(r[C.ID], r["order"]))
+        done = files[ts].read()
+        _check_same_judge(done, judge, cfg.prompt, files[ts].path)
+        for task in _tasks(os.path.join(cand_dir, f"{ts}.jsonl"), os.path.join(base_dir, f"{ts}.jsonl")):
+            old = done.get(task["key"])
+            if old is None or not _final(old, cfg.retry_failed):
+                tasks.append(task)
+    meta = {"judge": judge, "prompt": cfg.prompt}
+    unanswered = [t for t in tasks if t["missing"]]
+    for ts in test_sets:
+        files[ts].append(_record(t, _no_answer(t), meta) for t in unanswered if t["test_set"] == ts)
+    to_send = [t for t in tasks if not t["missing"]]
+    log.info("judge: %s vs %s on %s: %d judgments to ask %s", cand, base, ", ".join(test_sets), len(to_send), judge)
+    if to_send:
+        ensure_ray()
+        reask = _judge_as_they_come(to_send, cfg, files, meta, reask=False)
+        if reask:
+            log.info("judge: asking again for %d judgments whose reply could not be read", len(reask))
+            _judge_as_they_come(reask, cfg, files, meta, reask=True)
+    counts = Counter()
+    for ts, f in files.items():
+        records = f.read()
+        f.rewrite(records[k] for k in sorted(records, key=_order_of(os.path.join(cand_dir, f"{ts}.jsonl"))))
+        counts.update(r[C.STATUS] for r in records.values())
+    record = {"candidate": cand, "baseline": base, "candidate_answers": cand_dir, "baseline_answers": base_dir,
+              "test_sets": test_sets, "judgments_by_status": dict(counts), "sent_this_run": len(to_send),
+              "wall_seconds": round(time.time() - started, 2), "config": config_for_record(config)["judge"], **meta}
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, JUDGE_FILE), "w") as f:
+        json.dump(record, f, indent=2)
+    return record
+
+
+def _answers_dir(run_dir: str, name_or_path: str, key: str) -> tuple[str, str]:
+    """(directory, name) of a model's answers: a name under <run_dir>/answers/ or a directory."""
+    inside = os.path.join(run_dir, ANSWERS_DIR, name_or_path)
+    path = inside if os.path.isdir(inside) else name_or_path
+    if not os.path.isdir(path):
+        raise InputError(f"{key}={name_or_path}: no answers in {inside} (run alpagasus generate first) or at that path")
+    name = os.path.basename(os.path.normpath(path))
+    generation = os.path.join(path, GENERATION_FILE)
+    if os.path.exists(generation):
+        with open(generation) as f:
+            name = json.load(f).get("name", name)
+    return path, name
+
+
+def _answered_sets(path: str) -> set[str]:
+    return {n[: -len(".jsonl")] for n in os.listdir(path) if n.endswith(".jsonl")}
+
+
+def _key(prompt_id: str, order: str) -> str:
+    return f"{prompt_id}|{order}"
+
+
+def _tasks(cand_file: str, base_file: str) -> list[dict]:
+    """Two judgments per prompt. The two files must answer the same prompts."""
+    for path in (cand_file, base_file):
+        if not os.path.exists(path):
+            raise InputError(f"{path}: no answers for this test set (run alpagasus generate first)")
+    cand = {r[C.ID]: r for r in read_jsonl(cand_file)}
+    base = {r[C.ID]: r for r in read_jsonl(base_file)}
+    if cand.keys() != base.keys():
+        only_c, only_b = sorted(cand.keys() - base.keys()), sorted(base.keys() - cand.keys())
+        raise InputError(
+            f"{cand_file} and {base_file} answer different prompts: {len(only_c)} ids only in the first "
+            f"(e.g. {only_c[:5]}), {len(only_b)} only in the second (e.g. {only_b[:5]})"
+        )
+    tasks = []
+    for pid, c in cand.items():
+        b = base[pid]
+        missing = c.get(C.STATUS) != C.OK or b.get(C.STATUS) != C.OK
+        common = {C.ID: pid, "test_set": c["test_set"], "category": c.get("category"), "question": question(c),
+                  "missing": missing}
+        tasks.append({**common, "order": CANDIDATE_FIRST, "key": _key(pid, CANDIDATE_FIRST),
+                      "first": c["answer"], "second": b["answer"]})
+        tasks.append({**common, "order": BASELINE_FIRST, "key": _key(pid, BASELINE_FIRST),
+                      "first": b["answer"], "second": c["answer"]})
+    return tasks
+
+
+def _order_of(answers_file: str):
+    """Sort key of judgment keys: the prompts' order in the answers file, candidate first first."""
+    position = {r[C.ID]: i for i, r in enumerate(read_jsonl(answers_file))}
+
+    def order(key: str):
+        pid, which = key.rsplit("|", 1)
+        return position.get(pid, len(position)), which != CANDIDATE_FIRST
+
+    return order
+
+
+def _final(record: dict, retry_failed: bool) -> bool:
+    """Judgments not to ask again: all but a first unreadable reply (and failures on request)."""
+    if record[C.STATUS] == C.PARSE_FAILED and record[C.ATTEMPTS] < MAX_ASKS:
+        return False
+    return not (retry_failed and record[C.STATUS] in (C.REQUEST_FAILED, NO_ANSWER))
+
+
+def _check_same_judge(done: dict, judge: str, prompt: str, where: str) -> None:
+    for record in done.values():
+        if (record["judge"], record["prompt"]) != (judge, prompt):
+            raise ConfigError(
+                f"{where} already holds verdicts of judge {record['judge']!r} with prompt {record['prompt']!r}, "
+                f"this run asks {judge!r} with {prompt!r}: use another run_dir (verdicts are never mixed)"
+            )
+
+
+def _no_answer(task: dict) -> dict:
+    return {"key": task["key"], C.STATUS: NO_ANSWER, "outcome": None, "score_1": None, "score_2": None,
+            C.REVIEW: "", C.ATTEMPTS: 0, C.ERROR: "a model has no answer to this prompt (its generation failed)",
+            C.TOKENS_IN: 0, C.TOKENS_OUT: 0}
+
+
+def _record(task: dict, result: dict, meta: dict) -> dict:
+    """A judgment from the candidate's side: its outcome and its score beside the baseline's."""
+    first_is_candidate = task["order"] == CANDIDATE_FIRST
+    outcome = result["outcome"]
+    scores = (result["score_1"], result["score_2"]) if first_is_candidate else (result["score_2"], result["score_1"])
+    return {
+        C.ID: task[C.ID], "test_set": task["test_set"], "category": task["category"], "order": task["order"],
+        C.STATUS: result[C.STATUS], "outcome": outcome if outcome is None or first_is_candidate else flip(outcome),
+        "score_candidate": scores[0], "score_baseline": scores[1], C.REVIEW: result[C.REVIEW],
+        C.ATTEMPTS: result[C.ATTEMPTS], C.ERROR: result[C.ERROR], C.TOKENS_IN: result[C.TOKENS_IN],
+        C.TOKENS_OUT: result[C.TOKENS_OUT], **meta,
+    }
+
+
+def _judge_as_they_come(tasks: list[dict], cfg: JudgeConfig, files: dict, meta: dict, reask: bool) -> list[dict]:
+    """Ask the judge for `tasks`, appending each verdict as it arrives; returns tasks to ask again."""
+    import ray
+
+    by_key = {t["key"]: t for t in tasks}
+    rows = pa.Table.from_pylist([{k: t[k] for k in ("key", "question", "first", "second")} for t in tasks])
+    dataset = ray.data.from_arrow([rows.slice(i, cfg.batch_size) for i in range(0, rows.num_rows, cfg.batch_size)])
+    if cfg.backend == "openai":
+        results = map_with_api(dataset, _Judge, cfg)
+    else:
+        results = _vllm_judge(dataset, cfg, reask)
+    again, done, counts, last = [], 0, Counter(), time.time()
+    for table in results.iter_batches(batch_size=None, batch_format="pyarrow"):
+        got = table.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA).to_pylist()
+        for ts in {by_key[r["key"]]["test_set"] for r in got}:
+            files[ts].append(_record(by_key[r["key"]], r, meta) for r in got if by_key[r["key"]]["test_set"] == ts)
+        again += [by_key[r["key"]] for r in got if r[C.STATUS] == C.PARSE_FAILED and r[C.ATTEMPTS] < MAX_ASKS]
+        done += len(got)
+        counts.update(r[C.STATUS] for r in got)
+        if time.time() - last > 10:
+            last = time.time()
+            log.info("judge: %d of %d judgments done %s", done, len(tasks), dict(counts))
+    log.info("judge: %d judgments done %s", done, dict(counts))
+    return again
+
+
+def _vllm_judge(dataset, cfg: JudgeConfig, reask: bool):
+    from alpagasus_ray.backends.vllm_engine import REASK_TEMPERATURE, engine_processor, light_stage
+
+    sampling = {"temperature": REASK_TEMPERATURE if reask else cfg.temperature, "max_tokens": cfg.max_tokens}
+    prompt = cfg.prompt
+    processor = engine_processor(cfg, lambda row: {
+        "key": row["key"],
+        "messages": judge_messages(row["question"], row["first"], row["second"], prompt),
+        "sampling_params": sampling,
+    })
+    attempts = 2 if reask else 1
+    return processor(dataset).map(lambda row: _engine_verdict(row, prompt, attempts), **light_stage(cfg))
+
+
+def _engine_verdict(row: dict, prompt: str, attempts: int) -> dict:
+    from alpagasus_ray.backends.vllm_engine import inference_error
+
+    counts = {C.TOKENS_IN: int(row.get("num_input_tokens") or 0), C.TOKENS_OUT: int(row.get("num_generated_tokens") or 0)}
+    error = inference_error(row)
+    if error:
+        return {"key": row["key"], **_verdict_fields(None, "", attempts, error, C.REQUEST_FAILED), **counts}
+    text = row.get("generated_text") or ""
+    verdict = PARSERS[prompt](text)
+    status = C.OK if verdict.outcome else C.PARSE_FAILED
+    return {"key": row["key"], **_verdict_fields(verdict, text, attempts, verdict.error, status), **counts}
+
+
+def _verdict_fields(verdict, review: str, attempts: int, error: str | None, status: str) -> dict:
+    scores = verdict.scores if verdict is not None and verdict.scores else (None, None)
+    return {C.STATUS: status, "outcome": verdict.outcome if verdict is not None else None,
+            "score_1": scores[0], "score_2": scores[1], C.REVIEW: review, C.ATTEMPTS: attempts, C.ERROR: error}
+
+
+class _Judge(ApiWorker):
+    """Ray Data actor: the judge's verdicts on a batch of answer pairs, asked concurrently."""
+
+    config_type = JudgeConfig
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.select(["key", "question", "first", "second"]).to_pylist()
+        results = await asyncio.gather(*(self._judge(row) for row in rows))
+        return pa.Table.from_pylist(list(results), schema=RESULT_SCHEMA)
+
+    async def _judge(self, row: dict) -> dict:
+        messages = judge_messages(row["question"], row["first"], row["second"], self.cfg.prompt)
+        counts = {C.TOKENS_IN: 0, C.TOKENS_OUT: 0}
+        problem, text = None, ""
+        for ask in range(1, MAX_ASKS + 1):
+            try:
+                reply = await self.chat(messages, self.cfg.max_tokens)
+            except json.JSONDecodeError as e:
+                problem = f"unreadable response body: {e.msg}"  # a 200 that is not JSON: ask once more
+                continue
+            except openai.APIError as e:  # the client has retried what is worth retrying
+                return {"key": row["key"], **_verdict_fields(None, "", ask, describe_error(e), C.REQUEST_FAILED), **counts}
+            tokens = usage(reply)
+            counts = {C.TOKENS_IN: counts[C.TOKENS_IN] + tokens[0], C.TOKENS_OUT: counts[C.TOKENS_OUT] + tokens[1]}
+            text, _, problem = read_reply(reply)
+            if problem is not None:
+                continue
+            verdict = PARSERS[self.cfg.prompt](text)
+            if verdict.outcome or ask == MAX_ASKS:
+                status = C.OK if verdict.outcome else C.PARSE_FAILED
+                return {"key": row["key"], **_verdict_fields(verdict, text, ask, verdict.error, status), **counts}
+        return {"key": row["key"], **_verdict_fields(None, text, MAX_ASKS, problem, C.REQUEST_FAILED), **counts}

@@ -1,0 +1,74 @@
+"""JSONL files of records written as results arrive, for the generation and judging stages.
+
+A record is appended (and flushed) the moment it is known, so a killed job loses only what was in
+flight; a rerun reads the file and asks only for the rest. A kill can tear the last line: reading
+drops it, and the next append starts on a fresh line. When a stage finishes it rewrites the file
+once, in prompt order, one record per key.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Iterable
+
+
+class RecordFile:
+    """One JSONL file of records, each identified by `key(record)`; a later record of a key wins."""
+
+    def __init__(self, path: str, key: Callable[[dict], str]):
+        self.path = path
+        self.key = key
+
+    def read(self) -> dict[str, dict]:
+        """Every record so far by key. A torn last line (a kill mid-write) is cut off the file."""
+        if not os.path.exists(self.path):
+            return {}
+        with open(self.path, "rb") as f:
+            data = f.read()
+        records, good_end = {}, 0
+        for line in data.splitlines(keepends=True):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if line.endswith(b"\n"):
+                    raise ValueError(f"{self.path}: a line that is not JSON in the middle of the file") from None
+                break  # the torn last line
+            records[self.key(record)] = record
+            good_end += len(line)
+        if good_end < len(data):
+            with open(self.path, "r+b") as f:
+                f.truncate(good_end)
+        return records
+
+    def append(self, records: Iterable[dict]) -> None:
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rewrite(self, records: Iterable[dict]) -> None:
+        """Replace the file by `records` (write a temporary file, then rename)."""
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        os.replace(tmp, self.path)
+
+
+def read_jsonl(path: str) -> list[dict]:
+    """All records of a finished JSONL file; a line that is not JSON is an error naming it."""
+    rows = []
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                try:
+                    rows.append(json.loads(line))
+                except json.JSONDecodeError as e:
+                    from alpagasus_ray.data import InputError
+
+                    raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+    return rows

@@ -1,0 +1,201 @@
+"""The report: win/tie/lose and winning score of every judged pair, per test set and category.
+
+    alpagasus report --config configs/eval_alpagasus_vs_alpaca.yaml
+
+Reads `<run_dir>/judgments/*/` and writes `<run_dir>/report.json`, shaped
+{"<candidate>_vs_<baseline>": {"<test_set>": {"win", "tie", "lose", "parse_failed", "failed", "n",
+"winning_score", "capacity", "categories"}}} with "all" for the test sets together;
+`<run_dir>/report.md` (the same as tables, and every artifact of the run) and `<run_dir>/plots/`.
+With `report.runs` (e.g. the 3k/6k/9k runs, each judged against the 52k model) it also plots the
+winning score against training size, as the paper's Fig. 2.
+
+A prompt counts once: its two judgments combine by the rule of Sec. 3.3 (`judging.combine`). A
+prompt whose judgment could not be read is `parse_failed`, one whose judgment or answer failed is
+`failed`; neither is part of N.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter, defaultdict
+
+from alpagasus_ray import columns as C
+from alpagasus_ray.config import Config
+from alpagasus_ray.data import InputError
+from alpagasus_ray.judge import BASELINE_FIRST, CANDIDATE_FIRST, JUDGE_FILE, JUDGMENTS_DIR
+from alpagasus_ray.judging import LOSE, TIE, WIN, capacity, combine, winning_score
+from alpagasus_ray.records import read_jsonl
+from alpagasus_ray.tiny_model import is_stand_in
+
+REPORT_JSON = "report.json"
+REPORT_MD = "report.md"
+ALL = "all"
+SMOKE_NOTE = ("Smoke scale: a model here is the tiny locally built stand-in (builtin:tiny-llama); "
+              "these scores carry no meaning, they show the machinery.")
+
+
+def tally(judgments: list[dict]) -> dict:
+    """Win/tie/lose of the candidate over prompts, from judgments in both orders.
+
+    >>> j = [{"id": "p1", "order": "candidate_first", "status": "ok", "outcome": "win", "score_candidate": 8, "score_baseline": 6},
+    ...      {"id": "p1", "order": "baseline_first", "status": "ok", "outcome": "tie", "score_candidate": 7, "score_baseline": 7},
+    ...      {"id": "p2", "order": "candidate_first", "status": "parse_failed", "outcome": None}]
+    >>> t = tally(j)
+    >>> t["win"], t["tie"], t["lose"], t["parse_failed"], t["failed"], t["winning_score"], t["capacity"]
+    (1, 0, 0, 1, 0, 2.0, 1.1538)
+    """
+    by_prompt: dict[str, dict[str, dict]] = defaultdict(dict)
+    for j in judgments:
+        by_prompt[j[C.ID]][j["order"]] = j
+    counts = Counter({WIN: 0, TIE: 0, LOSE: 0, C.PARSE_FAILED: 0, "failed": 0})
+    mine, theirs = [], []
+    for orders in by_prompt.values():
+        pair = [orders.get(CANDIDATE_FIRST), orders.get(BASELINE_FIRST)]
+        if all(j is not None and j[C.STATUS] == C.OK for j in pair):
+            counts[combine(pair[0]["outcome"], pair[1]["outcome"])] += 1
+        elif any(j is not None and j[C.STATUS] == C.PARSE_FAILED for j in pair):
+            counts[C.PARSE_FAILED] += 1
+        else:
+            counts["failed"] += 1
+        for j in pair:
+            if j is not None and j[C.STATUS] == C.OK and j.get("score_candidate") is not None:
+                mine.append(j["score_candidate"])
+                theirs.append(j["score_baseline"])
+    n = counts[WIN] + counts[TIE] + counts[LOSE]
+    return {**counts, "n": n, "prompts": len(by_prompt), "winning_score": winning_score(counts[WIN], counts[TIE], counts[LOSE]),
+            "capacity": capacity(mine, theirs) if mine else None}
+
+
+def summarize_pair(pair_dir: str) -> dict:
+    """The report entry of one judged pair: per test set, with categories, and "all"."""
+    sets = sorted(n[: -len(".jsonl")] for n in os.listdir(pair_dir) if n.endswith(".jsonl"))
+    if not sets:
+        raise InputError(f"{pair_dir}: no judgments (run alpagasus judge first)")
+    entry, everything = {}, []
+    for name in sets:
+        judgments = read_jsonl(os.path.join(pair_dir, f"{name}.jsonl"))
+        everything += judgments
+        entry[name] = tally(judgments)
+        by_category = defaultdict(list)
+        for j in judgments:
+            if j.get("category") is not None:
+                by_category[j["category"]].append(j)
+        if len(by_category) > 1:
+            entry[name]["categories"] = {c: _short(tally(js)) for c, js in sorted(by_category.items())}
+    entry[ALL] = tally(everything)
+    return entry
+
+
+def run_report(config: Config) -> dict:
+    """Write report.json, report.md and the plots of `config.run_dir`; returns the report."""
+    from alpagasus_ray import plots
+
+    judgments_dir = os.path.join(config.run_dir, JUDGMENTS_DIR)
+    pairs = sorted(os.listdir(judgments_dir)) if os.path.isdir(judgments_dir) else []
+    if not pairs:
+        raise InputError(f"{judgments_dir}: no judged pairs (run alpagasus judge first)")
+    report = {pair: summarize_pair(os.path.join(judgments_dir, pair)) for pair in pairs}
+    with open(os.path.join(config.run_dir, REPORT_JSON), "w") as f:
+        json.dump(report, f, indent=2)
+    about = {pair: _about(os.path.join(judgments_dir, pair)) for pair in pairs}
+    smoke = any(a["smoke"] for a in about.values())
+    written = []
+    if config.report.plots:
+        plot_dir = os.path.join(config.run_dir, "plots")
+        suffix = " (smoke scale: no meaning)" if smoke else ""
+        for pair, entry in report.items():
+            sets = {s: v for s, v in entry.items() if s != ALL}
+            path = os.path.join(plot_dir, f"{pair}_win_tie_lose.png")
+            plots.win_tie_lose({**sets, ALL: entry[ALL]}, path, f"{pair.replace('_vs_', ' vs ')}{suffix}")
+            written.append(path)
+            categorized = {s: v["categories"] for s, v in sets.items() if "categories" in v and len(v["categories"]) <= 40}
+            if categorized:
+                path = os.path.join(plot_dir, f"{pair}_categories.png")
+                plots.category_scores(categorized, path, f"{pair.replace('_vs_', ' vs ')} by category{suffix}")
+                written.append(path)
+        if config.report.runs:
+            path = os.path.join(plot_dir, "winning_score_vs_size.png")
+            plots.score_vs_size(_by_size([config.run_dir, *config.report.runs]), path, f"winning score vs training size{suffix}")
+            written.append(path)
+    with open(os.path.join(config.run_dir, REPORT_MD), "w") as f:
+        f.write(_markdown(report, about, smoke, written, config.run_dir))
+    return report
+
+
+def _short(t: dict) -> dict:
+    return {k: t[k] for k in (WIN, TIE, LOSE, C.PARSE_FAILED, "failed", "n", "winning_score")}
+
+
+def _about(pair_dir: str) -> dict:
+    """Who was judged by whom, from the judge record and the answers' generation records."""
+    path = os.path.join(pair_dir, JUDGE_FILE)
+    record = json.load(open(path)) if os.path.exists(path) else {}
+    models = []
+    for key in ("candidate_answers", "baseline_answers"):
+        gen = os.path.join(record.get(key) or "", "generation.json")
+        models.append(json.load(open(gen)).get("model") if os.path.exists(gen) else None)
+    judge = record.get("judge", "")
+    smoke = is_stand_in(judge.partition(":")[2]) or any(is_stand_in(m) for m in models)
+    return {"judge": judge, "prompt": record.get("prompt"), "models": models, "smoke": smoke}
+
+
+def _by_size(run_dirs: list[str]) -> dict[str, list[tuple[int, float]]]:
+    """(training rows, winning score) per test set over runs, each run's first judged pair."""
+    points = defaultdict(list)
+    for run in run_dirs:
+        selection = os.path.join(run, "selection.json")
+        if not os.path.exists(selection):
+            raise InputError(f"{selection}: missing; report.runs needs each run's selection (its training size)")
+        size = json.load(open(selection))["selected"]
+        judgments_dir = os.path.join(run, JUDGMENTS_DIR)
+        pairs = sorted(os.listdir(judgments_dir)) if os.path.isdir(judgments_dir) else []
+        if not pairs:
+            raise InputError(f"{judgments_dir}: no judged pairs in a run of report.runs")
+        for name, result in summarize_pair(os.path.join(judgments_dir, pairs[0])).items():
+            points[name].append((size, result["winning_score"]))
+    return dict(points)
+
+
+def _markdown(report: dict, about: dict, smoke: bool, plots_written: list[str], run_dir: str) -> str:
+    lines = ["# AlpaGasus evaluation report", ""]
+    if smoke:
+        lines += [f"> **{SMOKE_NOTE}**", ""]
+    lines += ["Winning score = (#win - #lose) / N + 1 over prompts judged in both orders (1.0 = parity). "
+              "parse_failed and failed prompts are not part of N. Capacity = the candidate's judge scores "
+              "summed over the baseline's.", ""]
+    for pair, entry in report.items():
+        a = about[pair]
+        lines += [f"## {pair.replace('_vs_', ' vs ')}", "",
+                  f"Judge `{a['judge']}` with the `{a['prompt']}` prompt; models: candidate `{a['models'][0]}`, "
+                  f"baseline `{a['models'][1]}`.", "",
+                  "| test set | win | tie | lose | parse_failed | failed | N | winning score | capacity |",
+                  "|---|---|---|---|---|---|---|---|---|"]
+        for name, t in entry.items():
+            cap = "" if t["capacity"] is None else f"{t['capacity']:.1%}"
+            label = f"**{name}**" if name == ALL else name
+            lines.append(f"| {label} | {t[WIN]} | {t[TIE]} | {t[LOSE]} | {t[C.PARSE_FAILED]} | {t['failed']} | "
+                         f"{t['n']} | {t['winning_score']:.4f} | {cap} |")
+        for name, t in entry.items():
+            if "categories" in t:
+                lines += ["", f"### {name} by category", "", "| category | win | tie | lose | N | winning score |",
+                          "|---|---|---|---|---|---|"]
+                lines += [f"| {c} | {v[WIN]} | {v[TIE]} | {v[LOSE]} | {v['n']} | {v['winning_score']:.4f} |"
+                          for c, v in t["categories"].items()]
+        lines.append("")
+    lines += ["## Artifacts", ""]
+    lines += [f"- `{os.path.relpath(p, run_dir)}`" for p in _artifacts(run_dir, plots_written)]
+    return "\n".join(lines) + "\n"
+
+
+def _artifacts(run_dir: str, extra: list[str]) -> list[str]:
+    """Every file of the run a person would open (checkpoint shards and Parquet parts excepted)."""
+    found = set(extra) | {os.path.join(run_dir, REPORT_MD)}
+    for root, dirs, files in os.walk(run_dir):
+        dirs[:] = [d for d in dirs if d not in ("checkpoints", "rated", "tensorboard", "model")]
+        found.update(os.path.join(root, f) for f in files if not f.startswith("."))
+    if os.path.isdir(os.path.join(run_dir, "model")):
+        found.add(os.path.join(run_dir, "model") + os.sep)
+    if os.path.isdir(os.path.join(run_dir, "rated")):
+        found.add(os.path.join(run_dir, "rated") + os.sep)
+    return sorted(found)
