@@ -6,6 +6,7 @@
     alpagasus generate --config FILE generate.model=runs/x/model
     alpagasus judge --config FILE judge.candidate=alpagasus-9k judge.baseline=alpaca-52k
     alpagasus report --config FILE
+    alpagasus run --config configs/paper_alpagasus_9k.yaml [--from STAGE | --only STAGE]
     alpagasus demo [--run-dir runs/demo]
 
 Every subcommand takes `--config FILE` and `dotted.key=value` overrides. Exit code 0 means the
@@ -72,11 +73,19 @@ def _parser() -> argparse.ArgumentParser:
            "win/tie/lose, winning score, categories and plots of every judged pair",
            "Writes <run_dir>/report.json, report.md and plots/*.png from <run_dir>/judgments/.")
 
+    run = _stage(sub, "run", _run,
+                 "the whole method: rate -> filter -> train -> generate -> judge -> report",
+                 "Run every stage into one run directory. A stage whose settings and inputs are unchanged since "
+                 "it last finished is skipped; a changed one runs again with every stage after it.")
+    control = run.add_mutually_exclusive_group()
+    control.add_argument("--from", dest="first", metavar="STAGE", help="start at this stage (earlier ones already ran)")
+    control.add_argument("--only", metavar="STAGE", help="run this stage alone, even if unchanged")
+
     demo = sub.add_parser(
         "demo",
-        help="rate and select the bundled sample with a tiny local model on CPU (no GPU, key or network)",
-        description="Builds a tiny model locally (a smoke-scale stand-in whose scores carry no meaning), rates "
-        "the bundled Alpaca sample with the vllm backend on CPU and selects the rows scoring >= 4.5.",
+        help="the whole method on the bundled sample with a tiny local model on CPU (no GPU, key or network)",
+        description="Builds a tiny model locally (a smoke-scale stand-in whose scores carry no meaning) and runs "
+        "every stage on the bundled Alpaca sample on CPU: rate, filter, train, generate, judge, report.",
     )
     demo.add_argument("--run-dir", default="runs/demo", help="where to write (default: runs/demo)")
     demo.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
@@ -131,9 +140,9 @@ def _generate(args) -> int:
     from alpagasus_ray.generate import run_generate
 
     config = load_config(args.config, args.overrides)
-    record = run_generate(config)
-    print(f"answered {record['prompts']} prompts as {record['name']}: {record['by_finish_reason']}")
-    print(os.path.join(config.run_dir, "answers", record["name"]))
+    for record in run_generate(config):
+        print(f"answered {record['prompts']} prompts as {record['name']}: {record['by_finish_reason']}")
+    print(os.path.join(config.run_dir, "answers"))
     return 0
 
 
@@ -156,6 +165,20 @@ def _report(args) -> int:
         t = entry[ALL]
         print(f"{pair}: win {t['win']} / tie {t['tie']} / lose {t['lose']}, winning score {t['winning_score']:.4f}")
     print(os.path.join(config.run_dir, REPORT_MD))
+    return 0
+
+
+def _run(args) -> int:
+    from alpagasus_ray.pipeline import StageFailed, run_pipeline
+
+    config = load_config(args.config, args.overrides)
+    try:
+        results = run_pipeline(config, first=args.first, only=args.only)
+    except StageFailed as e:
+        print(f"alpagasus run: {e}", file=sys.stderr)
+        return 1
+    report = results.get("report", {}).get("summary", {}).get("report")
+    print(report or config.run_dir)
     return 0
 
 

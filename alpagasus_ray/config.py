@@ -14,6 +14,16 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 
+# Settings that change how fast a stage runs, or where it keeps scratch state, not its result:
+# left out of the fingerprints that decide whether a stage must run again.
+OPERATIONAL = frozenset({
+    "concurrency", "num_workers", "requests_per_minute", "tokens_per_minute", "max_retries", "request_timeout",
+    "batch_size", "retry_failed", "price_input_per_million", "price_output_per_million", "num_engines",
+    "accelerator_type", "resources_per_worker", "storage_path", "checkpoint_every", "keep_checkpoints",
+    "max_failures", "tensorboard", "api_key_env",
+})
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the file and the key."""
 
@@ -76,6 +86,12 @@ class EndpointConfig(_Strict):
     max_model_len: int = Field(4096, gt=0, description="vllm: context length of the engine.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vllm.LLM engine arguments.")
 
+    def cost(self, tokens_in: int, tokens_out: int) -> float | None:
+        """USD for these tokens at the configured prices; None when no prices are set."""
+        if self.price_input_per_million is None or self.price_output_per_million is None:
+            return None
+        return round((tokens_in * self.price_input_per_million + tokens_out * self.price_output_per_million) / 1e6, 6)
+
     @model_validator(mode="after")
     def _check(self) -> "EndpointConfig":
         if self.backend == "openai" and self.concurrency < self.num_workers:
@@ -110,6 +126,10 @@ class FilterConfig(_Strict):
     k: int | None = Field(None, gt=0, description="Rows to keep (top_k, random_k, subsample).")
     k_from: str | None = Field(
         None, description="Take k from another selection: its selection.json or selected.json (e.g. random_k of the same size)."
+    )
+    rated_from: str | None = Field(
+        None, description="Select from the ratings of another run directory (e.g. a control selection of the same "
+        "rated data), so nothing is rated, or paid for, twice; default this run's own."
     )
     seed: int = Field(0, description="Seed of every random choice, recorded in selection.json.")
     score: Literal["score", "score_expected"] = Field(
@@ -191,17 +211,20 @@ class GenerateConfig(EndpointConfig):
     limit: int | None = Field(None, gt=0, description="Only the first N prompts of each test set (for trials).")
     max_new_tokens: int = Field(1024, gt=0, description="Answer length cap in tokens (the paper: 1024).")
     template: Literal["alpaca", "chat"] = Field("alpaca", description="alpaca: the Alpaca prompt the model was trained on, as a plain completion; chat: the instruction (and input) as a chat message, for chat models and APIs.")
+    baseline_model: str | None = Field(None, description="A second model answered the same way, to judge against (e.g. the base model before fine-tuning); vllm backend: a model directory or hub id.")
+    baseline_name: str | None = Field(None, description="What the baseline model is called in outputs; default its directory's name.")
 
 
 class JudgeConfig(EndpointConfig):
     """The LLM judge that compares two models' answers, in both orders."""
 
     model: str = Field("gpt-4", description="The judge: model name at the API, or a model directory / hub id for vllm.")
-    candidate: str | None = Field(None, description="Answers to judge: a name under <run_dir>/answers/ or a path to an answers directory.")
-    baseline: str | None = Field(None, description="Answers to compare against: a name under <run_dir>/answers/ or a path to an answers directory.")
+    candidate: str | None = Field(None, description="Answers to judge: a name under <run_dir>/answers/ or a path to an answers directory; default the answers of generate.model.")
+    baseline: str | None = Field(None, description="Answers to compare against: a name under <run_dir>/answers/ or a path to an answers directory (e.g. runs/alpaca-52k/answers/alpaca-52k); default the answers of generate.baseline_model.")
     prompt: Literal["vicuna", "pair"] = Field("vicuna", description="vicuna: the paper's App. C prompt, two scores 1-10; pair: the FastChat pair prompt, verdict [[A]]/[[B]]/[[C]] (Table 3).")
     test_sets: list[str] | None = Field(None, description="Test sets to judge; default every set answered by both models.")
     max_tokens: int = Field(512, gt=0, description="Judge reply cap: the scores line plus the explanation.")
+    constrained: bool = Field(False, description="vllm: constrain the reply to the verdict alone (two scores 1-10, or [[A]]/[[B]]/[[C]]), with no explanation; for small judges.")
 
 
 class ReportConfig(_Strict):

@@ -43,7 +43,7 @@ class SelectionError(ValueError):
 def run_filter(config: Config) -> dict:
     """Select the training rows of `config.run_dir`; returns what selection.json records."""
     f = config.filter
-    rated = load_rated(config.run_dir, f.score)
+    rated = load_rated(f.rated_from or config.run_dir, f.score)
     if not SCORE_MIN <= f.threshold <= SCORE_MAX and f.mode in ("threshold", "subsample", "balanced"):
         raise SelectionError(f"filter.threshold={f.threshold:g} is outside the grader's scale {SCORE_MIN:g}-{SCORE_MAX:g}")
     statuses = Counter(rated[C.STATUS].to_pylist())

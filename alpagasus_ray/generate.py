@@ -18,6 +18,7 @@ are saved as they arrive; a rerun generates only the missing ones.
 from __future__ import annotations
 
 import asyncio
+import glob
 import json
 import logging
 import os
@@ -29,11 +30,11 @@ import pyarrow as pa
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.backends.openai_api import ApiWorker, describe_error, map_with_api, require_key, usage
-from alpagasus_ray.config import Config, ConfigError, GenerateConfig, config_for_record
+from alpagasus_ray.config import OPERATIONAL, Config, ConfigError, GenerateConfig, config_for_record
 from alpagasus_ray.data import InputError
 from alpagasus_ray.ray_runtime import ensure_ray
 from alpagasus_ray.recipe import alpaca_prompt
-from alpagasus_ray.records import RecordFile
+from alpagasus_ray.records import RecordFile, file_stamps, start_outputs
 from alpagasus_ray.testsets import load_test_set
 from alpagasus_ray.tiny_model import BUILTIN_MODEL, resolve_model
 
@@ -49,16 +50,37 @@ RESULT_SCHEMA = pa.schema([
 ])
 
 
-def run_generate(config: Config) -> dict:
-    """Answer every prompt of `config.generate.test_sets`; returns the record of the run.
+def run_generate(config: Config) -> list[dict]:
+    """Answer every prompt of `config.generate.test_sets` with `generate.model`, then with
+    `generate.baseline_model` if set; returns the record of each.
 
     Raises:
-        InputError: a test set or the model cannot be read (nothing was generated).
+        InputError: a test set or a model cannot be read (nothing was generated for it).
     """
+    cfg = config.generate
+    models = [(candidate_model(config), answers_names(config)[0])]
+    if cfg.baseline_model:
+        models.append((cfg.baseline_model, answers_names(config)[1]))
+    if len(models) == 2 and models[0][1] == models[1][1]:
+        raise ConfigError(f"generate.model and generate.baseline_model are both called {models[0][1]!r}; set generate.baseline_name")
+    return [_generate(config, model, name) for model, name in models]
+
+
+def candidate_model(config: Config) -> str:
+    """The model whose answers are judged: generate.model, or the run's trained model."""
+    return config.generate.model or os.path.join(config.run_dir, "model")
+
+
+def answers_names(config: Config) -> tuple[str, str | None]:
+    """What the answers of generate.model and generate.baseline_model are called."""
+    cfg = config.generate
+    baseline = cfg.baseline_name or (answers_name(cfg.baseline_model) if cfg.baseline_model else None)
+    return cfg.name or answers_name(candidate_model(config)), baseline
+
+
+def _generate(config: Config, model: str, name: str) -> dict:
     started = time.time()
     cfg = config.generate
-    model = cfg.model or os.path.join(config.run_dir, "model")
-    name = cfg.name or answers_name(model)
     if cfg.backend == "vllm":
         check_model_dir(model)
     elif cfg.model is None:
@@ -67,6 +89,10 @@ def run_generate(config: Config) -> dict:
         require_key(cfg, "generate")
     prompts = _load_prompts(cfg)
     out_dir = os.path.join(config.run_dir, ANSWERS_DIR, name)
+    made_from = {"model": model, "model_files": file_stamps(glob.glob(os.path.join(model, "*"))) if os.path.isdir(model) else [],
+                 "settings": {k: v for k, v in cfg.model_dump(mode="json").items() if k not in OPERATIONAL}}
+    if start_outputs(out_dir, made_from):
+        log.info("generate: %s changed since its answers in %s were made; generating them again", model, out_dir)
     files = {ts: RecordFile(os.path.join(out_dir, f"{ts}.jsonl"), key=lambda r: r[C.ID]) for ts in {p["test_set"] for p in prompts}}
     done = {k: v for f in files.values() for k, v in f.read().items() if _final(v, cfg.retry_failed)}
     pending = [p for p in prompts if p[C.ID] not in done]
@@ -182,6 +208,7 @@ def _answer(pending: list[dict], cfg: GenerateConfig, model: str):
     """A Ray Dataset of RESULT_SCHEMA rows, one per pending prompt."""
     import ray
 
+    cfg = cfg.model_copy(update={"model": model})
     rows = pa.Table.from_pylist([{C.ID: p[C.ID], "prompt": p["prompt"]} for p in pending])
     blocks = [rows.slice(i, cfg.batch_size) for i in range(0, rows.num_rows, cfg.batch_size)]
     dataset = ray.data.from_arrow(blocks)
@@ -192,7 +219,7 @@ def _answer(pending: list[dict], cfg: GenerateConfig, model: str):
     sampling = {"temperature": cfg.temperature, "max_tokens": cfg.max_new_tokens}
     chat = cfg.template == "chat"
     processor = engine_processor(
-        cfg.model_copy(update={"model": model}),
+        cfg,
         lambda row: {
             C.ID: row[C.ID],
             **({"messages": [{"role": "user", "content": row["prompt"]}]} if chat else {"prompt": row["prompt"]}),

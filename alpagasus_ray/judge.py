@@ -31,10 +31,10 @@ from alpagasus_ray.backends import MAX_ASKS
 from alpagasus_ray.backends.openai_api import ApiWorker, describe_error, map_with_api, read_reply, require_key, usage
 from alpagasus_ray.config import Config, ConfigError, JudgeConfig, config_for_record
 from alpagasus_ray.data import InputError
-from alpagasus_ray.generate import ANSWERS_DIR, GENERATION_FILE, question
+from alpagasus_ray.generate import ANSWERS_DIR, GENERATION_FILE, answers_names, question
 from alpagasus_ray.judging import PARSERS, flip, judge_messages
 from alpagasus_ray.ray_runtime import ensure_ray
-from alpagasus_ray.records import RecordFile, read_jsonl
+from alpagasus_ray.records import RecordFile, content_digest, read_jsonl, start_outputs
 
 log = logging.getLogger(__name__)
 
@@ -63,10 +63,13 @@ def run_judge(config: Config) -> dict:
     """
     started = time.time()
     cfg = config.judge
-    if not cfg.candidate or not cfg.baseline:
-        raise ConfigError("judge.candidate and judge.baseline must name answers (under <run_dir>/answers/ or a path)")
-    cand_dir, cand = _answers_dir(config.run_dir, cfg.candidate, "judge.candidate")
-    base_dir, base = _answers_dir(config.run_dir, cfg.baseline, "judge.baseline")
+    default_candidate, default_baseline = answers_names(config)
+    candidate, baseline = cfg.candidate or default_candidate, cfg.baseline or default_baseline
+    if not baseline:
+        raise ConfigError("judge.baseline must name answers (under <run_dir>/answers/ or a path), "
+                          "or generate.baseline_model a model to answer")
+    cand_dir, cand = _answers_dir(config.run_dir, candidate, "judge.candidate")
+    base_dir, base = _answers_dir(config.run_dir, baseline, "judge.baseline")
     if cand == base:
         raise ConfigError(f"judge.candidate and judge.baseline are both called {cand!r}; give them different names")
     if cfg.backend == "openai":
@@ -76,6 +79,12 @@ def run_judge(config: Config) -> dict:
     if not test_sets:
         raise InputError(f"{cand_dir} and {base_dir} have no test set answered by both (generate first)")
     out_dir = os.path.join(config.run_dir, JUDGMENTS_DIR, pair_name(cand, base))
+    answers = [os.path.join(d, f"{ts}.jsonl") for d in (cand_dir, base_dir) for ts in test_sets]
+    missing = [p for p in answers if not os.path.exists(p)]
+    if missing:
+        raise InputError(f"{missing[0]}: no answers for this test set (run alpagasus generate first)")
+    if start_outputs(out_dir, {"answers": content_digest(answers)}):
+        log.info("judge: the answers changed since %s was judged; judging them again", out_dir)
     files, tasks = {}, []
     for ts in test_sets:
         files[ts] = RecordFile(os.path.join(out_dir, f"{ts}.jsonl"), key=lambda r: _key(r[C.ID], r["order"]))
@@ -97,13 +106,17 @@ def run_judge(config: Config) -> dict:
         if reask:
             log.info("judge: asking again for %d judgments whose reply could not be read", len(reask))
             _judge_as_they_come(reask, cfg, files, meta, reask=True)
-    counts = Counter()
+    counts, tokens = Counter(), Counter()
     for ts, f in files.items():
         records = f.read()
         f.rewrite(records[k] for k in sorted(records, key=_order_of(os.path.join(cand_dir, f"{ts}.jsonl"))))
         counts.update(r[C.STATUS] for r in records.values())
+        for r in records.values():
+            tokens.update({C.TOKENS_IN: r[C.TOKENS_IN] or 0, C.TOKENS_OUT: r[C.TOKENS_OUT] or 0})
     record = {"candidate": cand, "baseline": base, "candidate_answers": cand_dir, "baseline_answers": base_dir,
               "test_sets": test_sets, "judgments_by_status": dict(counts), "sent_this_run": len(to_send),
+              "tokens_in": tokens[C.TOKENS_IN], "tokens_out": tokens[C.TOKENS_OUT],
+              "cost_usd": cfg.cost(tokens[C.TOKENS_IN], tokens[C.TOKENS_OUT]) if cfg.backend == "openai" else None,
               "wall_seconds": round(time.time() - started, 2), "config": config_for_record(config)["judge"], **meta}
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, JUDGE_FILE), "w") as f:
@@ -135,9 +148,6 @@ def _key(prompt_id: str, order: str) -> str:
 
 def _tasks(cand_file: str, base_file: str) -> list[dict]:
     """Two judgments per prompt. The two files must answer the same prompts."""
-    for path in (cand_file, base_file):
-        if not os.path.exists(path):
-            raise InputError(f"{path}: no answers for this test set (run alpagasus generate first)")
     cand = {r[C.ID]: r for r in read_jsonl(cand_file)}
     base = {r[C.ID]: r for r in read_jsonl(base_file)}
     if cand.keys() != base.keys():
@@ -237,6 +247,8 @@ def _vllm_judge(dataset, cfg: JudgeConfig, reask: bool):
 
     sampling = {"temperature": REASK_TEMPERATURE if reask else cfg.temperature, "max_tokens": cfg.max_tokens}
     prompt = cfg.prompt
+    if cfg.constrained:
+        sampling["structured_outputs"] = VERDICT_FORMATS[prompt]
     processor = engine_processor(cfg, lambda row: {
         "key": row["key"],
         "messages": judge_messages(row["question"], row["first"], row["second"], prompt),
@@ -244,6 +256,10 @@ def _vllm_judge(dataset, cfg: JudgeConfig, reask: bool):
     })
     attempts = 2 if reask else 1
     return processor(dataset).map(lambda row: _engine_verdict(row, prompt, attempts), **light_stage(cfg))
+
+
+# What a constrained judge may write: the verdict alone.
+VERDICT_FORMATS = {"vicuna": {"regex": "([1-9]|10) ([1-9]|10)"}, "pair": {"choice": ["[[A]]", "[[B]]", "[[C]]"]}}
 
 
 def _engine_verdict(row: dict, prompt: str, attempts: int) -> dict:

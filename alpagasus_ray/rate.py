@@ -225,15 +225,9 @@ def _dry_run_report(rows: Rows, valid: pa.Table, cfg) -> dict:
         "to_send": valid.num_rows,
         "prompt_tokens_estimate": prompt_tokens,
         "completion_tokens_at_most": valid.num_rows * cfg.max_tokens,
-        "cost_usd_at_most": _cost(cfg, prompt_tokens, valid.num_rows * cfg.max_tokens),
+        "cost_usd_at_most": cfg.cost(prompt_tokens, valid.num_rows * cfg.max_tokens),
     }
     return report
-
-
-def _cost(cfg, tokens_in: int, tokens_out: int) -> float | None:
-    if cfg.price_input_per_million is None or cfg.price_output_per_million is None:
-        return None
-    return round((tokens_in * cfg.price_input_per_million + tokens_out * cfg.price_output_per_million) / 1e6, 6)
 
 
 def _summarize(rows: Rows, rated: pa.Table, cfg, seconds: float, sent: int) -> dict:
@@ -256,7 +250,7 @@ def _summarize(rows: Rows, rated: pa.Table, cfg, seconds: float, sent: int) -> d
         "prompt_version": PROMPT_VERSION,
         "tokens_in": tokens_in,
         "tokens_out": tokens_out,
-        "cost_usd": _cost(cfg, tokens_in, tokens_out) if cfg.backend == "openai" else None,
+        "cost_usd": cfg.cost(tokens_in, tokens_out) if cfg.backend == "openai" else None,
         "wall_seconds": round(seconds, 2),
         "rows_sent_this_run": sent,
         "score_histogram": {f"{k:g}": v for k, v in sorted(Counter(ok[C.SCORE].to_pylist()).items())},

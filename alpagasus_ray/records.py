@@ -72,3 +72,42 @@ def read_jsonl(path: str) -> list[dict]:
 
                     raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
     return rows
+
+
+INPUTS_FILE = "inputs.json"
+
+
+def start_outputs(out_dir: str, inputs: dict) -> bool:
+    """Prepare `out_dir` for records made from `inputs` (JSON-able): when its records were made
+    from other inputs (a retrained model, regenerated answers), they are stale and are deleted.
+    Returns True when something was deleted."""
+    path = os.path.join(out_dir, INPUTS_FILE)
+    stale = False
+    if os.path.exists(path):
+        with open(path) as f:
+            stale = json.load(f) != json.loads(json.dumps(inputs))
+    if stale:
+        for name in os.listdir(out_dir):
+            if name.endswith(".jsonl"):
+                os.remove(os.path.join(out_dir, name))
+    os.makedirs(out_dir, exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(inputs, f, indent=2)
+    return stale
+
+
+def file_stamps(paths: Iterable[str]) -> list:
+    """(name, size, mtime) of each existing file: cheap evidence that files changed."""
+    return [(os.path.basename(p), os.path.getsize(p), os.path.getmtime(p)) for p in sorted(paths) if os.path.isfile(p)]
+
+
+def content_digest(paths: Iterable[str]) -> str:
+    """sha256 of the files' contents, in name order."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for p in sorted(paths):
+        digest.update(os.path.basename(p).encode())
+        with open(p, "rb") as f:
+            digest.update(f.read())
+    return digest.hexdigest()[:16]

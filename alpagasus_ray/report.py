@@ -184,7 +184,7 @@ def _markdown(report: dict, about: dict, smoke: bool, plots_written: list[str], 
                           for c, v in t["categories"].items()]
         lines.append("")
     lines += ["## Artifacts", ""]
-    lines += [f"- `{os.path.relpath(p, run_dir)}`" for p in _artifacts(run_dir, plots_written)]
+    lines += [f"- `{os.path.relpath(p, run_dir)}{'/' if p.endswith(os.sep) else ''}`" for p in _artifacts(run_dir, plots_written)]
     return "\n".join(lines) + "\n"
 
 

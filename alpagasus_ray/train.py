@@ -12,6 +12,7 @@ The final model lands in `<run_dir>/model/` as a Hugging Face directory.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -20,7 +21,7 @@ import shutil
 import tempfile
 import time
 
-from alpagasus_ray.config import Config, TrainConfig
+from alpagasus_ray.config import OPERATIONAL, Config, TrainConfig
 from alpagasus_ray.data import InputError
 from alpagasus_ray.tiny_model import MARKER_FILE, is_stand_in
 from alpagasus_ray.recipe import Example, alpaca_prompt, block_causal_mask, collate, encode, group_by_length, pack
@@ -60,7 +61,7 @@ def run_train(config: Config) -> dict:
                                      resources_per_worker=t.resources_per_worker or None),
         torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
         run_config=RunConfig(
-            name=_run_name(config), storage_path=storage,
+            name=_run_name(config, data_path), storage_path=storage,
             checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
             failure_config=FailureConfig(max_failures=t.max_failures),
         ),
@@ -159,9 +160,16 @@ def _tokenize(data_path: str, model_path: str, t: TrainConfig) -> tuple[list[Exa
     return examples, dropped
 
 
-def _run_name(config: Config) -> str:
-    """One name per run directory, so rerunning the same command finds its checkpoints."""
-    return "train-" + os.path.basename(os.path.abspath(config.run_dir))
+def _run_name(config: Config, data_path: str) -> str:
+    """One name per run directory, data and recipe: rerunning the same command finds its
+    checkpoints, and other data or another recipe starts afresh instead of resuming them."""
+    digest = hashlib.sha256()
+    with open(data_path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    recipe = {k: v for k, v in config.train.model_dump(mode="json").items() if k not in OPERATIONAL and k != "data"}
+    digest.update(json.dumps(recipe, sort_keys=True).encode())
+    return f"train-{os.path.basename(os.path.abspath(config.run_dir))}-{digest.hexdigest()[:8]}"
 
 
 def _train_loop(loop_config: dict) -> None:

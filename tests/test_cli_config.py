@@ -27,24 +27,6 @@ def test_every_shipped_config_loads_and_starts_with_its_command(path):
     assert first_line.startswith("# alpagasus ") and os.path.basename(path) in first_line
 
 
-@pytest.mark.slow
-def test_demo_runs_end_to_end_and_a_rerun_sends_nothing(tmp_path):
-    command = [sys.executable, "-m", "alpagasus_ray.cli", "demo", "--run-dir", str(tmp_path / "demo"), "data.limit=16"]
-    env = {**os.environ, "ALPAGASUS_CACHE": str(tmp_path / "cache")}
-    first = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert first.returncode == 0, first.stderr[-3000:]
-    selection_path = first.stdout.strip().splitlines()[-1]  # the last line names the selection record
-    summary_path = os.path.join(tmp_path, "demo", "rated_summary.json")
-    summary = json.load(open(summary_path))
-    assert json.load(open(selection_path))["rows_rated"] == 16
-    assert sorted(os.listdir(tmp_path / "demo" / "plots")) == ["category_kept.png", "score_histogram.png", "tau_curve.png"]
-    assert summary["rows_out"] == 16 and summary["by_status"]["ok"] == 16
-    assert summary["grader"] == "vllm:builtin:tiny-llama"
-    assert os.path.isfile(tmp_path / "cache" / "tiny-llama-v1" / "model.safetensors")
-    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
-    assert again.returncode == 0 and json.load(open(summary_path))["rows_sent_this_run"] == 0
-
-
 def test_unknown_keys_and_wrong_types_name_the_key(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"rate": {"backend": "openai", "concurrancy": 4}}))

@@ -34,6 +34,12 @@ def _overrides(tmp_path, data, model, *extra):
             "train.global_batch_size=8", "train.micro_batch_size=2", "train.max_length=256", *extra]
 
 
+def _storage(tmp_path):
+    """The training's checkpoint directory (named after the run, its data and recipe), once it exists."""
+    found = sorted((tmp_path / "run" / "checkpoints").glob("train-run-*"))
+    return found[0] if found else tmp_path / "run" / "checkpoints" / "not-yet"
+
+
 def _log(tmp_path):
     return [json.loads(line) for line in open(tmp_path / "run" / LOG_FILE)]
 
@@ -69,7 +75,7 @@ def test_zero2_trains_checkpoints_and_exports_a_model_that_generates(tmp_path, t
     assert log[-1]["loss"] < log[0]["loss"] - 0.05  # the loss falls
     assert all(m["lr"] == pytest.approx(3e-3) for m in log)  # the configured (constant) schedule, not DeepSpeed's
     assert all(0 < m["real_token_fraction"] <= 1 and m["tokens_per_s"] > 0 for m in log)
-    storage = tmp_path / "run" / "checkpoints" / "train-run"
+    storage = _storage(tmp_path)
     checkpoints = [d for d in storage.iterdir() if d.is_dir() and d.name.startswith("checkpoint_")]
     assert len(checkpoints) == 2  # keep-last-K
     model_dir = tmp_path / "run" / MODEL_DIR
@@ -107,8 +113,8 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_at_the_same_s
     killed = []
 
     def kill_a_worker_after_a_checkpoint():
-        storage = tmp_path / "run" / "checkpoints" / "train-run"
         while not killed:
+            storage = _storage(tmp_path)
             if storage.exists() and any(d.is_dir() and d.name.startswith("checkpoint_") for d in storage.iterdir()):
                 workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
                 if workers:
@@ -128,9 +134,8 @@ def test_rerunning_after_the_driver_died_continues_from_the_checkpoint(tmp_path,
     data = _data(tmp_path, 96)
     command = [sys.executable, "-m", "alpagasus_ray.cli", "train", "--config", "configs/demo.yaml",
                *_overrides(tmp_path, data, tiny_model, "train.max_steps=6", "train.checkpoint_every=2", "train.packing=false")]
-    storage = tmp_path / "run" / "checkpoints" / "train-run"
     driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while not _registered_checkpoint(storage):
+    while not _registered_checkpoint(_storage(tmp_path)):
         assert driver.poll() is None, "the first run ended before its first checkpoint"
         time.sleep(0.2)
     driver.send_signal(signal.SIGKILL)
