@@ -104,10 +104,17 @@ def _generate(config: Config, model: str, name: str) -> dict:
         ensure_ray()
         by_id = {p[C.ID]: p for p in pending}
         results = _answer(pending, cfg, model)
+        finished, reasons, last = 0, Counter(), time.time()
         for table in results.iter_batches(batch_size=None, batch_format="pyarrow"):
             rows = table.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA).to_pylist()
             for ts in {by_id[r[C.ID]]["test_set"] for r in rows}:
                 files[ts].append(_answer_record(by_id[r[C.ID]], r, name) for r in rows if by_id[r[C.ID]]["test_set"] == ts)
+            finished += len(rows)
+            reasons.update(r["finish_reason"] for r in rows)
+            if time.time() - last > 10:
+                last = time.time()
+                log.info("generate: %d of %d answers %s", finished, len(pending), dict(reasons))
+        log.info("generate: %d answers %s", finished, dict(reasons))
     answers = {}
     for ts, f in files.items():
         answers.update(f.read())

@@ -23,6 +23,7 @@ from collections import Counter, defaultdict
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import Config
 from alpagasus_ray.data import InputError
+from alpagasus_ray.generate import GENERATION_FILE
 from alpagasus_ray.judge import BASELINE_FIRST, CANDIDATE_FIRST, JUDGE_FILE, JUDGMENTS_DIR
 from alpagasus_ray.judging import LOSE, TIE, WIN, capacity, combine, winning_score
 from alpagasus_ray.records import read_jsonl
@@ -96,6 +97,7 @@ def run_report(config: Config) -> dict:
     if not pairs:
         raise InputError(f"{judgments_dir}: no judged pairs (run alpagasus judge first)")
     report = {pair: summarize_pair(os.path.join(judgments_dir, pair)) for pair in pairs}
+    by_size = _by_size([config.run_dir, *config.report.runs]) if config.report.runs else None  # checked before writing
     with open(os.path.join(config.run_dir, REPORT_JSON), "w") as f:
         json.dump(report, f, indent=2)
     about = {pair: _about(os.path.join(judgments_dir, pair)) for pair in pairs}
@@ -114,9 +116,9 @@ def run_report(config: Config) -> dict:
                 path = os.path.join(plot_dir, f"{pair}_categories.png")
                 plots.category_scores(categorized, path, f"{pair.replace('_vs_', ' vs ')} by category{suffix}")
                 written.append(path)
-        if config.report.runs:
+        if by_size:
             path = os.path.join(plot_dir, "winning_score_vs_size.png")
-            plots.score_vs_size(_by_size([config.run_dir, *config.report.runs]), path, f"winning score vs training size{suffix}")
+            plots.score_vs_size(by_size, path, f"winning score vs training size{suffix}")
             written.append(path)
     with open(os.path.join(config.run_dir, REPORT_MD), "w") as f:
         f.write(_markdown(report, about, smoke, written, config.run_dir))
@@ -129,15 +131,19 @@ def _short(t: dict) -> dict:
 
 def _about(pair_dir: str) -> dict:
     """Who was judged by whom, from the judge record and the answers' generation records."""
-    path = os.path.join(pair_dir, JUDGE_FILE)
-    record = json.load(open(path)) if os.path.exists(path) else {}
-    models = []
-    for key in ("candidate_answers", "baseline_answers"):
-        gen = os.path.join(record.get(key) or "", "generation.json")
-        models.append(json.load(open(gen)).get("model") if os.path.exists(gen) else None)
+    record = _read_json(os.path.join(pair_dir, JUDGE_FILE)) or {}
+    models = [(_read_json(os.path.join(record.get(key) or "", GENERATION_FILE)) or {}).get("model")
+              for key in ("candidate_answers", "baseline_answers")]
     judge = record.get("judge", "")
     smoke = is_stand_in(judge.partition(":")[2]) or any(is_stand_in(m) for m in models)
     return {"judge": judge, "prompt": record.get("prompt"), "models": models, "smoke": smoke}
+
+
+def _read_json(path: str) -> dict | None:
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
 
 
 def _by_size(run_dirs: list[str]) -> dict[str, list[tuple[int, float]]]:
@@ -147,7 +153,7 @@ def _by_size(run_dirs: list[str]) -> dict[str, list[tuple[int, float]]]:
         selection = os.path.join(run, "selection.json")
         if not os.path.exists(selection):
             raise InputError(f"{selection}: missing; report.runs needs each run's selection (its training size)")
-        size = json.load(open(selection))["selected"]
+        size = _read_json(selection)["selected"]
         judgments_dir = os.path.join(run, JUDGMENTS_DIR)
         pairs = sorted(os.listdir(judgments_dir)) if os.path.isdir(judgments_dir) else []
         if not pairs:

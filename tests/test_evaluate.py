@@ -3,6 +3,7 @@ with the tiny model, and against a local server whose chosen replies make the co
 
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -87,7 +88,7 @@ def test_counts_and_winning_score_are_exact_through_judge_and_report(tmp_path, r
     assert capsys.readouterr().out.strip().endswith("report.md")
 
 
-def test_pair_prompt_and_a_rerun_asks_only_for_missing_judgments(tmp_path, ray_local):
+def test_pair_prompt_and_a_rerun_asks_only_for_missing_judgments(tmp_path, ray_local, capsys):
     run = tmp_path / "run"
     prompts = [(f"C{i}", f"B{i}", "A is better. [[A]]", "Equal. [[C]]") for i in range(10)]
     _write_answers(run, "cand", "koala", [p[0] for p in prompts])
@@ -110,6 +111,16 @@ def test_pair_prompt_and_a_rerun_asks_only_for_missing_judgments(tmp_path, ray_l
     assert main(["report", "--config", "/dev/null", f"run_dir={run}"]) == 0
     koala = json.loads((run / "report.json").read_text())["cand_vs_base"]["koala"]
     assert (koala["win"], koala["n"], koala["winning_score"], koala["capacity"]) == (10, 10, 2.0, None)
+
+    # Over several runs (the paper's Fig. 2): each run's training size comes from its selection.
+    smaller = tmp_path / "run-3k"
+    shutil.copytree(run / "judgments", smaller / "judgments")
+    (smaller / "selection.json").write_text(json.dumps({"selected": 3000}))
+    assert main(["report", "--config", "/dev/null", f"run_dir={run}", f"report.runs=[{smaller}]"]) == 2
+    assert f"{run}/selection.json: missing" in capsys.readouterr().err
+    (run / "selection.json").write_text(json.dumps({"selected": 9229}))
+    assert main(["report", "--config", "/dev/null", f"run_dir={run}", f"report.runs=[{smaller}]"]) == 0
+    assert (run / "plots" / "winning_score_vs_size.png").stat().st_size > 10_000
 
 
 def test_bad_inputs_name_the_file_and_ids(tmp_path, capsys):
