@@ -34,7 +34,7 @@ from alpagasus_ray.config import OPERATIONAL, Config, ConfigError, GenerateConfi
 from alpagasus_ray.data import InputError
 from alpagasus_ray.ray_runtime import ensure_ray
 from alpagasus_ray.recipe import alpaca_prompt
-from alpagasus_ray.records import RecordFile, file_stamps, start_outputs
+from alpagasus_ray.records import RecordFile, append_by_test_set, file_stamps, start_outputs
 from alpagasus_ray.testsets import load_test_set
 from alpagasus_ray.tiny_model import BUILTIN_MODEL, resolve_model
 
@@ -107,8 +107,7 @@ def _generate(config: Config, model: str, name: str) -> dict:
         finished, reasons, last = 0, Counter(), time.time()
         for table in results.iter_batches(batch_size=None, batch_format="pyarrow"):
             rows = table.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA).to_pylist()
-            for ts in {by_id[r[C.ID]]["test_set"] for r in rows}:
-                files[ts].append(_answer_record(by_id[r[C.ID]], r, name) for r in rows if by_id[r[C.ID]]["test_set"] == ts)
+            append_by_test_set(files, [_answer_record(by_id[r[C.ID]], r, name) for r in rows])
             finished += len(rows)
             reasons.update(r["finish_reason"] for r in rows)
             if time.time() - last > 10:

@@ -34,7 +34,7 @@ from alpagasus_ray.data import InputError
 from alpagasus_ray.generate import ANSWERS_DIR, GENERATION_FILE, answers_names, question
 from alpagasus_ray.judging import PARSERS, flip, judge_messages
 from alpagasus_ray.ray_runtime import ensure_ray
-from alpagasus_ray.records import RecordFile, content_digest, read_jsonl, start_outputs
+from alpagasus_ray.records import RecordFile, append_by_test_set, content_digest, read_jsonl, start_outputs
 
 log = logging.getLogger(__name__)
 
@@ -96,8 +96,7 @@ def run_judge(config: Config) -> dict:
                 tasks.append(task)
     meta = {"judge": judge, "prompt": cfg.prompt}
     unanswered = [t for t in tasks if t["missing"]]
-    for ts in test_sets:
-        files[ts].append(_record(t, _no_answer(t), meta) for t in unanswered if t["test_set"] == ts)
+    append_by_test_set(files, [_record(t, _no_answer(t), meta) for t in unanswered])
     to_send = [t for t in tasks if not t["missing"]]
     log.info("judge: %s vs %s on %s: %d judgments to ask %s", cand, base, ", ".join(test_sets), len(to_send), judge)
     if to_send:
@@ -230,8 +229,7 @@ def _judge_as_they_come(tasks: list[dict], cfg: JudgeConfig, files: dict, meta: 
     again, done, counts, last = [], 0, Counter(), time.time()
     for table in results.iter_batches(batch_size=None, batch_format="pyarrow"):
         got = table.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA).to_pylist()
-        for ts in {by_key[r["key"]]["test_set"] for r in got}:
-            files[ts].append(_record(by_key[r["key"]], r, meta) for r in got if by_key[r["key"]]["test_set"] == ts)
+        append_by_test_set(files, [_record(by_key[r["key"]], r, meta) for r in got])
         again += [by_key[r["key"]] for r in got if r[C.STATUS] == C.PARSE_FAILED and r[C.ATTEMPTS] < MAX_ASKS]
         done += len(got)
         counts.update(r[C.STATUS] for r in got)

@@ -59,6 +59,12 @@ class RecordFile:
         os.replace(tmp, self.path)
 
 
+def append_by_test_set(files: dict[str, RecordFile], records: list[dict]) -> None:
+    """Append each record to the file of its test set (one write per file)."""
+    for name in {r["test_set"] for r in records}:
+        files[name].append(r for r in records if r["test_set"] == name)
+
+
 def read_jsonl(path: str) -> list[dict]:
     """All records of a finished JSONL file; a line that is not JSON is an error naming it."""
     rows = []
