@@ -18,6 +18,7 @@ are saved as they arrive; a rerun generates only the missing ones.
 from __future__ import annotations
 
 import asyncio
+import functools
 import glob
 import json
 import logging
@@ -25,18 +26,17 @@ import os
 import time
 from collections import Counter
 
-import openai
 import pyarrow as pa
 
 from alpagasus_ray import columns as C
-from alpagasus_ray.backends.openai_api import ApiWorker, describe_error, map_with_api, require_key, usage
+from alpagasus_ray.backends.openai_api import ApiWorker, map_with_api, read_reply, require_key
 from alpagasus_ray.config import OPERATIONAL, Config, ConfigError, GenerateConfig, config_for_record
 from alpagasus_ray.data import InputError
 from alpagasus_ray.ray_runtime import ensure_ray
 from alpagasus_ray.recipe import alpaca_prompt
 from alpagasus_ray.records import RecordFile, append_by_test_set, file_stamps, start_outputs
 from alpagasus_ray.testsets import load_test_set
-from alpagasus_ray.tiny_model import BUILTIN_MODEL, resolve_model
+from alpagasus_ray.tiny_model import BUILTIN_MODEL
 
 log = logging.getLogger(__name__)
 
@@ -266,28 +266,12 @@ class _Answerer(ApiWorker):
         return pa.Table.from_pylist(list(results), schema=RESULT_SCHEMA)
 
     async def _answer(self, row: dict) -> dict:
-        result = {C.ID: row[C.ID], "answer": "", "finish_reason": ERROR, C.ERROR: None, C.ATTEMPTS: 1,
-                  C.TOKENS_IN: 0, C.TOKENS_OUT: 0}
-        for ask in (1, 2):
-            result[C.ATTEMPTS] = ask
-            try:
-                if self.cfg.template == "alpaca":
-                    reply = await self.complete(row["prompt"], self.cfg.max_new_tokens)
-                else:
-                    reply = await self.chat([{"role": "user", "content": row["prompt"]}], self.cfg.max_new_tokens)
-            except json.JSONDecodeError as e:
-                result[C.ERROR] = f"unreadable response body: {e.msg}"  # asked once more
-                continue
-            except openai.APIError as e:
-                result[C.ERROR] = describe_error(e)  # the client has retried what is worth retrying
-                return result
-            choices = getattr(reply, "choices", None)
-            if not choices:
-                result[C.ERROR] = f"unreadable response: {str(reply)[:200]!r}"
-                continue
-            choice = choices[0]
-            text = choice.text if hasattr(choice, "text") else (choice.message.content if choice.message else None)
-            result[C.TOKENS_IN], result[C.TOKENS_OUT] = usage(reply)
-            result.update({"answer": (text or "").strip(), "finish_reason": choice.finish_reason or STOP, C.ERROR: None})
-            return result
-        return result
+        cfg = self.cfg
+        if cfg.template == "alpaca":
+            send = functools.partial(self.complete, row["prompt"], cfg.max_new_tokens)
+        else:
+            send = functools.partial(self.chat, [{"role": "user", "content": row["prompt"]}], cfg.max_new_tokens)
+        asked = await self.ask(send, lambda reply: ((read_reply(reply)[0], reply.choices[0].finish_reason), None))
+        answer, reason = asked.value or ("", ERROR)
+        return {C.ID: row[C.ID], "answer": answer.strip(), "finish_reason": reason or STOP, C.ERROR: asked.error,
+                C.ATTEMPTS: asked.attempts, C.TOKENS_IN: asked.tokens_in, C.TOKENS_OUT: asked.tokens_out}

@@ -23,18 +23,17 @@ import os
 import time
 from collections import Counter
 
-import openai
 import pyarrow as pa
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.backends import MAX_ASKS
-from alpagasus_ray.backends.openai_api import ApiWorker, describe_error, map_with_api, read_reply, require_key, usage
+from alpagasus_ray.backends.openai_api import ApiWorker, map_with_api, read_reply, require_key
 from alpagasus_ray.config import Config, ConfigError, JudgeConfig, config_for_record
 from alpagasus_ray.data import InputError
 from alpagasus_ray.generate import ANSWERS_DIR, GENERATION_FILE, answers_names, question
 from alpagasus_ray.judging import PARSERS, flip, judge_messages
 from alpagasus_ray.ray_runtime import ensure_ray
-from alpagasus_ray.records import RecordFile, append_by_test_set, content_digest, read_jsonl, start_outputs
+from alpagasus_ray.records import RecordFile, append_by_test_set, content_digest, read_json, read_jsonl, start_outputs
 
 log = logging.getLogger(__name__)
 
@@ -85,12 +84,14 @@ def run_judge(config: Config) -> dict:
         raise InputError(f"{missing[0]}: no answers for this test set (run alpagasus generate first)")
     if start_outputs(out_dir, {"answers": content_digest(answers)}):
         log.info("judge: the answers changed since %s was judged; judging them again", out_dir)
-    files, tasks = {}, []
+    files, tasks, order = {}, [], {}
     for ts in test_sets:
         files[ts] = RecordFile(os.path.join(out_dir, f"{ts}.jsonl"), key=lambda r: _key(r[C.ID], r["order"]))
         done = files[ts].read()
         _check_same_judge(done, judge, cfg.prompt, files[ts].path)
-        for task in _tasks(os.path.join(cand_dir, f"{ts}.jsonl"), os.path.join(base_dir, f"{ts}.jsonl")):
+        every = _tasks(os.path.join(cand_dir, f"{ts}.jsonl"), os.path.join(base_dir, f"{ts}.jsonl"))
+        order[ts] = {t["key"]: i for i, t in enumerate(every)}
+        for task in every:
             old = done.get(task["key"])
             if old is None or not _final(old, cfg.retry_failed):
                 tasks.append(task)
@@ -108,7 +109,7 @@ def run_judge(config: Config) -> dict:
     counts, tokens = Counter(), Counter()
     for ts, f in files.items():
         records = f.read()
-        f.rewrite(records[k] for k in sorted(records, key=_order_of(os.path.join(cand_dir, f"{ts}.jsonl"))))
+        f.rewrite(records[k] for k in sorted(records, key=lambda k: order[ts].get(k, len(order[ts]))))
         counts.update(r[C.STATUS] for r in records.values())
         for r in records.values():
             tokens.update({C.TOKENS_IN: r[C.TOKENS_IN] or 0, C.TOKENS_OUT: r[C.TOKENS_OUT] or 0})
@@ -117,7 +118,6 @@ def run_judge(config: Config) -> dict:
               "tokens_in": tokens[C.TOKENS_IN], "tokens_out": tokens[C.TOKENS_OUT],
               "cost_usd": cfg.cost(tokens[C.TOKENS_IN], tokens[C.TOKENS_OUT]) if cfg.backend == "openai" else None,
               "wall_seconds": round(time.time() - started, 2), "config": config_for_record(config)["judge"], **meta}
-    os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, JUDGE_FILE), "w") as f:
         json.dump(record, f, indent=2)
     return record
@@ -130,11 +130,7 @@ def _answers_dir(run_dir: str, name_or_path: str, key: str) -> tuple[str, str]:
     if not os.path.isdir(path):
         raise InputError(f"{key}={name_or_path}: no answers in {inside} (run alpagasus generate first) or at that path")
     name = os.path.basename(os.path.normpath(path))
-    generation = os.path.join(path, GENERATION_FILE)
-    if os.path.exists(generation):
-        with open(generation) as f:
-            name = json.load(f).get("name", name)
-    return path, name
+    return path, (read_json(os.path.join(path, GENERATION_FILE)) or {}).get("name", name)
 
 
 def _answered_sets(path: str) -> set[str]:
@@ -166,17 +162,6 @@ def _tasks(cand_file: str, base_file: str) -> list[dict]:
         tasks.append({**common, "order": BASELINE_FIRST, "key": _key(pid, BASELINE_FIRST),
                       "first": b["answer"], "second": c["answer"]})
     return tasks
-
-
-def _order_of(answers_file: str):
-    """Sort key of judgment keys: the prompts' order in the answers file, candidate first first."""
-    position = {r[C.ID]: i for i, r in enumerate(read_jsonl(answers_file))}
-
-    def order(key: str):
-        pid, which = key.rsplit("|", 1)
-        return position.get(pid, len(position)), which != CANDIDATE_FIRST
-
-    return order
 
 
 def _final(record: dict, retry_failed: bool) -> bool:
@@ -291,23 +276,16 @@ class _Judge(ApiWorker):
 
     async def _judge(self, row: dict) -> dict:
         messages = judge_messages(row["question"], row["first"], row["second"], self.cfg.prompt)
-        counts = {C.TOKENS_IN: 0, C.TOKENS_OUT: 0}
-        problem, text = None, ""
-        for ask in range(1, MAX_ASKS + 1):
-            try:
-                reply = await self.chat(messages, self.cfg.max_tokens)
-            except json.JSONDecodeError as e:
-                problem = f"unreadable response body: {e.msg}"  # a 200 that is not JSON: ask once more
-                continue
-            except openai.APIError as e:  # the client has retried what is worth retrying
-                return {"key": row["key"], **_verdict_fields(None, "", ask, describe_error(e), C.REQUEST_FAILED), **counts}
-            tokens = usage(reply)
-            counts = {C.TOKENS_IN: counts[C.TOKENS_IN] + tokens[0], C.TOKENS_OUT: counts[C.TOKENS_OUT] + tokens[1]}
-            text, _, problem = read_reply(reply)
-            if problem is not None:
-                continue
+
+        def read(reply):
+            text, _ = read_reply(reply)
             verdict = PARSERS[self.cfg.prompt](text)
-            if verdict.outcome or ask == MAX_ASKS:
-                status = C.OK if verdict.outcome else C.PARSE_FAILED
-                return {"key": row["key"], **_verdict_fields(verdict, text, ask, verdict.error, status), **counts}
-        return {"key": row["key"], **_verdict_fields(None, text, MAX_ASKS, problem, C.REQUEST_FAILED), **counts}
+            return (verdict, text), verdict.error
+
+        asked = await self.ask(lambda: self.chat(messages, self.cfg.max_tokens), read)
+        counts = {C.TOKENS_IN: asked.tokens_in, C.TOKENS_OUT: asked.tokens_out}
+        if asked.value is None:  # the request failed, or no reply could be read at all
+            return {"key": row["key"], **_verdict_fields(None, "", asked.attempts, asked.error, C.REQUEST_FAILED), **counts}
+        verdict, text = asked.value
+        status = C.OK if verdict.outcome else C.PARSE_FAILED
+        return {"key": row["key"], **_verdict_fields(verdict, text, asked.attempts, verdict.error, status), **counts}

@@ -23,7 +23,7 @@ import time
 from typing import Callable
 
 from alpagasus_ray.config import OPERATIONAL, Config, ConfigError, config_for_record
-from alpagasus_ray.records import content_digest
+from alpagasus_ray.records import content_digest, read_json
 
 log = logging.getLogger(__name__)
 
@@ -139,11 +139,7 @@ def _answers_digest(path: str | None) -> str | None:
 
 
 def _recorded(run_dir: str, stage: str) -> dict | None:
-    path = os.path.join(run_dir, STAGES_DIR, f"{stage}.json")
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
+    return read_json(os.path.join(run_dir, STAGES_DIR, f"{stage}.json"))
 
 
 def _record(run_dir: str, stage: str, record: dict) -> None:

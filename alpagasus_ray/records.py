@@ -65,6 +65,14 @@ def append_by_test_set(files: dict[str, RecordFile], records: list[dict]) -> Non
         files[name].append(r for r in records if r["test_set"] == name)
 
 
+def read_json(path: str) -> dict | None:
+    """A JSON record file's content, or None when there is none."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
 def read_jsonl(path: str) -> list[dict]:
     """All records of a finished JSONL file; a line that is not JSON is an error naming it."""
     rows = []

@@ -26,7 +26,7 @@ from alpagasus_ray.data import InputError
 from alpagasus_ray.generate import GENERATION_FILE
 from alpagasus_ray.judge import BASELINE_FIRST, CANDIDATE_FIRST, JUDGE_FILE, JUDGMENTS_DIR
 from alpagasus_ray.judging import LOSE, TIE, WIN, capacity, combine, winning_score
-from alpagasus_ray.records import read_jsonl
+from alpagasus_ray.records import read_json, read_jsonl
 from alpagasus_ray.tiny_model import is_stand_in
 
 REPORT_JSON = "report.json"
@@ -131,19 +131,12 @@ def _short(t: dict) -> dict:
 
 def _about(pair_dir: str) -> dict:
     """Who was judged by whom, from the judge record and the answers' generation records."""
-    record = _read_json(os.path.join(pair_dir, JUDGE_FILE)) or {}
-    models = [(_read_json(os.path.join(record.get(key) or "", GENERATION_FILE)) or {}).get("model")
+    record = read_json(os.path.join(pair_dir, JUDGE_FILE)) or {}
+    models = [(read_json(os.path.join(record.get(key) or "", GENERATION_FILE)) or {}).get("model")
               for key in ("candidate_answers", "baseline_answers")]
     judge = record.get("judge", "")
     smoke = is_stand_in(judge.partition(":")[2]) or any(is_stand_in(m) for m in models)
     return {"judge": judge, "prompt": record.get("prompt"), "models": models, "smoke": smoke}
-
-
-def _read_json(path: str) -> dict | None:
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f)
 
 
 def _by_size(run_dirs: list[str]) -> dict[str, list[tuple[int, float]]]:
@@ -153,7 +146,7 @@ def _by_size(run_dirs: list[str]) -> dict[str, list[tuple[int, float]]]:
         selection = os.path.join(run, "selection.json")
         if not os.path.exists(selection):
             raise InputError(f"{selection}: missing; report.runs needs each run's selection (its training size)")
-        size = _read_json(selection)["selected"]
+        size = read_json(selection)["selected"]
         judgments_dir = os.path.join(run, JUDGMENTS_DIR)
         pairs = sorted(os.listdir(judgments_dir)) if os.path.isdir(judgments_dir) else []
         if not pairs:

@@ -6,8 +6,6 @@ import os
 import shutil
 import sys
 
-import pytest
-
 from alpagasus_ray.cli import main
 from alpagasus_ray.records import read_jsonl
 

@@ -14,6 +14,8 @@ import contextlib
 import json
 import math
 import os
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 import openai
 import pyarrow as pa
@@ -112,6 +114,36 @@ class ApiWorker:
                 extra_body=self.cfg.extra_body or None,
             )
 
+    async def ask(self, send: Callable[[], Awaitable], read: Callable[[Any], tuple[Any, str | None]]) -> "Asked":
+        """`send()` a request; ask once more when its reply cannot be used.
+
+        A reply cannot be used when its body is not JSON or has no choices (the client does not
+        retry a 200), or when `read(reply)` returns a problem (e.g. no score in it); `read`
+        returns (value, problem). An HTTP error the client has already retried (429, 5xx,
+        timeouts) ends the asking at once.
+        """
+        asked = Asked()
+        for attempt in range(1, MAX_ASKS + 1):
+            asked.attempts = attempt
+            try:
+                reply = await send()
+            except json.JSONDecodeError as e:
+                asked.value, asked.error = None, f"unreadable response body: {e.msg}"
+                continue
+            except openai.APIError as e:
+                asked.value, asked.error, asked.failed = None, describe_error(e), True
+                return asked
+            tokens_in, tokens_out = usage(reply)
+            asked.tokens_in += tokens_in
+            asked.tokens_out += tokens_out
+            if not getattr(reply, "choices", None):
+                asked.value, asked.error = None, f"unreadable response: {str(reply)[:200]!r}"
+                continue
+            asked.value, asked.error = read(reply)
+            if asked.error is None:
+                break
+        return asked
+
     @contextlib.asynccontextmanager
     async def _turn(self, tokens: int):
         # Slot first, then the limiter: when a Retry-After pause begins, only requests already
@@ -144,34 +176,33 @@ class _Rater(ApiWorker):
         cfg = self.cfg
         messages = rating_messages(row[C.INSTRUCTION], row[C.INPUT], row[C.OUTPUT], cfg.dimension)
         extra = {"logprobs": True, "top_logprobs": cfg.top_logprobs} if cfg.logprobs else {}
-        tokens_in = tokens_out = 0
-        problem = None
-        for ask in range(1, MAX_ASKS + 1):
-            try:
-                reply = await self.chat(messages, cfg.max_tokens, **extra)
-            except json.JSONDecodeError as e:
-                # A 200 whose body is not JSON: the client does not retry it; we ask once more.
-                problem = f"unreadable response body: {e.msg}"
-                continue
-            except openai.APIError as e:
-                # The client has already retried what is worth retrying (429, 5xx, timeouts).
-                return Rating(row[C.ID], C.REQUEST_FAILED, attempts=ask, error=describe_error(e),
-                              tokens_in=tokens_in, tokens_out=tokens_out)
-            counts = usage(reply)
-            tokens_in += counts[0]
-            tokens_out += counts[1]
-            text, positions, problem = read_reply(reply)
-            if problem is not None:
-                continue
+
+        def read(reply):
+            text, positions = read_reply(reply)
             parsed = parse_score(text)
-            if parsed.score is None and ask < MAX_ASKS:
-                problem = parsed.error
-                continue
-            expected = expected_score(positions) if parsed.score is not None and positions else None
-            return rating_from_reply(row[C.ID], parsed, expected, attempts=ask,
-                                     tokens_in=tokens_in, tokens_out=tokens_out)
-        return Rating(row[C.ID], C.REQUEST_FAILED, attempts=MAX_ASKS, error=problem,
-                      tokens_in=tokens_in, tokens_out=tokens_out)
+            return (parsed, positions), parsed.error if parsed.score is None else None
+
+        asked = await self.ask(lambda: self.chat(messages, cfg.max_tokens, **extra), read)
+        counts = {"attempts": asked.attempts, "tokens_in": asked.tokens_in, "tokens_out": asked.tokens_out}
+        if asked.value is None:  # the request failed, or no reply could be read at all
+            return Rating(row[C.ID], C.REQUEST_FAILED, error=asked.error, **counts)
+        parsed, positions = asked.value
+        expected = expected_score(positions) if parsed.score is not None and positions else None
+        return rating_from_reply(row[C.ID], parsed, expected, **counts)
+
+
+@dataclass
+class Asked:
+    """The outcome of `ApiWorker.ask`. `value` is what `read` made of the last usable reply, or
+    None when the request failed (`failed`) or no reply could be read; `error` says why a value
+    is missing or was not good enough."""
+
+    value: Any = None
+    error: str | None = None
+    failed: bool = False
+    attempts: int = 0
+    tokens_in: int = 0
+    tokens_out: int = 0
 
 
 def retry_after_seconds(headers) -> float | None:
@@ -193,19 +224,18 @@ def retry_after_seconds(headers) -> float | None:
     return None
 
 
-def read_reply(reply) -> tuple[str, list[list[tuple[str, float]]], str | None]:
-    """(text, top logprobs per token, problem) of a chat completion; problem is None when readable."""
-    choices = getattr(reply, "choices", None)
-    if not choices:
-        return "", [], f"unreadable response: {str(reply)[:200]!r}"
-    choice = choices[0]
+def read_reply(reply) -> tuple[str, list[list[tuple[str, float]]]]:
+    """(text, top logprobs per token) of a chat or plain completion that has choices."""
+    choice = reply.choices[0]
+    if hasattr(choice, "text"):  # a plain completion
+        return choice.text or "", []
     text = (choice.message.content if choice.message else None) or ""
     positions = []
     content = getattr(choice.logprobs, "content", None) if choice.logprobs else None
     for entry in content or []:
         alternatives = [(t.token, t.logprob) for t in (entry.top_logprobs or []) if t.token != entry.token]
         positions.append([(entry.token, entry.logprob), *alternatives])
-    return text, positions, None
+    return text, positions
 
 
 def usage(reply) -> tuple[int, int]:
