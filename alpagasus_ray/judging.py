@@ -70,44 +70,166 @@ class Verdict:
     error: str | None = None
 
 
-_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+# Markup a judge may wrap around its scores: bold, code, headings, quotes.
+_MARKUP = re.compile(r"[*_`#>]+")
+_NUM = r"(\d+(?:\.\d+)?)"
+_OF_TEN = r"(?:\s*(?:/|out\s+of)\s*10(?:\.0+)?)?"
+_SCORE_WORD = r"(?:an?\s+)?(?:(?:overall|final|total)\s+)?(?:score|rating)"
+_NAMED = r"assistant\s*{k}(?:'s)?(?:\s+score)?\s*[:=]?\s*"
+# A line that is the two scores and nothing else, with separators, markup and short labels:
+# "8 9", "8.5, 7", "Scores: 8 9", "8/10 and 9/10", "Assistant 1: 8, Assistant 2: 9", "(8, 9)".
+_PAIR_LINE = re.compile(
+    rf"^\(?\s*(?:(?:(?:final|overall)\s+)?(?:scores?|ratings?)\s*[:=]?\s*)?"
+    rf"(?:{_NAMED.format(k=1)})?{_NUM}{_OF_TEN}(?:\s*(?:[,;]|\band\b|\bvs\.?)\s*|\s+)"
+    rf"(?:{_NAMED.format(k=2)})?{_NUM}{_OF_TEN}\s*\)?\s*\.?$", re.I)
+# A label alone on a line, the scores below it: "Scores:".
+_LABEL_LINE = re.compile(r"^(?:(?:final|overall)\s+)?(?:scores?|ratings?)\s*:$", re.I)
+# An explicitly labelled score anywhere: "Assistant 1: 8", "Score for Assistant 2: 4",
+# "Assistant 1 receives a score of 3 because ...", "Assistant 2 gets an 8", "Assistant 1's score is 9/10".
+# The number must end a clause, so "Assistant 1: 2 paragraphs are missing" is not a score.
+_LABELLED = re.compile(
+    rf"(?:\bassistant\s*(?P<a>[12])(?:'s)?(?:\s*\([^)\n]{{0,30}}\))?\s*"
+    rf"(?:(?:{_SCORE_WORD})?\s*(?::|=|-|–|\bis\b)|\b(?:receives|gets|earns|deserves|is\s+given|scores|scored|is\s+rated)\b"
+    rf"(?:\s+{_SCORE_WORD}\s+of)?(?:\s+an?\b)?)"
+    rf"|\b{_SCORE_WORD}\s+(?:for|of)\s+assistant\s*(?P<b>[12])\s*(?::|=|-|–|\bis\b))"
+    rf"\s*{_NUM}{_OF_TEN}(?=\s*(?:$|[,.;:)!]|(?:and|because|for|as|since|but|while|out|points?)\b))",
+    re.I | re.M)
+# The reply ends with a score tuple: "... The output tuple is (10, 1)."
+_FINAL_TUPLE = re.compile(rf"\(\s*{_NUM}\s*,\s*{_NUM}\s*\)\s*\.?$")
+_TABLE_SCORE = re.compile(r"^(?:(?:overall|final|total)\s*)?(?:score|rating)?s?$|^(?:overall|total)$", re.I)
 
 
 def parse_vicuna(reply: str | None) -> Verdict:
-    """Two scores 1-10 on the first non-empty line ("8 6", "8.5, 7", "**9 7**").
+    """Two scores 1-10, read only where the judge states them unambiguously.
+
+    A pair is read from (1) a first line that is the two scores and nothing else, (2) scores
+    labelled Assistant 1 and Assistant 2 anywhere in the reply, in prose, bold or a markdown
+    table, (3) a score tuple that ends the reply. Anything else, or readings that disagree, is
+    an explicit failure (and is re-asked).
 
     >>> parse_vicuna("8 6\\nAssistant 1 is more accurate.")
     Verdict(outcome='win', scores=(8.0, 6.0), error=None)
-    >>> parse_vicuna("7.5, 7.5").outcome
-    'tie'
-    >>> parse_vicuna("Assistant 1 is better.").error
-    'no pair of scores on the first line'
+    >>> parse_vicuna("Scores:\\nAssistant 1: 9\\nAssistant 2: 8").scores
+    (9.0, 8.0)
+    >>> parse_vicuna("To find f(2), we substitute x=2 into the equation:").error
+    'no pair of scores: neither a first line of two scores, nor labelled scores, nor a final tuple'
+    >>> parse_vicuna("8 9\\nScore for Assistant 1: 9\\nScore for Assistant 2: 8").error
+    'readings disagree: first line (8, 9), labelled scores (9, 8)'
     >>> parse_vicuna("11 3").error
     'scores (11.0, 3.0) are outside 1-10'
     """
-    lines = [line.strip(" *`") for line in (reply or "").strip().splitlines() if line.strip(" *`")]
-    numbers = [float(n) for n in _NUMBER.findall(lines[0])] if lines else []
-    if len(numbers) != 2:
-        return Verdict(None, error="no pair of scores on the first line" if lines else "empty reply")
-    first, second = numbers
+    lines = [line for line in (_MARKUP.sub("", raw).strip() for raw in (reply or "").splitlines()) if line]
+    if not lines:
+        return Verdict(None, error="empty reply")
+    readings: dict[str, tuple[float, float]] = {}
+    head = lines[1] if _LABEL_LINE.match(lines[0]) and len(lines) > 1 else lines[0]
+    if match := _PAIR_LINE.match(head):
+        readings["first line"] = (float(match.group(1)), float(match.group(2)))
+    labelled, problem = _labelled_scores(lines)
+    if problem:
+        return Verdict(None, error=problem)
+    if labelled:
+        readings["labelled scores"] = labelled
+    if match := _FINAL_TUPLE.search(lines[-1]):
+        readings["final tuple"] = (float(match.group(1)), float(match.group(2)))
+    if not readings:
+        return Verdict(None, error="no pair of scores: neither a first line of two scores, nor labelled scores, "
+                                   "nor a final tuple")
+    if len(set(readings.values())) > 1:
+        said = ", ".join(f"{source} ({a:g}, {b:g})" for source, (a, b) in readings.items())
+        return Verdict(None, error=f"readings disagree: {said}")
+    first, second = next(iter(readings.values()))
     if not (1 <= first <= 10 and 1 <= second <= 10):
         return Verdict(None, error=f"scores {(first, second)} are outside 1-10")
     outcome = WIN if first > second else LOSE if first < second else TIE
     return Verdict(outcome, (first, second))
 
 
+def _labelled_scores(lines: list[str]) -> tuple[tuple[float, float] | None, str | None]:
+    """The scores given to Assistant 1 and 2 by label, in prose or a table; an error when an
+    assistant is given two different scores."""
+    given: dict[str, set[float]] = {"1": set(), "2": set()}
+    for match in _LABELLED.finditer("\n".join(lines)):
+        given[match.group("a") or match.group("b")].add(float(match.group(3)))
+    for assistant, score in _table_scores(lines):
+        given[assistant].add(score)
+    for assistant, scores in given.items():
+        if len(scores) > 1:
+            return None, f"Assistant {assistant} is given different scores: {', '.join(f'{s:g}' for s in sorted(scores))}"
+    if given["1"] and given["2"]:
+        return (given["1"].pop(), given["2"].pop()), None
+    return None, None
+
+
+def _table_scores(lines: list[str]) -> list[tuple[str, float]]:
+    """(assistant, score) from markdown tables: a row per assistant ("| Assistant 1 | 8 |", or a
+    score column among criteria), or a column per assistant with a score/overall row."""
+    found = []
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines if line.startswith("|")]
+    table = [row for row in table if not all(set(cell) <= set("-: ") for cell in row)]  # drop |---|---|
+    if not table:
+        return found
+    header = [cell.lower() for cell in table[0]]
+    named_columns = {k: header.index(f"assistant {k}") for k in "12" if f"assistant {k}" in header}
+    score_column = next((i for i, cell in enumerate(header) if i and _TABLE_SCORE.match(cell)), None)
+    for row in table[1:]:
+        label = row[0].lower()
+        if len(named_columns) == 2 and _TABLE_SCORE.match(label):
+            found += [(k, float(row[i])) for k, i in named_columns.items() if i < len(row) and _is_number(row[i])]
+        elif (m := re.fullmatch(r"assistant\s*([12])", label)) and (len(row) == 2 or score_column is not None):
+            cell = row[1] if len(row) == 2 else row[score_column] if score_column < len(row) else ""
+            cell = re.sub(r"\s*(?:/|out\s+of)\s*10$", "", cell)
+            if _is_number(cell):
+                found.append((m.group(1), float(cell)))
+    return found
+
+
+def _is_number(text: str) -> bool:
+    return re.fullmatch(r"\d+(?:\.\d+)?", text) is not None
+
+
+_TAGS = re.compile(r"\[\[([ABC])\]\]")
+_SINGLE_TAGS = re.compile(r"\[([ABC])\]")
+# Forms in which a judge states its verdict when the reply holds more than one tag.
+_STATED = (
+    re.compile(r"verdict\W{0,3}(?:is\W{0,3})?\[\[([ABC])\]\]", re.I),     # Final verdict: [[A]]
+    re.compile(r"\[\[([ABC])\]\]\s+is\s+(?:\w+\s+)?better\s+than\s+\[\[[ABC]\]\]", re.I),
+    re.compile(r"\[\[[ABC]\]\]\s+is\s+(?:\w+\s+)?worse\s+than\s+\[\[([ABC])\]\]", re.I),
+)
+
+
 def parse_pair(reply: str | None) -> Verdict:
-    """The last [[A]], [[B]] or [[C]] in the reply ([A] alone is accepted too).
+    """The verdict [[A]], [[B]] or [[C]] (a tie) that the judge states.
+
+    One tag, however often repeated, is the verdict. With different tags the reply must state
+    which is its verdict ("Final verdict: [[A]]", "[[B]] is better than [[A]]", or a last line
+    that is the tag alone); otherwise it fails explicitly. Single brackets count when there are
+    no double ones.
 
     >>> parse_pair("A is clearer. [[A]]").outcome, parse_pair("Both fine [[C]]").outcome
     ('win', 'tie')
+    >>> parse_pair("Final verdict: [[B]] is better than [[A]] because it is shorter.").outcome
+    'lose'
+    >>> parse_pair("Either [[A]] or [[B]] could be argued.").error
+    'different verdicts [[A]], [[B]] and none stated as final'
     >>> parse_pair("I prefer neither.").error
     'no verdict [[A]], [[B]] or [[C]]'
     """
-    found = re.findall(r"\[\[?([ABC])\]\]?", reply or "")
-    if not found:
+    text = _MARKUP.sub("", reply or "")
+    tags = _TAGS.findall(text) or _SINGLE_TAGS.findall(text)
+    if not tags:
         return Verdict(None, error="no verdict [[A]], [[B]] or [[C]]")
-    return Verdict({"A": WIN, "B": LOSE, "C": TIE}[found[-1]])
+    distinct = sorted(set(tags))
+    if len(distinct) > 1:
+        stated = {m.group(1) for pattern in _STATED for m in pattern.finditer(text)}
+        last = text.strip().splitlines()[-1].strip(" .")
+        if re.fullmatch(r"\[\[[ABC]\]\]", last):
+            stated.add(last[2])
+        if len(stated) != 1:
+            return Verdict(None, error=f"different verdicts {', '.join(f'[[{t}]]' for t in distinct)} and "
+                                       + ("none stated as final" if not stated else "stated verdicts disagree"))
+        distinct = sorted(stated)
+    return Verdict({"A": WIN, "B": LOSE, "C": TIE}[distinct[0]])
 
 
 PARSERS = {"vicuna": parse_vicuna, "pair": parse_pair}

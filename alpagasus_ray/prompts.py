@@ -75,20 +75,36 @@ class ParsedScore:
 
 
 _NUMBER = r"(\d+(?:\.\d+)?)"
-_OUT_OF = r"\s*(?:/|out\s+of)\s*5(?:\.0+)?"
-# A line that is only a score: "4.5", "4.5/5", "4 out of 5", "Score: 4", "Accuracy - 4.5."
-_SCORE_LINE = re.compile(rf"^(?:[A-Za-z ]{{0,30}}?\s*[:=-]\s*)?{_NUMBER}(?:{_OUT_OF})?\s*\.?$", re.I)
-# A score that starts a longer first line: "4.5 The response is ..." / "4/5 - good".
-_LEADING_SCORE = re.compile(rf"^{_NUMBER}(?:{_OUT_OF})?(?:\s*[-:,.;)]\s*|\s+)(?=\D)", re.I)
-# "... I would rate it 4 out of 5 ..." anywhere on the first line.
-_RATED_OUT_OF = re.compile(rf"{_NUMBER}{_OUT_OF}", re.I)
+_OUT_OF = r"(?:\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?))?"  # captures the scale it is given on
+# A label naming a score: "Score", "Rating", "Accuracy", "Overall score", "My rating".
+_LABEL = (r"(?:[A-Za-z']+\s+){0,3}?(?:score|rating|grade|accuracy|helpfulness|quality|relevance|correctness"
+          r"|harmlessness|honesty)(?:\s+score)?")
+# A line that is a score and nothing else: "4.5", "4.5/5", "4 out of 5", "Score: 4", "Accuracy - 4.5."
+_SCORE_LINE = re.compile(rf"^(?:{_LABEL}\s*(?:[:=\-–]|\bis\b)\s*)?{_NUMBER}{_OUT_OF}\s*\.?$", re.I)
+# A score that starts a longer first line: "4.5 - The response is ...", "4/5: good", "4 The response".
+# What follows is prose, never another number ("4 - 5", "4-5" and "4 or 5" are not scores); "1." and
+# "1)" start numbered lists, so they are not scores either.
+_LEADING_SCORE = re.compile(rf"^{_NUMBER}{_OUT_OF}(?:\s*[-–:,;]\s+|\s+(?=[A-Z]))(?=[^\d\s])")
+_N_OUT_OF = rf"\b{_NUMBER}\s*(?:/|out\s+of)\s*(\d+(?:\.\d+)?)\b"
+# "... I would rate it 4 out of 5 ..." within the first line: a rating verb, then N out of a scale
+# ("it gets 3 out of 5 steps right" is not a rating). Every other "N out of M" there must agree.
+_RATED_OUT_OF = re.compile(rf"\b(?:rate|rated|rating|score|scored|give|given|deserves|earns|receives)\b[^.\d]{{0,30}}?{_N_OUT_OF}", re.I)
+_OUT_OF_ANY = re.compile(_N_OUT_OF, re.I)
+# A label announcing the score on the next line: "Score:".
+_LABEL_LINE = re.compile(rf"^{_LABEL}\s*:?$", re.I)
+# A labelled score within prose: "a score of 4", "... so my score: 4.", "the rating is 3/5".
+_SCORE_OF = re.compile(rf"\b(?:score|rating)\s*(?:of|:|=|is)\s*{_NUMBER}{_OUT_OF}(?!\.?\d|\s*(?:-|–|or|to)\s*\d)", re.I)
 _MARKUP = re.compile(r"[*_`#>]+")
 
 
 def parse_score(reply: str | None, low: float = SCORE_MIN, high: float = SCORE_MAX) -> ParsedScore:
-    """Read the score from the first non-empty line of a grader's reply; the rest is the review.
+    """Read the grader's score where the reply states it unambiguously; the rest is the review.
 
-    Accepts what graders write in practice and fails explicitly on anything else.
+    A score is read from the first line when it is the score alone (optionally labelled and
+    given out of 5), starts with the score followed by prose, or says "N out of 5"; from a
+    labelled score line anywhere ("Score: 4", or "Score:" with the value on the next line); and
+    from "a score of N". Two different scores, a range, a score on another scale or none at all
+    is an explicit failure.
 
     >>> parse_score("4.5\\nThe answer is correct.")
     ParsedScore(score=4.5, review='The answer is correct.', error=None)
@@ -96,37 +112,50 @@ def parse_score(reply: str | None, low: float = SCORE_MIN, high: float = SCORE_M
     (4.0, 4.5, 4.0)
     >>> parse_score("Accuracy: 3.5 out of 5.\\nMostly right.").score
     3.5
-    >>> parse_score("4 The response follows the instruction.").score
-    4.0
     >>> parse_score("Score:\\n5\\nPerfect.")
     ParsedScore(score=5.0, review='Perfect.', error=None)
     >>> parse_score("I would rate this response 2 out of 5 because it is vague.").score
     2.0
+    >>> parse_score("The response has 2 paragraphs.").error
+    'no score stated'
+    >>> parse_score("8 out of 10").error
+    'score given out of 10, not on the 0-5 scale'
+    >>> parse_score("4\\nOn reflection, Score: 3").error
+    'two different scores: 3, 4'
     >>> parse_score("7\\nGreat!").error
     'score 7 is outside 0-5'
-    >>> parse_score("The response is good.").error
-    'no score on the first line'
-    >>> parse_score("").error
-    'empty reply'
     """
-    lines = [line.strip() for line in (reply or "").strip().splitlines()]
-    lines = [line for line in lines if line]
+    lines = [line for line in (_MARKUP.sub("", raw).strip() for raw in (reply or "").splitlines()) if line]
     if not lines:
         return ParsedScore(None, "", "empty reply")
-    first = _MARKUP.sub("", lines[0]).strip()
-    rest = lines[1:]
-    if re.fullmatch(r"[A-Za-z ]{1,30}:", first) and rest:
-        # A label alone on the first line ("Score:"), the value on the next.
-        first, rest = _MARKUP.sub("", rest[0]).strip(), rest[1:]
-    match = _SCORE_LINE.match(first) or _LEADING_SCORE.match(first) or _RATED_OUT_OF.search(first)
-    review = "\n".join(rest)
-    if match is None:
-        return ParsedScore(None, "\n".join(lines), "no score on the first line")
-    if not _SCORE_LINE.match(first):
-        review = "\n".join(lines)
-    value = float(match.group(1))
+    found: list[tuple[str, str | None]] = []  # (value, the scale it was given on)
+    review = "\n".join(lines)
+    if match := _SCORE_LINE.match(lines[0]):
+        found.append(match.groups())
+        review = "\n".join(lines[1:])
+    elif match := _LEADING_SCORE.match(lines[0]):
+        found.append(match.groups())
+    elif _RATED_OUT_OF.search(lines[0]):
+        found += _OUT_OF_ANY.findall(lines[0])
+    for i, line in enumerate(lines):
+        if i and (match := _SCORE_LINE.match(line)) and not re.match(r"\d", line):  # a labelled line
+            found.append(match.groups())
+        if _LABEL_LINE.match(line) and i + 1 < len(lines) and (match := _SCORE_LINE.match(lines[i + 1])):
+            found.append(match.groups())
+            if i == 0:
+                review = "\n".join(lines[2:])
+        found += _SCORE_OF.findall(line)
+    if not found:
+        return ParsedScore(None, review, "no score stated")
+    scales = {float(scale) for _, scale in found if scale}
+    if scales - {high}:
+        return ParsedScore(None, review, f"score given out of {max(scales - {high}):g}, not on the {low:g}-{high:g} scale")
+    values = {float(value) for value, _ in found}
+    if len(values) > 1:
+        return ParsedScore(None, review, f"two different scores: {', '.join(f'{v:g}' for v in sorted(values))}")
+    value = values.pop()
     if not low <= value <= high:
-        return ParsedScore(None, review, f"score {match.group(1)} is outside {low:g}-{high:g}")
+        return ParsedScore(None, review, f"score {value:g} is outside {low:g}-{high:g}")
     return ParsedScore(value, review)
 
 

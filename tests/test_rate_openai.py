@@ -65,7 +65,7 @@ def test_faults_parse_failures_and_bad_rows_each_end_with_the_right_status(tmp_p
     assert {m: (r["status"], r["score"], r["attempts"]) for m, r in rows.items()} == expect
     assert "InternalServerError 500" in rows["ROW-002"]["error"]
     assert "Timeout" in rows["ROW-003"]["error"]
-    assert rows["ROW-006"]["error"] == "no score on the first line" and rows["ROW-006"]["review"] == "Still no score."
+    assert rows["ROW-006"]["error"] == "no score stated" and rows["ROW-006"]["review"] == "Still no score."
     assert rows["ROW-005"]["review"] == "Partly right."
     assert rows["ROW-008"]["score_expected"] == pytest.approx(4.375)
     assert rows["BROKEN "]["error"] == "missing field 'output'"
