@@ -170,8 +170,10 @@ class TrainConfig(_Strict):
     lr_scheduler: Literal["cosine", "linear", "constant"] = Field("cosine", description="Schedule after warmup.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Fraction of the steps spent warming up.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    global_batch_size: int = Field(128, gt=0, description="Rows per optimizer step across all workers.")
-    micro_batch_size: int = Field(4, gt=0, description="Rows (or packed rows) per worker per forward pass.")
+    global_batch_size: int = Field(128, gt=0, description="Examples per optimizer step across all workers, packed or not "
+                                   "(Table 5: 128); the last step of an epoch may hold fewer.")
+    micro_batch_size: int = Field(4, gt=0, description="Rows per worker per forward pass; with packing a row holds "
+                                  "several examples, so a step takes as many micro-batches as its rows need.")
     max_length: int = Field(512, gt=8, description="Tokens per example (and per packed row).")
     packing: bool = Field(True, description="Pack several examples per row, so few computed tokens are padding.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (a cap for trials).")
@@ -181,21 +183,6 @@ class TrainConfig(_Strict):
     storage_path: str | None = Field(None, description="Checkpoint storage shared by all nodes (path or s3://); default <run_dir>/checkpoints.")
     max_failures: int = Field(3, ge=0, description="Worker failures Ray Train recovers from by resuming the last checkpoint.")
     tensorboard: bool = Field(False, description="Also write metrics for TensorBoard under <run_dir>/tensorboard (a path the first worker can write).")
-
-    @model_validator(mode="after")
-    def _check(self) -> "TrainConfig":
-        per_step = self.num_workers * self.micro_batch_size
-        if self.global_batch_size % per_step:
-            raise ValueError(
-                f"train.global_batch_size ({self.global_batch_size}) must be a multiple of train.num_workers x "
-                f"train.micro_batch_size ({self.num_workers} x {self.micro_batch_size} = {per_step})"
-            )
-        return self
-
-    @property
-    def accumulation_steps(self) -> int:
-        """Micro-batches per worker per optimizer step: global = workers x micro x accumulation."""
-        return self.global_batch_size // (self.num_workers * self.micro_batch_size)
 
 
 TEST_SETS = ["koala", "vicuna", "wizardlm", "sinstruct"]

@@ -10,6 +10,7 @@ tokens, so no loss crosses a boundary either.
 
 from __future__ import annotations
 
+import math
 import random
 from dataclasses import dataclass
 from typing import Sequence
@@ -97,24 +98,53 @@ def pack(lengths: Sequence[int], max_length: int, seed: int = 0) -> list[list[in
     return rows
 
 
-def group_by_length(lengths: Sequence[int], micro_batch: int, seed: int = 0, window: int = 64) -> list[list[int]]:
-    """Micro-batches of similar lengths, without packing: shuffle, sort within windows of
-    `window` micro-batches, cut, then shuffle the batches.
+def plan_epoch(lengths: Sequence[int], examples_per_step: int, max_length: int, packing: bool,
+               seed: int) -> list[list[list[int]]]:
+    """One epoch as optimizer steps, each a list of rows of example indices.
 
-    >>> batches = group_by_length([1, 9, 2, 8, 3, 7], micro_batch=2, window=8)
-    >>> sorted(sorted(b) for b in batches)
-    [[0, 2], [1, 3], [4, 5]]
+    The examples are shuffled with `seed` and cut into steps of `examples_per_step` (the last step
+    of the epoch may be short), exactly as unpacked training would take them. Packing then works
+    within a step: its examples go first-fit decreasing into rows of `max_length` tokens, so a step
+    needs fewer rows but still holds the same examples. Rows are ordered longest first, so the
+    micro-batches cut from neighbouring rows carry little padding.
+
+    >>> steps = plan_epoch([5, 3, 4, 2, 6], examples_per_step=2, max_length=8, packing=True, seed=0)
+    >>> [sum(len(row) for row in step) for step in steps]  # examples per step
+    [2, 2, 1]
+    >>> sorted(i for step in steps for row in step for i in row)
+    [0, 1, 2, 3, 4]
+    >>> plan_epoch([5, 3, 4, 2], examples_per_step=4, max_length=8, packing=False, seed=0)
+    [[[0], [2], [1], [3]]]
     """
-    rnd = random.Random(seed)
     order = list(range(len(lengths)))
-    rnd.shuffle(order)
-    span = micro_batch * window
-    batches = []
-    for start in range(0, len(order), span):
-        chunk = sorted(order[start:start + span], key=lambda i: lengths[i])
-        batches += [chunk[j:j + micro_batch] for j in range(0, len(chunk), micro_batch)]
-    rnd.shuffle(batches)
-    return batches
+    random.Random(seed).shuffle(order)
+    steps = []
+    for start in range(0, len(order), examples_per_step):
+        chosen = order[start:start + examples_per_step]
+        if packing:
+            rows = [[chosen[i] for i in row] for row in pack([lengths[i] for i in chosen], max_length, seed)]
+        else:
+            rows = [[i] for i in chosen]
+        rows.sort(key=lambda row: (-sum(lengths[i] for i in row), row))
+        steps.append(rows)
+    return steps
+
+
+def micro_batches(rows: Sequence[Sequence[int]], rank: int, world: int, micro_batch: int) -> list[list[Sequence[int]]]:
+    """This worker's micro-batches of one step's rows. Rows are dealt to the workers in turn, and
+    every worker gets the same number of micro-batches (ZeRO's collectives run once per micro-batch
+    on every worker), so a worker short of rows gets empty micro-batches at the end.
+
+    >>> [micro_batches([[0, 1], [2], [3], [4]], rank, world=2, micro_batch=1) for rank in (0, 1)]
+    [[[[0, 1]], [[3]]], [[[2]], [[4]]]]
+    >>> micro_batches([[0], [1], [2]], rank=1, world=2, micro_batch=2)
+    [[[1]]]
+    >>> micro_batches([[0]], rank=1, world=2, micro_batch=4)
+    [[]]
+    """
+    count = max(1, math.ceil(math.ceil(len(rows) / world) / micro_batch))
+    mine = list(rows[rank::world])
+    return [mine[m * micro_batch:(m + 1) * micro_batch] for m in range(count)]
 
 
 def collate(examples: Sequence[Sequence[Example]], pad_id: int) -> dict[str, list[list[int]]]:
@@ -165,16 +195,21 @@ def block_causal_mask(segment_ids, dtype=None):
     return torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device).masked_fill(~allowed, torch.finfo(dtype).min)
 
 
-def real_token_fraction(lengths: Sequence[int], rows: Sequence[Sequence[int]], micro_batch: int) -> float:
-    """Real tokens over computed tokens when `rows` go in micro-batches of `micro_batch`, each
-    padded to its longest row.
+def real_token_fraction(lengths: Sequence[int], steps: Sequence[Sequence[Sequence[int]]], world: int,
+                        micro_batch: int) -> float:
+    """Real tokens over computed tokens when `steps` run as `micro_batches` on `world` workers,
+    each micro-batch padded to its longest row.
 
-    >>> real_token_fraction([4, 4, 2], rows=[[0], [1], [2]], micro_batch=3)  # 10 real of 12
+    >>> real_token_fraction([4, 4, 2], steps=[[[0], [1], [2]]], world=1, micro_batch=3)  # 10 real of 12
     0.8333
+    >>> real_token_fraction([4, 4, 2], steps=[[[0], [1, 2]]], world=2, micro_batch=1)  # a row a worker: no padding
+    1.0
     """
     real = computed = 0
-    for start in range(0, len(rows), micro_batch):
-        sizes = [sum(lengths[i] for i in row) for row in rows[start:start + micro_batch]]
-        real += sum(sizes)
-        computed += max(sizes) * len(sizes)
+    for rows in steps:
+        for rank in range(world):
+            for batch in micro_batches(rows, rank, world, micro_batch):
+                sizes = [sum(lengths[i] for i in row) for row in batch]
+                real += sum(sizes)
+                computed += max(sizes, default=0) * len(sizes)
     return round(real / computed, 4) if computed else 0.0

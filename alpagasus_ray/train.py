@@ -24,7 +24,8 @@ import time
 from alpagasus_ray.config import OPERATIONAL, Config, TrainConfig
 from alpagasus_ray.data import InputError
 from alpagasus_ray.tiny_model import MARKER_FILE, is_stand_in
-from alpagasus_ray.recipe import Example, alpaca_prompt, block_causal_mask, collate, encode, group_by_length, pack
+from alpagasus_ray.recipe import (IGNORE, Example, alpaca_prompt, block_causal_mask, collate, encode, micro_batches,
+                                  plan_epoch, real_token_fraction)
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +45,15 @@ def run_train(config: Config) -> dict:
     data_path = t.data or os.path.join(config.run_dir, "selected.json")
     model_path = _check_model(t.model)
     examples, dropped = _tokenize(data_path, model_path, t)
-    plan = plan_steps([len(e.input_ids) for e in examples], t)
-    log.info("train: %s examples (%d cut to nothing) -> %d optimizer steps of %d rows (%d workers x %d x %d)",
-             f"{len(examples):,}", dropped, len(plan), t.global_batch_size, t.num_workers, t.micro_batch_size,
-             t.accumulation_steps)
+    lengths = [len(e.input_ids) for e in examples]
+    plan = plan_steps(lengths, t)
+    summary = describe_plan(lengths, plan, t)
+    log.info("train: %s examples (%d cut to nothing); %d examples a step (%s rows%s), %d steps an epoch, %d steps "
+             "in all, %d warming up; %s micro-batches of up to %d rows per worker per step on %d workers; "
+             "real tokens %.1f%% of computed", f"{len(examples):,}", dropped, t.global_batch_size,
+             summary["rows_per_step"], " packed" if t.packing else "", summary["steps_per_epoch"], summary["steps"],
+             summary["warmup_steps"], summary["micro_batches_per_worker"], t.micro_batch_size, t.num_workers,
+             100 * summary["real_token_fraction"])
     from alpagasus_ray.ray_runtime import ensure_ray
 
     ensure_ray()
@@ -85,24 +91,37 @@ def run_train(config: Config) -> dict:
 def plan_steps(lengths: list[int], t: TrainConfig) -> list[list[list[int]]]:
     """Every optimizer step as its rows (each a list of example indices), in training order.
 
-    Epochs are packed (or length-grouped) with seed + epoch; a fractional epoch count takes the
-    first part of the last epoch. The plan is the same on every run, which is what lets a resumed
-    run skip exactly the steps it already took.
+    A step holds `train.global_batch_size` examples, packed or not (the last step of an epoch may
+    hold fewer), so the step count and the learning-rate schedule are those of the paper's
+    unpacked recipe; packing only changes how many rows a step needs. Epochs are shuffled with
+    seed + epoch; a fractional epoch count takes the first part of the last epoch. The plan is the
+    same on every run, which is what lets a resumed run skip exactly the steps it already took.
     """
-    rows_per_step = t.global_batch_size
-    rows: list[list[int]] = []
+    if len(lengths) < t.global_batch_size:
+        raise InputError(f"{len(lengths)} training examples are fewer than one step of "
+                         f"train.global_batch_size={t.global_batch_size}")
+    steps: list[list[list[int]]] = []
     for epoch in range(math.ceil(t.epochs)):
-        seed = t.seed + epoch
-        epoch_rows = pack(lengths, t.max_length, seed) if t.packing else [
-            [i] for batch in group_by_length(lengths, t.micro_batch_size, seed) for i in batch
-        ]
+        epoch_steps = plan_epoch(lengths, t.global_batch_size, t.max_length, t.packing, t.seed + epoch)
         if epoch + 1 > t.epochs:  # the fractional tail
-            epoch_rows = epoch_rows[: int(len(epoch_rows) * (t.epochs - epoch))]
-        rows += epoch_rows
-    steps = [rows[i:i + rows_per_step] for i in range(0, len(rows) - rows_per_step + 1, rows_per_step)]
-    if not steps:
-        raise InputError(f"{len(rows)} training rows are fewer than one step of train.global_batch_size={rows_per_step}")
+            epoch_steps = epoch_steps[: max(1, round(len(epoch_steps) * (t.epochs - epoch)))]
+        steps += epoch_steps
     return steps[: t.max_steps] if t.max_steps else steps
+
+
+def describe_plan(lengths: list[int], plan: list[list[list[int]]], t: TrainConfig) -> dict:
+    """What the plan does, for the log before training: examples per step, steps per epoch, total
+    and warmup steps, micro-batches per worker, and the share of computed tokens that are real."""
+    examples = [sum(len(row) for row in step) for step in plan]
+    micro = [len(micro_batches(step, 0, t.num_workers, t.micro_batch_size)) for step in plan]
+    return {
+        "examples": len(lengths), "examples_per_step": t.global_batch_size,
+        "smallest_step": min(examples), "steps_per_epoch": math.ceil(len(lengths) / t.global_batch_size),
+        "steps": len(plan), "warmup_steps": math.ceil(t.warmup_ratio * len(plan)),
+        "rows_per_step": round(sum(len(step) for step in plan) / len(plan), 1),
+        "micro_batches_per_worker": f"{min(micro)}-{max(micro)}" if min(micro) != max(micro) else str(micro[0]),
+        "real_token_fraction": real_token_fraction(lengths, plan, t.num_workers, t.micro_batch_size),
+    }
 
 
 def lr_multiplier(step: int, total: int, warmup: int, schedule: str) -> float:
@@ -201,10 +220,14 @@ def _train_loop(loop_config: dict) -> None:
         zero["offload_optimizer"] = {"device": "cpu"}
         if t.zero_stage == 3:
             zero["offload_param"] = {"device": "cpu"}
+    # Steps hold a varying number of micro-batches: we mark the boundary of each step ourselves. The
+    # accumulation count DeepSpeed is told is the largest one, so that its offload keeps an
+    # accumulation buffer whenever a step has more than one micro-batch.
+    most = max(len(micro_batches(step, 0, world, t.micro_batch_size)) for step in plan)
     ds_config = {
-        "train_batch_size": t.global_batch_size,
+        "train_batch_size": t.micro_batch_size * most * world,
         "train_micro_batch_size_per_gpu": t.micro_batch_size,
-        "gradient_accumulation_steps": t.accumulation_steps,
+        "gradient_accumulation_steps": most,
         "gradient_clipping": 1.0,
         "zero_optimization": zero,
         "bf16": {"enabled": t.use_gpu},
@@ -235,25 +258,37 @@ def _train_loop(loop_config: dict) -> None:
 
         writer = SummaryWriter(loop_config["tensorboard_dir"])
     pad = tokenizer.pad_token_id
+    idle = [[Example([pad, pad], [IGNORE, IGNORE])]]  # a micro-batch for a worker with no rows left in a step
+    target_tokens = [sum(label != IGNORE for label in e.labels) for e in examples]
     for step in range(start, total):
         began = time.perf_counter()
-        mine = plan[step][rank::world]  # this worker's rows of the step
-        losses, computed = [], 0
-        for m in range(0, len(mine), t.micro_batch_size):
-            rows = [[examples[i] for i in row] for row in mine[m:m + t.micro_batch_size]]
-            batch = {k: torch.tensor(v, device=device) for k, v in collate(rows, pad).items()}
-            computed += batch["input_ids"].numel()
-            out = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
-                         attention_mask=block_causal_mask(batch["segment_ids"], dtype), labels=batch["labels"])
-            engine.backward(out.loss)
-            engine.step()
-            losses.append(out.loss.item())
-        real_tokens = sum(len(examples[i].input_ids) for row in mine for i in row)
-        stats = torch.tensor([sum(losses) / len(losses), real_tokens, computed], dtype=torch.float64)
+        # The step's loss is the mean over every target token of its examples, on all workers: each
+        # micro-batch contributes its summed token losses over that count. DeepSpeed averages the
+        # gradients over the workers, hence the factor `world`.
+        targets = sum(target_tokens[i] for row in plan[step] for i in row)
+        batches = micro_batches(plan[step], rank, world, t.micro_batch_size)
+        loss_sum, real_tokens, computed = 0.0, 0, 0
+        for m, rows in enumerate(batches):
+            batch = {k: torch.tensor(v, device=device)
+                     for k, v in collate([[examples[i] for i in row] for row in rows] or idle, pad).items()}
+            engine.set_gradient_accumulation_boundary(m == len(batches) - 1)
+            logits = engine(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                            attention_mask=block_causal_mask(batch["segment_ids"], dtype)).logits
+            token_loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE,
+                reduction="sum")
+            engine.backward(token_loss * world / targets, scale_wrt_gas=False)
+            loss_sum += token_loss.item()
+            if rows:
+                real_tokens += sum(len(examples[i].input_ids) for row in rows for i in row)
+                computed += batch["input_ids"].numel()
+        engine.step()
+        stats = torch.tensor([loss_sum, real_tokens, computed], dtype=torch.float64)
         dist.all_reduce(stats)
         seconds = time.perf_counter() - began
         metrics = {
-            "step": step + 1, "steps": total, "loss": stats[0].item() / world,
+            "step": step + 1, "steps": total, "loss": stats[0].item() / targets,
+            "examples": sum(len(row) for row in plan[step]),
             "lr": scheduler.get_last_lr()[0], "tokens_per_s": stats[1].item() / seconds,
             "real_token_fraction": stats[1].item() / stats[2].item(),
         }

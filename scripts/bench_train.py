@@ -2,8 +2,9 @@
 
     python scripts/bench_train.py [--steps 12]
 
-1. Real tokens / computed tokens per step on the paper's 9,229-row random subset, with and without
-   packing (max length 512, micro-batch 4). Llama's tokenizer cannot be downloaded here, so a
+1. The plan of the paper's 9k run on the paper's 9,229-row random subset (3 epochs, steps of 128
+   examples, 4 workers x micro-batch 4, max length 512), with and without packing: steps, rows a
+   step and real tokens / computed tokens. Llama's tokenizer cannot be downloaded here, so a
    32k-token BPE (Llama's vocabulary size) is trained on the Alpaca text to get realistic lengths.
 2. Tokens/s of the Ray Train + DeepSpeed loop (1 and 2 CPU workers, ZeRO-2, the `alpagasus train` stage)
    against a plain single-process PyTorch loop (AdamW, same model, same packed micro-batches, one
@@ -37,18 +38,25 @@ def bpe_lengths(rows: list[dict], max_length: int) -> list[int]:
     return [min(max_length, len(bpe.encode(t).ids) + 2) for t in texts]  # + BOS and EOS
 
 
-def padding_report(max_length: int = 512, micro_batch: int = 4) -> dict:
-    from alpagasus_ray.recipe import pack, real_token_fraction
+def padding_report(max_length: int = 512, micro_batch: int = 4, workers: int = 4) -> dict:
+    """The plan of the paper's 9k run (Table 5: 3 epochs, 128 examples a step, 4 workers x micro-batch 4)
+    on the released 9,229-row subset: steps, rows per step and real/computed tokens, packed and not."""
+    from alpagasus_ray.config import TrainConfig
+    from alpagasus_ray.train import describe_plan, plan_steps
 
     rows = json.load(open(os.path.join(SHARED, "alpagasus_release", "random_9k.json")))
     lengths = bpe_lengths(rows, max_length)
-    in_order = [[i] for i in range(len(lengths))]
-    return {
-        "rows": len(rows),
-        "mean_tokens_per_row": round(statistics.mean(lengths), 1),
-        "real_fraction_no_packing": real_token_fraction(lengths, in_order, micro_batch),
-        "real_fraction_packing": real_token_fraction(lengths, pack(lengths, max_length), micro_batch),
-    }
+    report = {"rows": len(rows), "mean_tokens_per_row": round(statistics.mean(lengths), 1)}
+    for packing in (True, False):
+        t = TrainConfig(epochs=3, global_batch_size=128, max_length=max_length, packing=packing,
+                        num_workers=workers, micro_batch_size=micro_batch)
+        plan = describe_plan(lengths, plan_steps(lengths, t), t)
+        key = "packing" if packing else "no_packing"
+        report[f"steps_{key}"] = plan["steps"]
+        report[f"rows_per_step_{key}"] = plan["rows_per_step"]
+        report[f"micro_batches_per_worker_{key}"] = plan["micro_batches_per_worker"]
+        report[f"real_fraction_{key}"] = plan["real_token_fraction"]
+    return report
 
 
 def plain_loop_tokens_per_s(model_dir: str, examples, plan, micro_batch: int, lr: float) -> float:
@@ -116,8 +124,10 @@ def main() -> None:
         speed = throughput_report(args.steps, workers)
         print(json.dumps(speed, indent=2), flush=True)
         ratios.append(f"{workers} worker(s): {speed['per_worker_ratio']:.2f}")
-    print(f"P3: real/computed tokens {padding['real_fraction_packing']:.3f} with packing, "
-          f"{padding['real_fraction_no_packing']:.3f} without; Ray Train + DeepSpeed tokens/s per worker over a "
+    print(f"P3: the 9k plan takes {padding['steps_packing']} steps of 128 examples packed into "
+          f"{padding['rows_per_step_packing']} rows ({padding['steps_no_packing']} steps of "
+          f"{padding['rows_per_step_no_packing']} rows unpacked); real/computed tokens "
+          f"{padding['real_fraction_packing']:.3f} with packing, {padding['real_fraction_no_packing']:.3f} without; Ray Train + DeepSpeed tokens/s per worker over a "
           f"plain PyTorch loop: {', '.join(ratios)}")
 
 

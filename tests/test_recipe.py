@@ -2,13 +2,18 @@
 that changes nothing about what the model sees."""
 
 import json
+import math
 import os
+import random
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from alpagasus_ray.recipe import IGNORE, alpaca_prompt, block_causal_mask, collate, encode, pack, real_token_fraction
+from alpagasus_ray.config import TrainConfig
+from alpagasus_ray.recipe import (IGNORE, alpaca_prompt, block_causal_mask, collate, encode, micro_batches, pack,
+                                  plan_epoch, real_token_fraction)
+from alpagasus_ray.train import describe_plan, plan_steps
 
 ALPACA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "alpaca_52k_reconstructed.json")
 
@@ -77,6 +82,53 @@ def test_packed_examples_see_exactly_what_they_see_alone(tokenizer, tiny_model):
 def test_packing_leaves_little_padding_on_real_rows(tokenizer):
     rows = json.load(open(ALPACA))[:2000]
     lengths = [len(e.input_ids) for e in (_encode(tokenizer, r, max_length=512) for r in rows) if e is not None]
-    packed = real_token_fraction(lengths, pack(lengths, 512), micro_batch=4)
-    unpacked = real_token_fraction(lengths, [[i] for i in range(len(lengths))], micro_batch=4)
-    assert packed >= 0.95 > unpacked
+    packed = real_token_fraction(lengths, plan_epoch(lengths, 128, 512, packing=True, seed=0), world=2, micro_batch=4)
+    unpacked = real_token_fraction(lengths, plan_epoch(lengths, 128, 512, packing=False, seed=0), world=2, micro_batch=4)
+    assert packed >= 0.98 and packed > unpacked  # unpacked rows are grouped by length within a step
+
+
+def _alpaca_like_lengths(n, seed=0):
+    """Token counts shaped like Alpaca's (about 110 on average, a long tail cut at 512)."""
+    rng = random.Random(seed)
+    return [min(512, 20 + int(rng.lognormvariate(4.3, 0.6))) for _ in range(n)]
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_the_9k_plan_takes_the_papers_steps_of_128_examples(packing):
+    """Table 5 on 9,229 examples: 3 epochs of steps of 128 examples, about 216 steps, packed or not."""
+    lengths = _alpaca_like_lengths(9229)
+    t = TrainConfig(epochs=3, global_batch_size=128, max_length=512, packing=packing, num_workers=4, micro_batch_size=4)
+    plan = plan_steps(lengths, t)
+    assert abs(len(plan) - 216) <= 3
+    per_epoch = math.ceil(9229 / 128)
+    assert len(plan) == 3 * per_epoch
+    for epoch in range(3):
+        steps = plan[epoch * per_epoch:(epoch + 1) * per_epoch]
+        assert [sum(len(row) for row in step) for step in steps] == [128] * (per_epoch - 1) + [9229 - 128 * (per_epoch - 1)]
+        assert sorted(i for step in steps for row in step for i in row) == list(range(9229))  # each example once
+    assert all(sum(lengths[i] for i in row) <= 512 for step in plan for row in step)
+    assert plan[0] != plan[per_epoch]  # each epoch in its own order
+    summary = describe_plan(lengths, plan, t)
+    assert summary["steps"] == len(plan) and summary["warmup_steps"] == math.ceil(0.03 * len(plan))
+    if packing:
+        assert summary["rows_per_step"] < 40 and summary["real_token_fraction"] > 0.9
+    else:
+        assert summary["rows_per_step"] == pytest.approx(9229 / len(plan) * 3, rel=0.01)
+
+
+def test_every_worker_runs_as_many_micro_batches_and_every_row_runs_once():
+    lengths = _alpaca_like_lengths(1000, seed=1)
+    for step in plan_epoch(lengths, 128, 512, packing=True, seed=3):
+        for world, micro in [(1, 4), (2, 4), (4, 4), (8, 2), (64, 1)]:
+            batches = [micro_batches(step, rank, world, micro) for rank in range(world)]
+            assert len({len(b) for b in batches}) == 1  # the same count on every worker
+            ran = [tuple(row) for worker in batches for batch in worker for row in batch]
+            assert sorted(ran) == sorted(tuple(row) for row in step) and all(len(b) <= micro for w in batches for b in w)
+
+
+def test_a_plan_is_the_same_on_every_run_and_fractional_epochs_cut_the_last():
+    lengths = _alpaca_like_lengths(1000, seed=2)
+    t = TrainConfig(epochs=1.5, global_batch_size=100, max_length=512)
+    assert plan_steps(lengths, t) == plan_steps(lengths, t)
+    assert len(plan_steps(lengths, t)) == 10 + 5
+    assert len(plan_steps(lengths, t.model_copy(update={"max_steps": 7}))) == 7
