@@ -17,6 +17,9 @@ import urllib.request
 
 import pytest
 
+# Tests import their helpers (testdata, rated_fixtures, the fake server) from this directory.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for vLLM on CPU
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # no `uv run` runtime-env hook
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-stats reporting (no network)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-import os
 import random
 
 import pyarrow as pa
@@ -13,17 +11,9 @@ from alpagasus_ray.data import content_id
 from alpagasus_ray.prompts import PROMPT_VERSION
 from alpagasus_ray.rate import RATED_SCHEMA, RatedStore
 
-ALPACA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "alpaca_52k_reconstructed.json")
-
 # Roughly the shape of the paper's Fig. 5 for 52k rows (9,229 at >= 4.5, ~39k at >= 4.0).
 PAPER_LIKE = {5.0: 300, 4.5: 8929, 4.0: 30000, 3.5: 5200, 3.0: 3900, 2.5: 1400, 2.0: 1200,
               1.5: 300, 1.0: 300, 0.5: 100, 0.0: 73}
-
-
-def alpaca_rows(n: int | None = None) -> list[dict]:
-    with open(ALPACA) as f:
-        rows = json.load(f)
-    return rows[:n] if n else rows
 
 
 def write_rated(run_dir: str, rows: list[dict], ratings: list[tuple[str, float | None, float | None]]) -> list[str]:

@@ -12,8 +12,7 @@ import yaml
 from alpagasus_ray.cli import main
 from alpagasus_ray.config import Config, ConfigError, load_config
 
-sys.path.insert(0, os.path.dirname(__file__))
-from fake_openai_server import serve, stats  # noqa: E402
+from fake_openai_server import serve, stats
 
 CONFIGS = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "configs", "*.yaml")))
 PACKAGED = [os.path.join(os.path.dirname(__file__), "..", "alpagasus_ray", "demo.yaml")]

@@ -9,8 +9,7 @@ import pytest
 from alpagasus_ray.config import DataConfig
 from alpagasus_ray.data import INVALID_REASON, InputError, read_rows
 
-ALPACA = "../shared/data/alpaca_52k_reconstructed.json"
-DOLLY = "../shared/data/alpagasus_release/dolly_3k.json"
+from testdata import DOLLY_400, scale_data
 
 
 def _rows(path, **kw):
@@ -85,13 +84,16 @@ def test_ids_are_stable_given_ids_are_kept_and_repeats_reported(tmp_path):
     assert read_rows(DataConfig(path=str(path))).table["id"].to_pylist() == ids  # a rerun gives the same ids
 
 
-def test_alpaca_and_dolly_files_read_whole():
-    alpaca = read_rows(DataConfig(path=ALPACA))
+def test_the_whole_alpaca_file_reads_with_unique_ids():
+    alpaca = read_rows(DataConfig(path=scale_data("alpaca_52k_reconstructed.json")))
     assert alpaca.table.num_rows == 52_002 and alpaca.num_invalid == 0
     assert len(set(alpaca.table["id"].to_pylist())) == 52_002
-    dolly = read_rows(DataConfig(path=DOLLY, limit=50))
+
+
+def test_a_dolly_file_reads_under_the_alpaca_names():
+    dolly = read_rows(DataConfig(path=DOLLY_400, limit=50))
     assert dolly.table.num_rows == 50 and dolly.num_invalid == 0
-    original = json.load(open(DOLLY))[:50]
+    original = json.load(open(DOLLY_400))[:50]
     # Dolly's fields arrive under the Alpaca names (this copy already uses input/output; see the next test)
     assert dolly.table["output"].to_pylist() == [r["output"] for r in original]
 

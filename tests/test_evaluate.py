@@ -2,16 +2,13 @@
 with the tiny model, and against a local server whose chosen replies make the counts exact."""
 
 import json
-import os
 import shutil
-import sys
 
 from alpagasus_ray.cli import main
 from alpagasus_ray.records import read_jsonl
 
-sys.path.insert(0, os.path.dirname(__file__))
-from fake_openai_server import serve, stats  # noqa: E402
-from test_judging import PAPER_CASES  # noqa: E402
+from fake_openai_server import serve, stats
+from test_judging import PAPER_CASES
 
 SETS = ("koala", "vicuna", "wizardlm", "sinstruct")
 

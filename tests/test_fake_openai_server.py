@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import math
-import sys
 import threading
 import time
-from pathlib import Path
 
 import openai
 import pytest
 
-# pytest runs with --import-mode=importlib, which does not put tests/ on sys.path.
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from fake_openai_server import DEFAULT_REPLY, reset, serve, stats, tokenize, validate_config  # noqa: E402
+from fake_openai_server import DEFAULT_REPLY, reset, serve, stats, tokenize, validate_config
 
 EXACT_LOGPROBS = [[["4", -0.1], ["5", -2.4]], [[".", -0.01]]]
 

@@ -3,7 +3,6 @@
 import glob
 import json
 import os
-import sys
 
 import matplotlib.image
 import pyarrow as pa
@@ -15,10 +14,9 @@ from alpagasus_ray.cli import main
 from alpagasus_ray.config import CODING_KEYWORDS, load_config
 from alpagasus_ray.filter import SelectionError, run_filter
 
-sys.path.insert(0, os.path.dirname(__file__))
-from rated_fixtures import alpaca_rows, synthetic_ratings, write_rated  # noqa: E402
+from rated_fixtures import synthetic_ratings, write_rated
+from testdata import DOLLY_400, alpaca_rows
 
-DOLLY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "alpagasus_release", "dolly_3k.json")
 N = 600
 
 
@@ -90,7 +88,7 @@ def test_subsample_draws_k_from_the_threshold_selection(rated_dir, tmp_path):
 
 
 def test_category_floor_keeps_a_category_a_plain_threshold_drops(tmp_path):
-    rows = alpaca_rows(3000)
+    rows = alpaca_rows(2000)
     coding = {i for i, r in enumerate(rows)
               if any(k in r["instruction"] + r["input"] + r["output"] for k in CODING_KEYWORDS)}
     assert len(coding) >= 10
@@ -107,10 +105,10 @@ def test_category_floor_keeps_a_category_a_plain_threshold_drops(tmp_path):
 
 
 def test_categories_from_a_data_field_dolly(tmp_path):
-    rows = json.load(open(DOLLY))[:400]
+    rows = json.load(open(DOLLY_400))
     ratings = [(C.OK, 4.5 if r["category"] != "creative_writing" else 2.0, None) for r in rows]
     write_rated(str(tmp_path), rows, ratings)
-    overrides = [f"run_dir={tmp_path}", f"data.path={DOLLY}", "data.limit=400", "filter.category_field=category",
+    overrides = [f"run_dir={tmp_path}", f"data.path={DOLLY_400}", "filter.category_field=category",
                  "filter.mode=balanced", "filter.category_floor=0.5"]
     record = run_filter(load_config(None, overrides))
     assert record["category_source"] == "field:category"
@@ -184,16 +182,16 @@ def rated_52k(tmp_path_factory):
 
 
 @pytest.mark.parametrize("path", FILTER_CONFIGS, ids=os.path.basename)
-def test_every_shipped_filter_config_runs_as_written(path, rated_52k, tmp_path):
+def test_every_shipped_filter_config_runs_as_written(path, request, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     overrides = [f"run_dir={out}"]
-    if "dolly" in path:  # its data.path names the full Dolly file, which is not here: use the 3k slice
-        rows = json.load(open(DOLLY))
+    if "dolly" in path:  # its data.path names the full Dolly file, which is not here: use the shipped slice
+        rows = json.load(open(DOLLY_400))
         write_rated(str(out), rows, synthetic_ratings(len(rows), seed=1))
-        overrides.append(f"data.path={DOLLY}")
-    else:
-        os.symlink(os.path.join(rated_52k, "rated"), out / "rated")
+        overrides.append(f"data.path={DOLLY_400}")
+    else:  # the whole Alpaca set, rated: the configs select thousands of rows
+        os.symlink(os.path.join(request.getfixturevalue("rated_52k"), "rated"), out / "rated")
     assert main(["filter", "--config", path, *overrides]) == 0
     record = json.load(open(out / "selection.json"))
     config = load_config(path)

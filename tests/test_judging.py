@@ -9,6 +9,7 @@ import pytest
 from alpagasus_ray.data import InputError
 from alpagasus_ray.judging import TIE, WIN, combine, flip, judge_messages, parse_pair, parse_vicuna, winning_score
 from alpagasus_ray.testsets import NAMES, TESTSET_DIR, load_test_set
+from testdata import scale_data
 
 # Judge replies for 180 prompts: (reply with the candidate as Assistant 1, reply with the
 # candidate as Assistant 2). By Sec. 3.3 they are 94 wins, 71 ties and 15 losses.
@@ -16,13 +17,13 @@ PAPER_CASES = ([("8 6", "6 8")] * 60 + [("8 6", "7 7")] * 34      # win twice / 
                + [("7 7", "7 7")] * 50 + [("9 5", "9 5")] * 21    # tie twice / win + lose -> 71 ties
                + [("5 9", "9 5")] * 10 + [("6 6", "8 4")] * 5)    # lose twice / tie + lose -> 15 losses
 
-SHARED = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "testsets")
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_shipped_test_sets_are_the_released_files(name):
-    assert filecmp.cmp(os.path.join(TESTSET_DIR, f"{name}.jsonl"), os.path.join(SHARED, f"{name}.jsonl"), shallow=False)
-    rows = load_test_set(os.path.join(SHARED, f"{name}.jsonl"))
+    released = scale_data(f"testsets/{name}.jsonl")
+    assert filecmp.cmp(os.path.join(TESTSET_DIR, f"{name}.jsonl"), released, shallow=False)
+    rows = load_test_set(released)
     assert rows == load_test_set(name)
     assert len({r["id"] for r in rows}) == len(rows) == {"koala": 180, "vicuna": 80, "wizardlm": 218, "sinstruct": 252}[name]
 
@@ -31,7 +32,7 @@ def test_categories_and_inputs_come_from_the_original_fields():
     vicuna = load_test_set("vicuna")
     assert len({r["category"] for r in vicuna}) == 9
     assert len({r["category"] for r in load_test_set("wizardlm")}) == 29
-    first = json.loads(open(os.path.join(SHARED, "sinstruct.jsonl")).readline())
+    first = json.loads(open(os.path.join(TESTSET_DIR, "sinstruct.jsonl")).readline())  # the original format
     assert load_test_set("sinstruct", limit=1)[0]["input"] == first["instances"][0]["input"]
 
 

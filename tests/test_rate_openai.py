@@ -14,8 +14,7 @@ import pytest
 from alpagasus_ray.config import load_config
 from alpagasus_ray.rate import RatedStore, run_rate
 
-sys.path.insert(0, os.path.dirname(__file__))
-from fake_openai_server import serve, stats  # noqa: E402
+from fake_openai_server import serve, stats
 
 LN = math.log
 

@@ -1,9 +1,7 @@
 """The Alpaca recipe with a real tokenizer and model: the loss mask token by token, and packing
 that changes nothing about what the model sees."""
 
-import json
 import math
-import os
 import random
 
 import pytest
@@ -14,8 +12,8 @@ from alpagasus_ray.config import TrainConfig
 from alpagasus_ray.recipe import (IGNORE, alpaca_prompt, block_causal_mask, collate, encode, micro_batches, pack,
                                   plan_epoch, real_token_fraction)
 from alpagasus_ray.train import describe_plan, plan_steps
+from testdata import alpaca_rows
 
-ALPACA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "alpaca_52k_reconstructed.json")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +28,7 @@ def _encode(tokenizer, row, max_length=4096):
 
 
 def test_only_the_response_and_eos_are_learned_token_by_token(tokenizer):
-    rows = json.load(open(ALPACA))[:50]
+    rows = alpaca_rows(50)
     for row in rows:
         example = _encode(tokenizer, row)
         target = [t for t, label in zip(example.input_ids, example.labels) if label != IGNORE]
@@ -55,7 +53,7 @@ def test_packed_examples_see_exactly_what_they_see_alone(tokenizer, tiny_model):
     """Per-token logits of each example inside a packed row equal its logits run alone; without
     the block mask they would not (transformers attends across restarted positions)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32).eval()
-    rows = json.load(open(ALPACA))[100:112]
+    rows = alpaca_rows(112)[100:]
     examples = [_encode(tokenizer, r, max_length=256) for r in rows]
     lengths = [len(e.input_ids) for e in examples]
     packed_rows = pack(lengths, max_length=512)
@@ -80,7 +78,7 @@ def test_packed_examples_see_exactly_what_they_see_alone(tokenizer, tiny_model):
 
 
 def test_packing_leaves_little_padding_on_real_rows(tokenizer):
-    rows = json.load(open(ALPACA))[:2000]
+    rows = alpaca_rows(2000)
     lengths = [len(e.input_ids) for e in (_encode(tokenizer, r, max_length=512) for r in rows) if e is not None]
     packed = real_token_fraction(lengths, plan_epoch(lengths, 128, 512, packing=True, seed=0), world=2, micro_batch=4)
     unpacked = real_token_fraction(lengths, plan_epoch(lengths, 128, 512, packing=False, seed=0), world=2, micro_batch=4)

@@ -19,13 +19,13 @@ from alpagasus_ray.data import InputError
 from alpagasus_ray.rate import run_rate
 from alpagasus_ray.recipe import IGNORE, alpaca_prompt, micro_batches
 from alpagasus_ray.train import LOG_FILE, MODEL_DIR, _tokenize, plan_steps, run_train
+from testdata import alpaca_rows
 
-ALPACA = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "alpaca_52k_reconstructed.json")
 
 
 def _data(tmp_path, n=48, rows=None):
     path = tmp_path / "train.json"
-    path.write_text(json.dumps(rows if rows is not None else json.load(open(ALPACA))[:n]))
+    path.write_text(json.dumps(rows if rows is not None else alpaca_rows(n)))
     return path
 
 
@@ -86,7 +86,7 @@ def test_zero2_trains_checkpoints_and_exports_a_model_that_generates(tmp_path, t
     assert model.generate(prompt, max_new_tokens=4, do_sample=False).shape[1] == prompt.shape[1] + 4
     # vLLM serves it too: the exported directory as the grader of a small rating run.
     rows = tmp_path / "rate.json"
-    rows.write_text(json.dumps(json.load(open(ALPACA))[:4]))
+    rows.write_text(json.dumps(alpaca_rows(4)))
     summary = run_rate(load_config(None, [f"run_dir={tmp_path / 'graded'}", f"data.path={rows}", "rate.backend=vllm",
                                           f"rate.model={model_dir}", "rate.use_gpu=false", "rate.max_model_len=2048"]))
     assert summary["by_status"]["ok"] == 4
