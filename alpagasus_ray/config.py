@@ -20,7 +20,7 @@ OPERATIONAL = frozenset({
     "concurrency", "num_workers", "requests_per_minute", "tokens_per_minute", "max_retries", "request_timeout",
     "batch_size", "retry_failed", "price_input_per_million", "price_output_per_million", "num_engines",
     "accelerator_type", "resources_per_worker", "storage_path", "checkpoint_every", "keep_checkpoints",
-    "max_failures", "tensorboard", "api_key_env",
+    "max_failures", "tensorboard", "api_key_env", "cpu_kv_cache_gib",
 })
 
 
@@ -84,6 +84,9 @@ class EndpointConfig(_Strict):
     use_gpu: bool = Field(True, description="vllm: give each engine GPUs; false runs on CPU (tests, demo).")
     accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type for the engines, e.g. A100.")
     max_model_len: int = Field(4096, gt=0, description="vllm: context length of the engine.")
+    cpu_kv_cache_gib: int = Field(
+        1, gt=0, description="vllm on CPU (use_gpu=false): GiB of KV cache per engine. It reaches the engine workers "
+        "in their runtime_env as VLLM_CPU_KVCACHE_SPACE, on a local Ray or a running cluster alike.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vllm.LLM engine arguments.")
 
     def cost(self, tokens_in: int, tokens_out: int) -> float | None:

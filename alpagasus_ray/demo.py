@@ -25,9 +25,6 @@ def run_demo(run_dir: str, overrides: list[str] = ()) -> str:
     from alpagasus_ray.pipeline import run_pipeline
     from alpagasus_ray.report import REPORT_MD
 
-    # vLLM's CPU engine reserves this much KV cache (GiB); the tiny model needs little. Set before
-    # Ray starts: its workers inherit the environment.
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     config = load_config(DEMO_CONFIG, [f"run_dir={run_dir}", *overrides])
     results = run_pipeline(config)
     for stage, record in results.items():

@@ -188,6 +188,45 @@ def _final(record: dict, retry_failed: bool) -> bool:
     return record.get(C.STATUS) == C.OK or not retry_failed
 
 
+# The answer record as the judge reads it, whoever wrote it. Optional fields: `input` (default ""),
+# `category`, and `status` (default "ok"; any other value means the model has no answer to the
+# prompt, which is then not judged). Other fields are kept but not read.
+ANSWER_REQUIRED = {C.ID: (str, int), "test_set": (str,), C.INSTRUCTION: (str,), "answer": (str,)}
+ANSWER_OPTIONAL = {C.INPUT: (str,), "category": (str, int), C.STATUS: (str,)}
+
+
+def read_answers(path: str) -> list[dict]:
+    """The answer records of one test set's file, checked before anything is sent.
+
+    Raises:
+        InputError: naming the file, the line and the field, for a line that is not JSON or not an
+            object, a missing or mistyped field, a record of another test set, or a repeated id.
+    """
+    from alpagasus_ray.records import read_jsonl
+
+    expected_set = os.path.splitext(os.path.basename(path))[0]
+    records, seen = [], {}
+    for lineno, record in read_jsonl(path, with_lines=True):
+        where = f"{path}:{lineno}"
+        if not isinstance(record, dict):
+            raise InputError(f"{where}: an answer record is a JSON object, got {type(record).__name__}")
+        for field, types in {**ANSWER_REQUIRED, **ANSWER_OPTIONAL}.items():
+            value = record.get(field)
+            if field not in record and field in ANSWER_REQUIRED:
+                raise InputError(f"{where}: missing field {field!r} (required: {', '.join(ANSWER_REQUIRED)})")
+            if (value is not None or field in ANSWER_REQUIRED) and not isinstance(value, types):
+                raise InputError(f"{where}: field {field!r} is {type(value).__name__}, expected "
+                                 + " or ".join(t.__name__ for t in types))
+        if record["test_set"] != expected_set:
+            raise InputError(f"{where}: an answer of test set {record['test_set']!r} in {expected_set}.jsonl")
+        key = str(record[C.ID])
+        if key in seen:
+            raise InputError(f"{where}: id {key!r} again (first at line {seen[key]})")
+        seen[key] = lineno
+        records.append({**record, C.ID: key, C.INPUT: record.get(C.INPUT) or "", C.STATUS: record.get(C.STATUS) or C.OK})
+    return records
+
+
 def _answer_record(prompt: dict, result: dict, name: str) -> dict:
     ok = result["finish_reason"] != ERROR
     return {

@@ -30,10 +30,10 @@ from alpagasus_ray.backends import MAX_ASKS
 from alpagasus_ray.backends.openai_api import ApiWorker, map_with_api, read_reply, require_key
 from alpagasus_ray.config import Config, ConfigError, JudgeConfig, config_for_record
 from alpagasus_ray.data import InputError
-from alpagasus_ray.generate import ANSWERS_DIR, GENERATION_FILE, answers_names, question
+from alpagasus_ray.generate import ANSWERS_DIR, GENERATION_FILE, answers_names, question, read_answers
 from alpagasus_ray.judging import PARSERS, flip, judge_messages
 from alpagasus_ray.ray_runtime import ensure_ray
-from alpagasus_ray.records import RecordFile, append_by_test_set, content_digest, read_json, read_jsonl, start_outputs
+from alpagasus_ray.records import RecordFile, append_by_test_set, content_digest, read_json, start_outputs
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +143,8 @@ def _key(prompt_id: str, order: str) -> str:
 
 def _tasks(cand_file: str, base_file: str) -> list[dict]:
     """Two judgments per prompt. The two files must answer the same prompts."""
-    cand = {r[C.ID]: r for r in read_jsonl(cand_file)}
-    base = {r[C.ID]: r for r in read_jsonl(base_file)}
+    cand = {r[C.ID]: r for r in read_answers(cand_file)}
+    base = {r[C.ID]: r for r in read_answers(base_file)}
     if cand.keys() != base.keys():
         only_c, only_b = sorted(cand.keys() - base.keys()), sorted(base.keys() - cand.keys())
         raise InputError(

@@ -73,18 +73,22 @@ def read_json(path: str) -> dict | None:
         return json.load(f)
 
 
-def read_jsonl(path: str) -> list[dict]:
-    """All records of a finished JSONL file; a line that is not JSON is an error naming it."""
+def read_jsonl(path: str, with_lines: bool = False) -> list:
+    """All records of a finished JSONL file (with their line numbers when asked); a line that is
+    not JSON, or not UTF-8, is an error naming it."""
+    from alpagasus_ray.data import InputError
+
     rows = []
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for lineno, line in enumerate(f, start=1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    record = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError:
+                    raise InputError(f"{path}:{lineno}: not valid UTF-8") from None
                 except json.JSONDecodeError as e:
-                    from alpagasus_ray.data import InputError
-
                     raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                rows.append((lineno, record) if with_lines else record)
     return rows
 
 

@@ -20,7 +20,6 @@ import pytest
 # Tests import their helpers (testdata, rated_fixtures, the fake server) from this directory.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache for vLLM on CPU
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # no `uv run` runtime-env hook
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-stats reporting (no network)
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # no progress lines every 10 s
@@ -63,8 +62,11 @@ def vllm_server(tiny_model):
         "--model", tiny_model, "--dtype", "float32", "--max-model-len", "1024",
         "--enforce-eager", "--host", "127.0.0.1", "--port", str(port),
     ]
+    # GiB of KV cache for vLLM on CPU. Only this server gets it: the product's engines must carry
+    # their own setting to their workers, so the tests do not set it for them.
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1"}
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     base_url = f"http://127.0.0.1:{port}/v1"
     try:
         deadline = time.monotonic() + SERVER_READY_TIMEOUT_S

@@ -142,6 +142,41 @@ def test_bad_inputs_name_the_file_and_ids(tmp_path, capsys):
     assert "odd.jsonl:1: unknown test-set format" in capsys.readouterr().err
 
 
+def test_answers_brought_from_elsewhere_are_checked_before_anything_is_sent(tmp_path, capsys):
+    """Answers written by another tool: the documented fields are enough (no status, no prompt);
+    a file that breaks the format stops with exit 2 naming the file, the line and the field, and
+    the judge's server sees no request."""
+    run = tmp_path / "run"
+    minimal = [{"id": i, "test_set": "vicuna", "instruction": f"Q{i}?", "answer": f"A{i}"} for i in range(3)]
+    for name in ("cand", "base"):
+        path = run / "answers" / name / "vicuna.jsonl"
+        path.parent.mkdir(parents=True)
+        path.write_text("".join(json.dumps(r) + "\n" for r in minimal))
+    bad_cases = [
+        ({"id": 1, "test_set": "vicuna", "answer": "A1"}, "vicuna.jsonl:2: missing field 'instruction'"),
+        ({"id": 1, "test_set": "vicuna", "instruction": "Q1?", "answer": None}, "vicuna.jsonl:2: field 'answer' is NoneType, expected str"),
+        ({"id": 1, "test_set": "koala", "instruction": "Q1?", "answer": "A"}, "vicuna.jsonl:2: an answer of test set 'koala'"),
+        ({"id": 0, "test_set": "vicuna", "instruction": "Q1?", "answer": "A"}, "vicuna.jsonl:2: id '0' again (first at line 1)"),
+        ({"id": 1, "test_set": "vicuna", "instruction": "Q1?", "answer": "A", "status": 3}, "field 'status' is int, expected str"),
+    ]
+    cand = run / "answers" / "cand" / "vicuna.jsonl"
+    with serve({"reply": "8 6"}) as url:
+        for record, message in bad_cases:
+            cand.write_text("".join(json.dumps(r) + "\n" for r in [minimal[0], record, minimal[2]]))
+            assert main(["judge", *_judge_args(run, url)]) == 2
+            err = capsys.readouterr().err
+            assert message in err and str(cand) in err, err
+        cand.write_text(json.dumps(minimal[0]) + "\n" + "{not json\n")
+        assert main(["judge", *_judge_args(run, url)]) == 2
+        assert f"{cand}:2: not valid JSON" in capsys.readouterr().err
+        assert stats(url)["requests"] == 0
+        cand.write_text("".join(json.dumps(r) + "\n" for r in minimal))  # the documented minimum is judged
+        assert main(["judge", *_judge_args(run, url)]) == 0
+        assert stats(url)["requests"] == 6
+    verdicts = read_jsonl(str(run / "judgments" / "cand_vs_base" / "vicuna.jsonl"))
+    assert len(verdicts) == 6 and {v["status"] for v in verdicts} == {"ok"}
+
+
 def test_generate_judge_report_on_vllm_with_the_tiny_model(tmp_path, tiny_model, vllm_server, ray_local, capsys):
     """Greedy answers from Ray Data LLM engines equal vLLM's server's answers to the same Alpaca
     prompts; the tiny model then judges them (mostly unreadably: it is random, and a prompt longer

@@ -97,32 +97,145 @@ def test_the_launcher_config_passes_rays_own_validation():
     assert re.findall(r"OPENAI_API_KEY=(\S{2})", text) == ["\"$", "\"$"]  # only read from a secret, on each node
 
 
-def test_the_kuberay_job_is_well_formed_and_keeps_the_key_in_a_secret():
+def _rayjob():
     with open(os.path.join(CLUSTER, "kuberay-rayjob.yaml")) as f:
-        job = yaml.safe_load(f)
-    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob") and job["metadata"]["name"]
-    command = job["spec"]["entrypoint"].split()
-    assert command[:4] == ["alpagasus", "run", "--config", command[3]]
-    load_config(os.path.join(ROOT, command[3]), [a for a in command[4:] if "=" in a])  # the config it runs loads
+        return yaml.safe_load(f)
+
+
+def _pods(job):
     cluster = job["spec"]["rayClusterSpec"]
+    return [cluster["headGroupSpec"]["template"]["spec"], *(g["template"]["spec"] for g in cluster["workerGroupSpecs"])]
+
+
+def _entrypoint_config(job):
+    command = job["spec"]["entrypoint"].split()
+    assert command[:3] == ["alpagasus", "run", "--config"]
+    return load_config(os.path.join(ROOT, command[3]), [a for a in command[4:] if "=" in a])
+
+
+def _paths(config):
+    """Every file or directory a run of `config` reads or writes, by key."""
+    paths = {"run_dir": config.run_dir, "data.path": config.data.path, "train.data": config.train.data,
+             "train.storage_path": config.train.storage_path, "filter.rated_from": config.filter.rated_from,
+             "filter.k_from": config.filter.k_from, "filter.compare": config.filter.compare,
+             **{f"report.runs[{i}]": run for i, run in enumerate(config.report.runs)}}
+    for key in ("judge.candidate", "judge.baseline"):  # a name under <run_dir>/answers, or a path
+        value = getattr(config.judge, key.split(".")[1])
+        if value and "/" in value:
+            paths[key] = value
+    models = {"train.model": config.train.model, "generate.model": config.generate.model,
+              "generate.baseline_model": config.generate.baseline_model}
+    models.update({f"{s}.model": getattr(config, s).model for s in ("rate", "judge") if getattr(config, s).backend == "vllm"})
+    for key, value in models.items():  # a directory, or a hub id (org/name) or the built-in stand-in
+        if value and (value.startswith(("/", ".")) or value.count("/") > 1):
+            paths[key] = value
+    return {k: v for k, v in paths.items() if v and not v.startswith("builtin:")}
+
+
+def test_the_kuberay_job_starts_as_kuberay_runs_it():
+    """The dashboard is reachable through the head Service and protected by Ray's token auth; every
+    path of the entrypoint's config is on the volume every pod mounts, or in object storage; the
+    key is required; both pod kinds have /dev/shm."""
+    job = _rayjob()
+    assert (job["apiVersion"], job["kind"]) == ("ray.io/v1", "RayJob") and job["metadata"]["name"]
+    cluster = job["spec"]["rayClusterSpec"]
+    assert cluster["authOptions"] == {"mode": "token"}
+    for group in (cluster["headGroupSpec"], *cluster["workerGroupSpecs"]):
+        assert "dashboard-host" not in group["rayStartParams"]  # KubeRay binds it to 0.0.0.0 only when absent
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values())  # KubeRay wants strings
     assert cluster["enableInTreeAutoscaling"] is True
-    head = cluster["headGroupSpec"]
-    assert head["rayStartParams"] == {"num-gpus": "0", "dashboard-host": "127.0.0.1"}
     groups = cluster["workerGroupSpecs"]
     assert all(g["minReplicas"] <= g["replicas"] <= g["maxReplicas"] and g["minReplicas"] < g["maxReplicas"] for g in groups)
-    pods = [head["template"]["spec"], *(g["template"]["spec"] for g in groups)]
+
+    pods = _pods(job)
+    mounted = None
     for pod in pods:
-        volumes = {v["name"] for v in pod.get("volumes", [])}
+        volumes = {v["name"]: v for v in pod.get("volumes", [])}
         for container in pod["containers"]:
             assert container["name"] and container["image"]
-            assert {m["name"] for m in container.get("volumeMounts", [])} <= volumes
-            for env in container.get("env", []):
-                if "KEY" in env["name"]:
-                    assert "value" not in env and env["valueFrom"]["secretKeyRef"]["name"]
-    for group in (head, *groups):
-        assert all(isinstance(v, str) for v in group["rayStartParams"].values())  # KubeRay wants strings
-    limits = groups[0]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert int(limits["nvidia.com/gpu"]) > 0
+            mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+            assert set(mounts.values()) <= set(volumes)
+            assert volumes[mounts["/dev/shm"]]["emptyDir"]["medium"] == "Memory"
+            shared = {path for path, name in mounts.items() if "persistentVolumeClaim" in volumes[name]}
+            mounted = shared if mounted is None else mounted & shared
+            keys = [e for e in container.get("env", []) if "KEY" in e["name"]]
+            assert keys and all("value" not in e and not e["valueFrom"]["secretKeyRef"].get("optional") for e in keys)
+    assert mounted == {"/mnt/shared"}
+
+    config = _entrypoint_config(job)
+    paths = _paths(config)
+    assert {"run_dir", "data.path", "train.model", "train.storage_path", "judge.baseline"} <= set(paths)
+    outside = {k: v for k, v in paths.items() if not v.startswith(("s3://", "gs://"))
+               and not any(v.startswith(m + "/") for m in mounted)}
+    assert not outside, f"paths the pods cannot see: {outside}"
+    gpu = groups[0]["template"]["spec"]
+    assert int(gpu["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) >= config.train.num_workers // 2
+    assert "80GB" in gpu["nodeSelector"]["nvidia.com/gpu.product"]
+    text = open(os.path.join(CLUSTER, "aws-a100.yaml")).read()
+    assert "p4de.24xlarge" in text  # the launcher's nodes are A100 80GB too
+
+
+def test_paths_outside_the_volume_are_found():
+    """The path check above can fail: the paper config as written reads relative paths."""
+    paths = _paths(load_config(os.path.join(ROOT, "configs", "paper_alpagasus_9k.yaml")))
+    assert paths["data.path"] == "data/alpaca_data.json" and paths["judge.baseline"].startswith("runs/")
+    assert paths["train.model"] == "/models/llama-7b"
+
+
+def _crd_schema():
+    """The RayJob CRD of KubeRay v1.7.0 (ray.io_rayjobs.yaml), from KUBERAY_CRD or the data directory."""
+    from testdata import data_dir
+
+    path = os.environ.get("KUBERAY_CRD") or os.path.join(data_dir(), "kuberay", "ray.io_rayjobs.yaml")
+    if not os.path.exists(path):
+        pytest.skip(f"the KubeRay RayJob CRD is not at {path} (set KUBERAY_CRD to ray.io_rayjobs.yaml of KubeRay v1.7.0)")
+    with open(path) as f:
+        crd = yaml.safe_load(f)
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+    return version["schema"]["openAPIV3Schema"]
+
+
+def _as_json_schema(node):
+    """An OpenAPI v3 CRD schema as JSON Schema: `x-kubernetes-int-or-string` is an int or a string."""
+    if isinstance(node, dict):
+        out = {k: _as_json_schema(v) for k, v in node.items() if not k.startswith("x-kubernetes")}
+        if node.get("x-kubernetes-int-or-string"):
+            out.pop("type", None)
+            out["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        return out
+    return [_as_json_schema(v) for v in node] if isinstance(node, list) else node
+
+
+def unknown_keys(value, schema, where="") -> list[str]:
+    """Keys the schema does not know (Kubernetes drops them silently), as dotted paths.
+
+    >>> schema = {"properties": {"a": {"properties": {"b": {}}}, "m": {"additionalProperties": {}}}}
+    >>> unknown_keys({"a": {"b": 1, "c": 2}, "m": {"any": 1}, "z": 0}, schema)
+    ['a.c', 'z']
+    """
+    found = []
+    if isinstance(value, dict) and "properties" in schema and not schema.get("x-kubernetes-preserve-unknown-fields"):
+        for key, item in value.items():
+            if key in schema["properties"]:
+                found += unknown_keys(item, schema["properties"][key], f"{where}{key}.")
+            elif "additionalProperties" not in schema:
+                found.append(f"{where}{key}")
+    elif isinstance(value, dict) and isinstance(schema.get("additionalProperties"), dict):
+        for key, item in value.items():
+            found += unknown_keys(item, schema["additionalProperties"], f"{where}{key}.")
+    elif isinstance(value, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(value):
+            found += unknown_keys(item, schema["items"], f"{where}{i}.")
+    return sorted(k.rstrip(".") for k in found)
+
+
+def test_the_kuberay_job_passes_the_rayjob_crd_schema_with_no_unknown_key():
+    import jsonschema
+
+    schema = _crd_schema()
+    job = _rayjob()
+    jsonschema.validate(job, _as_json_schema(schema))
+    assert unknown_keys(job, schema) == []
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "paper_*.yaml"))), ids=os.path.basename)

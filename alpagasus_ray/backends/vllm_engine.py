@@ -88,6 +88,9 @@ def engine_processor(endpoint: EndpointConfig, preprocess, *, chat: bool = True,
         accelerator_type=endpoint.accelerator_type if endpoint.use_gpu else None,
         should_continue_on_error=True,
         placement_group_config=None if endpoint.use_gpu else {"bundles": [{"CPU": 1}]},
+        # Workers do not see the driver's environment under a running cluster: what the engine
+        # needs travels with it.
+        runtime_env=None if endpoint.use_gpu else {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(endpoint.cpu_kv_cache_gib)}},
         chat_template_stage={"enabled": chat, **light},
         tokenize_stage={"enabled": True, **light},
         detokenize_stage={"enabled": True, **light},
