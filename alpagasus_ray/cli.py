@@ -35,10 +35,11 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = [*getattr(args, "overrides", []), *extra]
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     from alpagasus_ray.data import InputError
+    from alpagasus_ray.filter import FilterError
 
     try:
         return args.func(args)
-    except (ConfigError, InputError, ValueError) as e:
+    except (ConfigError, InputError, FilterError) as e:  # the user's to fix; anything else is a bug with a traceback
         print(f"alpagasus {args.command}: error: {e}", file=sys.stderr)
         return 2
 

@@ -7,6 +7,7 @@ Secrets are never part of a config: the API key is read from the environment var
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Literal
 
@@ -188,7 +189,8 @@ class TrainConfig(_Strict):
     tensorboard: bool = Field(False, description="Also write metrics for TensorBoard under <run_dir>/tensorboard (a path the first worker can write).")
 
 
-TEST_SETS = ["koala", "vicuna", "wizardlm", "sinstruct"]
+# The paper's four test sets, shipped in the package (alpagasus_ray/testsets/).
+TEST_SETS = ("koala", "vicuna", "wizardlm", "sinstruct")
 
 
 class GenerateConfig(EndpointConfig):
@@ -199,10 +201,16 @@ class GenerateConfig(EndpointConfig):
     name: str | None = Field(None, description="What the model is called in outputs (answers/<name>/); default the model directory's name.")
     test_sets: list[str] = Field(default_factory=lambda: list(TEST_SETS), min_length=1, description="Shipped test sets by name (koala, vicuna, wizardlm, sinstruct) or JSONL files in one of their formats.")
     limit: int | None = Field(None, gt=0, description="Only the first N prompts of each test set (for trials).")
-    max_new_tokens: int = Field(1024, gt=0, description="Answer length cap in tokens (the paper: 1024).")
+    max_tokens: int = Field(1024, gt=0, description="Answer length cap in tokens (the paper: 1024). Formerly max_new_tokens.")
     template: Literal["alpaca", "chat"] = Field("alpaca", description="alpaca: the Alpaca prompt the model was trained on, as a plain completion; chat: the instruction (and input) as a chat message, for chat models and APIs.")
     baseline_model: str | None = Field(None, description="A second model answered the same way, to judge against (e.g. the base model before fine-tuning); vllm backend: a model directory or hub id.")
     baseline_name: str | None = Field(None, description="What the baseline model is called in outputs; default its directory's name.")
+
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        return _renamed(data, "generate", {"max_new_tokens": "max_tokens"})
 
 
 class JudgeConfig(EndpointConfig):
@@ -215,6 +223,20 @@ class JudgeConfig(EndpointConfig):
     test_sets: list[str] | None = Field(None, description="Test sets to judge; default every set answered by both models.")
     max_tokens: int = Field(512, gt=0, description="Judge reply cap: the scores line plus the explanation.")
     constrained: bool = Field(False, description="vllm: constrain the reply to the verdict alone (two scores 1-10, or [[A]]/[[B]]/[[C]]), with no explanation; for small judges.")
+
+
+def _renamed(data: Any, section: str, renames: dict[str, str]) -> Any:
+    """Old key names still work, with a deprecation message naming the new one."""
+    if not isinstance(data, dict):
+        return data
+    data = dict(data)
+    for old, new in renames.items():
+        if old in data:
+            if new in data:
+                raise ValueError(f"{section}.{old} and {section}.{new} are the same key (the first is its old name): give one")
+            logging.getLogger(__name__).warning("%s.%s is deprecated: use %s.%s", section, old, section, new)
+            data[new] = data.pop(old)
+    return data
 
 
 class ReportConfig(_Strict):

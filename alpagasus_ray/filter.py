@@ -1,4 +1,4 @@
-"""The selection stage: turn ratings into the training subset, as the paper does.
+"""The filter stage: turn ratings into the training subset, as the paper does.
 
     alpagasus filter --config configs/filter_alpagasus_9k.yaml [filter.threshold=4.0] [--compare OTHER.json]
 
@@ -36,7 +36,7 @@ PLOTS_DIR = "plots"
 REQUIRED = (C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT, C.SCORE, C.STATUS)
 
 
-class SelectionError(ValueError):
+class FilterError(ValueError):
     """A selection that cannot be made as configured; nothing was written."""
 
 
@@ -45,13 +45,13 @@ def run_filter(config: Config) -> dict:
     f = config.filter
     rated = load_rated(f.rated_from or config.run_dir, f.score)
     if not SCORE_MIN <= f.threshold <= SCORE_MAX and f.mode in ("threshold", "subsample", "balanced"):
-        raise SelectionError(f"filter.threshold={f.threshold:g} is outside the grader's scale {SCORE_MIN:g}-{SCORE_MAX:g}")
+        raise FilterError(f"filter.threshold={f.threshold:g} is outside the grader's scale {SCORE_MIN:g}-{SCORE_MAX:g}")
     statuses = Counter(rated[C.STATUS].to_pylist())
     categories_all = _categories(rated, config)
     is_ok = pc.and_(pc.equal(rated[C.STATUS], C.OK), pc.is_valid(rated[f.score])).to_pylist()
     pool_index = [i for i, ok in enumerate(is_ok) if ok]
     if not pool_index:
-        raise SelectionError(f"no rated row has status ok and a {f.score}: nothing to select from (statuses: {dict(statuses)})")
+        raise FilterError(f"no rated row has status ok and a {f.score}: nothing to select from (statuses: {dict(statuses)})")
     pool = rated.take(pa.array(pool_index))
     categories = [categories_all[i] for i in pool_index]
     chosen = _choose(pool, categories, f)
@@ -89,11 +89,11 @@ def load_rated(run_dir: str, score: str = C.SCORE) -> pa.Table:
     store = RatedStore(run_dir)
     parts = store.parts()
     if not parts:
-        raise SelectionError(f"{path}: no rated rows; run `alpagasus rate` first")
+        raise FilterError(f"{path}: no rated rows; run `alpagasus rate` first")
     schema = pq.read_schema(parts[0])
     missing = [c for c in (*REQUIRED, score) if c not in schema.names]
     if missing:
-        raise SelectionError(f"{path}: the rated rows lack column(s) {', '.join(missing)}")
+        raise FilterError(f"{path}: the rated rows lack column(s) {', '.join(missing)}")
     return store.read()
 
 
@@ -113,16 +113,16 @@ def _choose(pool: pa.Table, categories: list[str], f: FilterConfig) -> list[int]
         chosen = selection.random_k(kept, _check_k(k, len(kept), f"the rows scoring >= {f.threshold:g}"), f.seed)
     else:  # balanced
         if f.category_floor == 0 and not f.category_quota:
-            raise SelectionError("filter.mode=balanced needs filter.category_floor > 0 or a filter.category_quota")
+            raise FilterError("filter.mode=balanced needs filter.category_floor > 0 or a filter.category_quota")
         unknown = set(f.category_quota) - set(categories)
         if unknown:
-            raise SelectionError(f"filter.category_quota names categories with no ok row: {sorted(unknown)}")
+            raise FilterError(f"filter.category_quota names categories with no ok row: {sorted(unknown)}")
         chosen = selection.with_category_floor(
             selection.threshold(scores, f.threshold), selection.rank_order(scores, expected, ids),
             categories, f.category_floor, f.category_quota,
         )
     if not chosen:
-        raise SelectionError(f"filter.mode={f.mode} selects no row (e.g. no ok row scores >= {f.threshold:g})")
+        raise FilterError(f"filter.mode={f.mode} selects no row (e.g. no ok row scores >= {f.threshold:g})")
     return chosen
 
 
@@ -133,15 +133,15 @@ def _resolve_k(f: FilterConfig) -> int | None:
         with open(f.k_from) as fh:
             other = json.load(fh)
     except (OSError, json.JSONDecodeError) as e:
-        raise SelectionError(f"filter.k_from={f.k_from}: cannot read a selection: {e}") from None
+        raise FilterError(f"filter.k_from={f.k_from}: cannot read a selection: {e}") from None
     return other["selected"] if isinstance(other, dict) and "selected" in other else len(other)
 
 
 def _check_k(k: int | None, available: int, what: str) -> int:
     if k is None:
-        raise SelectionError("this filter.mode needs filter.k (or filter.k_from)")
+        raise FilterError("this filter.mode needs filter.k (or filter.k_from)")
     if k > available:
-        raise SelectionError(f"filter.k={k:,} is more than {what} ({available:,})")
+        raise FilterError(f"filter.k={k:,} is more than {what} ({available:,})")
     return k
 
 
@@ -156,7 +156,7 @@ def _categories(rated: pa.Table, config: Config) -> list[str]:
     source = read_rows(config.data, extra_fields=(f.category_field,)).table
     by_id = dict(zip(source[C.ID].to_pylist(), source[f.category_field].to_pylist()))
     if not any(v is not None for v in by_id.values()):
-        raise SelectionError(f"filter.category_field={f.category_field!r}: no row of {config.data.path} has it")
+        raise FilterError(f"filter.category_field={f.category_field!r}: no row of {config.data.path} has it")
     return [by_id.get(i) or "(none)" for i in rated[C.ID].to_pylist()]
 
 
@@ -188,9 +188,9 @@ def _read_selection(path: str) -> list[dict]:
             text = fh.read()
         rows = json.loads(text) if text.lstrip().startswith("[") else [json.loads(l) for l in text.splitlines() if l.strip()]
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SelectionError(f"{path}: cannot read a selection to compare with: {e}") from None
+        raise FilterError(f"{path}: cannot read a selection to compare with: {e}") from None
     if not all(isinstance(r, dict) and C.INSTRUCTION in r and C.OUTPUT in r for r in rows):
-        raise SelectionError(f"{path}: a selection is Alpaca-format rows with instruction and output")
+        raise FilterError(f"{path}: a selection is Alpaca-format rows with instruction and output")
     return rows
 
 

@@ -1,10 +1,10 @@
 """The generation stage: one model's answers to the test sets, for judging.
 
-    alpagasus generate --config configs/eval_alpagasus_vs_alpaca.yaml generate.limit=5
+    alpagasus generate --config configs/paper_alpagasus_9k.yaml generate.limit=5
 
 Loads the test sets (the paper's four are shipped; other files in their formats work too), builds
 each prompt with the Alpaca template the model was trained with, and generates greedily, up to
-`generate.max_new_tokens` tokens (the paper: 1024). With the vllm backend the engines are Ray Data
+`generate.max_tokens` tokens (the paper: 1024). With the vllm backend the engines are Ray Data
 LLM actors, one per GPU (one CPU engine in tests); the answer is exactly the generated tokens,
 which stop at the model's end-of-sequence token or at the cap, never a search in the text. With
 the openai backend a reference system answers instead.
@@ -261,7 +261,7 @@ def _answer(pending: list[dict], cfg: GenerateConfig, model: str):
         return map_with_api(dataset, _Answerer, cfg)
     from alpagasus_ray.backends.vllm_engine import engine_processor, light_stage
 
-    sampling = {"temperature": cfg.temperature, "max_tokens": cfg.max_new_tokens}
+    sampling = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
     chat = cfg.template == "chat"
     processor = engine_processor(
         cfg,
@@ -272,11 +272,11 @@ def _answer(pending: list[dict], cfg: GenerateConfig, model: str):
         },
         chat=chat,
     )
-    limits = {"max_new_tokens": cfg.max_new_tokens, "max_model_len": cfg.max_model_len}
+    limits = {"max_tokens": cfg.max_tokens, "max_model_len": cfg.max_model_len}
     return processor(dataset).map(lambda row: _engine_result(row, **limits), **light_stage(cfg))
 
 
-def _engine_result(row: dict, max_new_tokens: int, max_model_len: int) -> dict:
+def _engine_result(row: dict, max_tokens: int, max_model_len: int) -> dict:
     """One engine output as a RESULT_SCHEMA row. The engine stops at EOS or a length limit only,
     so an answer shorter than both limits ended with EOS."""
     from alpagasus_ray.backends.vllm_engine import inference_error
@@ -286,7 +286,7 @@ def _engine_result(row: dict, max_new_tokens: int, max_model_len: int) -> dict:
     error = inference_error(row)
     if error:
         reason = ERROR
-    elif tokens_out >= max_new_tokens or tokens_in + tokens_out >= max_model_len:
+    elif tokens_out >= max_tokens or tokens_in + tokens_out >= max_model_len:
         reason = LENGTH
     else:
         reason = STOP
@@ -307,9 +307,9 @@ class _Answerer(ApiWorker):
     async def _answer(self, row: dict) -> dict:
         cfg = self.cfg
         if cfg.template == "alpaca":
-            send = functools.partial(self.complete, row["prompt"], cfg.max_new_tokens)
+            send = functools.partial(self.complete, row["prompt"], cfg.max_tokens)
         else:
-            send = functools.partial(self.chat, [{"role": "user", "content": row["prompt"]}], cfg.max_new_tokens)
+            send = functools.partial(self.chat, [{"role": "user", "content": row["prompt"]}], cfg.max_tokens)
         asked = await self.ask(send, lambda reply: ((read_reply(reply)[0], reply.choices[0].finish_reason), None))
         answer, reason = asked.value or ("", ERROR)
         return {C.ID: row[C.ID], "answer": answer.strip(), "finish_reason": reason or STOP, C.ERROR: asked.error,

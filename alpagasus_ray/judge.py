@@ -1,6 +1,6 @@
 """The judging stage: an LLM judge compares two models' answers, each prompt in both orders.
 
-    alpagasus judge --config configs/eval_alpagasus_vs_alpaca.yaml judge.candidate=alpagasus-9k judge.baseline=alpaca-52k
+    alpagasus judge --config configs/paper_alpagasus_9k.yaml judge.candidate=alpagasus-9k judge.baseline=runs/alpaca-52k/answers/alpaca-52k
 
 For every prompt answered by both models the judge is asked twice, candidate first and then
 baseline first, with the paper's App. C prompt (`judge.prompt=vicuna`: two scores 1-10) or the

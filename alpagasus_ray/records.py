@@ -32,7 +32,9 @@ class RecordFile:
                 record = json.loads(line)
             except ValueError:
                 if line.endswith(b"\n"):
-                    raise ValueError(f"{self.path}: a line that is not JSON in the middle of the file") from None
+                    from alpagasus_ray.data import InputError
+
+                    raise InputError(f"{self.path}: a line that is not JSON in the middle of the file") from None
                 break  # the torn last line
             records[self.key(record)] = record
             good_end += len(line)

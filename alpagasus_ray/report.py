@@ -1,6 +1,6 @@
 """The report: win/tie/lose and winning score of every judged pair, per test set and category.
 
-    alpagasus report --config configs/eval_alpagasus_vs_alpaca.yaml
+    alpagasus report --config configs/paper_alpagasus_9k.yaml
 
 Reads `<run_dir>/judgments/*/` and writes `<run_dir>/report.json`, shaped
 {"<candidate>_vs_<baseline>": {"<test_set>": {"win", "tie", "lose", "parse_failed", "failed", "n",

@@ -11,14 +11,14 @@ from __future__ import annotations
 import json
 import os
 
+from alpagasus_ray.config import TEST_SETS
 from alpagasus_ray.data import InputError
 
 TESTSET_DIR = os.path.join(os.path.dirname(__file__), "testsets")
-NAMES = ("koala", "vicuna", "wizardlm", "sinstruct")
 
 
 def load_test_set(name_or_path: str, limit: int | None = None) -> list[dict]:
-    """The prompts of a test set: a name of NAMES or a JSONL file in one of their formats.
+    """The prompts of a test set: a name of TEST_SETS or a JSONL file in one of their formats.
 
     >>> rows = load_test_set("vicuna")
     >>> len(rows), rows[0]["id"], rows[0]["category"]
@@ -26,8 +26,8 @@ def load_test_set(name_or_path: str, limit: int | None = None) -> list[dict]:
     >>> load_test_set("sinstruct", limit=1)[0]["input"] != ""
     True
     """
-    path = os.path.join(TESTSET_DIR, f"{name_or_path}.jsonl") if name_or_path in NAMES else name_or_path
-    name = name_or_path if name_or_path in NAMES else os.path.splitext(os.path.basename(path))[0]
+    path = os.path.join(TESTSET_DIR, f"{name_or_path}.jsonl") if name_or_path in TEST_SETS else name_or_path
+    name = name_or_path if name_or_path in TEST_SETS else os.path.splitext(os.path.basename(path))[0]
     try:
         with open(path, encoding="utf-8") as f:
             lines = [(n, line) for n, line in enumerate(f, start=1) if line.strip()]

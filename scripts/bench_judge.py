@@ -31,7 +31,8 @@ from alpagasus_ray.config import load_config  # noqa: E402
 from alpagasus_ray.judge import run_judge  # noqa: E402
 from alpagasus_ray.judging import judge_messages  # noqa: E402
 from alpagasus_ray.ray_runtime import ensure_ray  # noqa: E402
-from alpagasus_ray.testsets import NAMES, load_test_set  # noqa: E402
+from alpagasus_ray.config import TEST_SETS  # noqa: E402
+from alpagasus_ray.testsets import load_test_set  # noqa: E402
 
 
 def server_rate(url: str) -> tuple[float, int]:
@@ -45,7 +46,7 @@ def write_answers(run_dir: str) -> list[tuple[str, str, str]]:
     pairs = []
     for name in ("cand", "base"):
         os.makedirs(os.path.join(run_dir, "answers", name), exist_ok=True)
-    for ts in NAMES:
+    for ts in TEST_SETS:
         rows = load_test_set(ts)
         for name, make in (("cand", lambda r: r["instruction"][::-1]), ("base", lambda r: r["instruction"].upper())):
             with open(os.path.join(run_dir, "answers", name, f"{ts}.jsonl"), "w") as f:

@@ -79,3 +79,22 @@ def test_dry_run_counts_and_prices_without_sending(tmp_path):
     assert 3 * 350 < report["prompt_tokens_estimate"] < 3 * 450
     assert report["cost_usd_at_most"] == pytest.approx((report["prompt_tokens_estimate"] * 1.0 + 300 * 2.0) / 1e6)
     assert not (tmp_path / "run").exists()
+
+
+def test_old_key_names_still_work_with_a_deprecation_message(caplog):
+    assert load_config(None, ["generate.max_new_tokens=16"]).generate.max_tokens == 16
+    assert "generate.max_new_tokens is deprecated: use generate.max_tokens" in caplog.text
+    with pytest.raises(ConfigError, match="generate.max_new_tokens and generate.max_tokens are the same key"):
+        load_config(None, ["generate.max_new_tokens=16", "generate.max_tokens=8"])
+
+
+def test_a_programming_error_is_not_reported_as_bad_input(monkeypatch, tmp_path):
+    """Exit 2 is for the user's config and input; any other error keeps its traceback."""
+    import alpagasus_ray.filter
+
+    def broken(config):
+        raise ValueError("a bug, not the user's input")
+
+    monkeypatch.setattr(alpagasus_ray.filter, "run_filter", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        main(["filter", "--config", "/dev/null", f"run_dir={tmp_path}"])

@@ -183,7 +183,7 @@ def test_generate_judge_report_on_vllm_with_the_tiny_model(tmp_path, tiny_model,
     than the server's context fails alone) and the report adds up."""
     run = tmp_path / "run"
     common = ["--config", "/dev/null", f"run_dir={run}", f"generate.model={tiny_model}", "generate.limit=2",
-              "generate.max_new_tokens=12"]
+              "generate.max_tokens=12"]
     assert main(["generate", *common, "generate.name=engine", "generate.use_gpu=false", "generate.max_model_len=1024"]) == 0
     assert main(["generate", *common, "generate.name=server", "generate.backend=openai", f"generate.base_url={vllm_server}"]) == 0
     for ts in SETS:

@@ -1,4 +1,4 @@
-"""The selection stage: every mode from the CLI and from config, the outputs, the pictures, bad input."""
+"""The filter stage: every mode from the CLI and from config, the outputs, the pictures, bad input."""
 
 import glob
 import json
@@ -12,7 +12,7 @@ import pytest
 from alpagasus_ray import columns as C
 from alpagasus_ray.cli import main
 from alpagasus_ray.config import CODING_KEYWORDS, load_config
-from alpagasus_ray.filter import SelectionError, run_filter
+from alpagasus_ray.filter import FilterError, run_filter
 
 from rated_fixtures import synthetic_ratings, write_rated
 from testdata import DOLLY_400, alpaca_rows
@@ -151,21 +151,21 @@ def test_bad_selections_fail_clearly_and_write_nothing(rated_dir, tmp_path, over
     out = tmp_path / "run"
     out.mkdir()
     os.symlink(os.path.join(rated_dir[0], "rated"), out / "rated")
-    with pytest.raises(SelectionError, match=message):
+    with pytest.raises(FilterError, match=message):
         run_filter(load_config(None, [f"run_dir={out}", *overrides]))
     assert sorted(os.listdir(out)) == ["rated"]
 
 
 def test_bad_rated_data_fails_clearly(tmp_path):
-    with pytest.raises(SelectionError, match="no rated rows; run `alpagasus rate` first"):
+    with pytest.raises(FilterError, match="no rated rows; run `alpagasus rate` first"):
         run_filter(load_config(None, [f"run_dir={tmp_path}"]))
     (tmp_path / "rated").mkdir()
     pq.write_table(pa.table({"id": ["a"], "instruction": ["i"], "status": ["ok"]}), tmp_path / "rated" / "part-x.parquet")
-    with pytest.raises(SelectionError, match="lack column\\(s\\) input, output, score"):
+    with pytest.raises(FilterError, match="lack column\\(s\\) input, output, score"):
         run_filter(load_config(None, [f"run_dir={tmp_path}"]))
     empty = tmp_path / "empty"
     write_rated(str(empty), alpaca_rows(5), [(C.REQUEST_FAILED, None, None)] * 5)
-    with pytest.raises(SelectionError, match="nothing to select from"):
+    with pytest.raises(FilterError, match="nothing to select from"):
         run_filter(load_config(None, [f"run_dir={empty}"]))
     assert not (empty / "selected.json").exists()
 

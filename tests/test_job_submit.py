@@ -66,7 +66,7 @@ def test_the_demo_runs_as_a_submitted_job_on_a_running_cluster(head_node, tmp_pa
     submitted = subprocess.run(
         [os.path.join(BIN, "ray"), "job", "submit", "--address", address, "--working-dir", ".", "--",
          "alpagasus", "demo", "--run-dir", str(run), "data.limit=24", "train.max_steps=2", "generate.limit=1",
-         "generate.max_new_tokens=8"],
+         "generate.max_tokens=8"],
         cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     output = submitted.stdout + submitted.stderr
     assert submitted.returncode == 0, output[-4000:]

@@ -8,7 +8,8 @@ import pytest
 
 from alpagasus_ray.data import InputError
 from alpagasus_ray.judging import TIE, WIN, combine, flip, judge_messages, parse_pair, parse_vicuna, winning_score
-from alpagasus_ray.testsets import NAMES, TESTSET_DIR, load_test_set
+from alpagasus_ray.config import TEST_SETS
+from alpagasus_ray.testsets import TESTSET_DIR, load_test_set
 from testdata import scale_data
 
 # Judge replies for 180 prompts: (reply with the candidate as Assistant 1, reply with the
@@ -19,7 +20,7 @@ PAPER_CASES = ([("8 6", "6 8")] * 60 + [("8 6", "7 7")] * 34      # win twice / 
 
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", TEST_SETS)
 def test_shipped_test_sets_are_the_released_files(name):
     released = scale_data(f"testsets/{name}.jsonl")
     assert filecmp.cmp(os.path.join(TESTSET_DIR, f"{name}.jsonl"), released, shallow=False)

@@ -25,7 +25,7 @@ def _finished(run_dir):
 @pytest.mark.slow
 def test_the_demo_runs_every_stage_and_a_rerun_skips_them(tmp_path):
     run = tmp_path / "demo"
-    small = ["data.limit=40", "train.max_steps=3", "generate.limit=1", "generate.max_new_tokens=16"]
+    small = ["data.limit=40", "train.max_steps=3", "generate.limit=1", "generate.max_tokens=16"]
     env = {**os.environ, "ALPAGASUS_CACHE": str(tmp_path / "cache")}  # the stand-in is built on first use
 
     def demo(*extra):

@@ -65,7 +65,6 @@ def ratings_table(ratings: list[Rating]) -> pa.Table:
 class Backend(Protocol):
     """What the rating stage needs from a grader."""
 
-    grader: str  # recorded in every output row, e.g. "openai:gpt-4o-mini"
 
     def rate(self, rows: "ray.data.Dataset", reask: bool = False) -> "ray.data.Dataset":
         """Rate every row; the result has the columns of RESULT_SCHEMA, one row per input row.

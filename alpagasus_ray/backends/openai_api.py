@@ -22,7 +22,7 @@ import pyarrow as pa
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.backends import MAX_ASKS, Rating, rating_from_reply, ratings_table
-from alpagasus_ray.config import EndpointConfig, RateConfig, api_key
+from alpagasus_ray.config import ConfigError, EndpointConfig, RateConfig, api_key
 from alpagasus_ray.prompts import estimate_tokens, expected_score, parse_score, rating_messages
 from alpagasus_ray.ratelimit import SharedLimiter
 
@@ -33,7 +33,6 @@ class OpenAIBackend:
     def __init__(self, rate: RateConfig):
         require_key(rate, "rate")
         self.cfg = rate
-        self.grader = f"openai:{rate.model}"
 
     def rate(self, rows, reask: bool = False):
         return map_with_api(rows, _Rater, self.cfg)
@@ -42,7 +41,7 @@ class OpenAIBackend:
 def require_key(endpoint: EndpointConfig, section: str) -> None:
     """OpenAI's own endpoint needs a key in the environment; fail before anything is sent."""
     if endpoint.base_url is None and not os.environ.get(endpoint.api_key_env):
-        raise ValueError(
+        raise ConfigError(
             f"{section}.backend=openai with OpenAI's endpoint needs an API key in ${endpoint.api_key_env}; "
             f"set it in the environment (never in a config), or set {section}.base_url to a server without auth"
         )

@@ -25,7 +25,6 @@ class VLLMBackend:
 
     def __init__(self, rate: RateConfig):
         self.cfg = rate
-        self.grader = f"vllm:{rate.model}"
 
     def rate(self, rows, reask: bool = False):
         cfg = self.cfg
