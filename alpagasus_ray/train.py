@@ -33,6 +33,8 @@ MODEL_DIR = "model"
 STATE_FILE = "train_state.json"  # in each checkpoint: the step and the metrics of every step so far
 LOG_FILE = "train_log.jsonl"
 HF_SUBDIR = "hf"
+# Bump when plan_steps changes how steps are made (v2: steps of global_batch_size examples, packed within).
+PLAN_VERSION = "plan-v2"
 
 
 def run_train(config: Config) -> dict:
@@ -188,6 +190,7 @@ def _run_name(config: Config, data_path: str) -> str:
             digest.update(chunk)
     recipe = {k: v for k, v in config.train.model_dump(mode="json").items() if k not in OPERATIONAL and k != "data"}
     digest.update(json.dumps(recipe, sort_keys=True).encode())
+    digest.update(PLAN_VERSION.encode())  # checkpoints of another planning never resume this one
     return f"train-{os.path.basename(os.path.abspath(config.run_dir))}-{digest.hexdigest()[:8]}"
 
 
