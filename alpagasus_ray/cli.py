@@ -19,10 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 from alpagasus_ray.config import ConfigError, load_config
+from alpagasus_ray.layout import RunDir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -104,7 +104,7 @@ def _stage(sub, name: str, func, help: str, description: str) -> argparse.Argume
 
 
 def _rate(args) -> int:
-    from alpagasus_ray.rate import SUMMARY_FILE, run_rate
+    from alpagasus_ray.rate import run_rate
 
     config = load_config(args.config, args.overrides)
     summary = run_rate(config, dry_run=args.dry_run)
@@ -112,28 +112,28 @@ def _rate(args) -> int:
         print(json.dumps(summary, indent=2))
         return 0
     print(json.dumps(summary["by_status"]))
-    print(os.path.join(config.run_dir, SUMMARY_FILE))
+    print(RunDir(config.run_dir).rated_summary)
     return 0
 
 
 def _filter(args) -> int:
-    from alpagasus_ray.filter import SELECTION_FILE, run_filter
+    from alpagasus_ray.filter import run_filter
 
     overrides = [*args.overrides, *([f"filter.compare={args.compare}"] if args.compare else [])]
     config = load_config(args.config, overrides)
     record = run_filter(config)
     print(f"selected {record['selected']:,} of {record['pool']:,} ok rows ({record['mode']})")
-    print(os.path.join(config.run_dir, SELECTION_FILE))
+    print(RunDir(config.run_dir).selection)
     return 0
 
 
 def _train(args) -> int:
-    from alpagasus_ray.train import MODEL_DIR, run_train
+    from alpagasus_ray.train import run_train
 
     config = load_config(args.config, args.overrides)
     metrics = run_train(config)
     print(f"trained {metrics.get('step')} steps, final loss {metrics.get('loss', float('nan')):.4f}")
-    print(os.path.join(config.run_dir, MODEL_DIR))
+    print(RunDir(config.run_dir).model)
     return 0
 
 
@@ -143,7 +143,7 @@ def _generate(args) -> int:
     config = load_config(args.config, args.overrides)
     for record in run_generate(config):
         print(f"answered {record['prompts']} prompts as {record['name']}: {record['by_finish_reason']}")
-    print(os.path.join(config.run_dir, "answers"))
+    print(RunDir(config.run_dir).answers())
     return 0
 
 
@@ -153,19 +153,19 @@ def _judge(args) -> int:
     config = load_config(args.config, args.overrides)
     record = run_judge(config)
     print(f"judgments by status: {record['judgments_by_status']}")
-    print(os.path.join(config.run_dir, "judgments", pair_name(record["candidate"], record["baseline"])))
+    print(RunDir(config.run_dir).judgments(pair_name(record["candidate"], record["baseline"])))
     return 0
 
 
 def _report(args) -> int:
-    from alpagasus_ray.report import ALL, REPORT_MD, run_report
+    from alpagasus_ray.report import ALL, run_report
 
     config = load_config(args.config, args.overrides)
     report = run_report(config)
     for pair, entry in report.items():
         t = entry[ALL]
         print(f"{pair}: win {t['win']} / tie {t['tie']} / lose {t['lose']}, winning score {t['winning_score']:.4f}")
-    print(os.path.join(config.run_dir, REPORT_MD))
+    print(RunDir(config.run_dir).report_md)
     return 0
 
 

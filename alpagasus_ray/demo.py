@@ -23,7 +23,7 @@ DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "demo.yaml")
 def run_demo(run_dir: str, overrides: list[str] = ()) -> str:
     """Run the demo into `run_dir`; returns the path of the report it wrote last."""
     from alpagasus_ray.pipeline import run_pipeline
-    from alpagasus_ray.report import REPORT_MD
+    from alpagasus_ray.layout import RunDir
 
     config = load_config(DEMO_CONFIG, [f"run_dir={run_dir}", *overrides])
     results = run_pipeline(config)
@@ -31,4 +31,4 @@ def run_demo(run_dir: str, overrides: list[str] = ()) -> str:
         state = "skipped (unchanged)" if record["skipped"] else f"done in {record['seconds']:.0f} s"
         print(f"{stage:>8}: {state}")
     print("The models here are a tiny locally built stand-in: the scores carry no meaning.")
-    return os.path.join(config.run_dir, REPORT_MD)
+    return RunDir(config.run_dir).report_md

@@ -25,14 +25,11 @@ from alpagasus_ray import columns as C
 from alpagasus_ray import plots, selection
 from alpagasus_ray.config import Config, FilterConfig
 from alpagasus_ray.prompts import SCORE_MAX, SCORE_MIN
-from alpagasus_ray.rate import RATED_DIR, RatedStore
+from alpagasus_ray.layout import RunDir
+from alpagasus_ray.rate import RatedStore
 
 log = logging.getLogger(__name__)
 
-SELECTED_JSON = "selected.json"
-SELECTED_JSONL = "selected.jsonl"
-SELECTION_FILE = "selection.json"
-PLOTS_DIR = "plots"
 REQUIRED = (C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT, C.SCORE, C.STATUS)
 
 
@@ -85,8 +82,8 @@ def run_filter(config: Config) -> dict:
 
 def load_rated(run_dir: str, score: str = C.SCORE) -> pa.Table:
     """The rated rows of `run_dir`, checked to have what selection needs."""
-    path = os.path.join(run_dir, RATED_DIR)
     store = RatedStore(run_dir)
+    path = store.path
     parts = store.parts()
     if not parts:
         raise FilterError(f"{path}: no rated rows; run `alpagasus rate` first")
@@ -198,24 +195,25 @@ def _write_outputs(run_dir: str, selected: pa.Table, record: dict, pool_scores: 
     """Write every output into a temporary directory, then move them in place together."""
     os.makedirs(run_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".filter-", dir=run_dir)
+    staged, final = RunDir(tmp), RunDir(run_dir)  # written in a directory of the same layout, then moved
     try:
         rows = selected.select([C.INSTRUCTION, C.INPUT, C.OUTPUT, C.ID, f.score]).to_pylist()
         if f.score != C.SCORE:
             rows = [{**{k: v for k, v in r.items() if k != f.score}, C.SCORE: r[f.score]} for r in rows]
-        with open(os.path.join(tmp, SELECTED_JSON), "w", encoding="utf-8") as fh:
+        with open(staged.selected_json, "w", encoding="utf-8") as fh:
             json.dump(rows, fh, ensure_ascii=False, indent=1)
-        with open(os.path.join(tmp, SELECTED_JSONL), "w", encoding="utf-8") as fh:
+        with open(staged.selected_jsonl, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
         if f.plots:
-            _plot(os.path.join(tmp, PLOTS_DIR), record, pool_scores, f)
-        with open(os.path.join(tmp, SELECTION_FILE), "w") as fh:
+            _plot(staged.plots, record, pool_scores, f)
+        with open(staged.selection, "w") as fh:
             json.dump(record, fh, indent=2)
-        for name in (SELECTED_JSON, SELECTED_JSONL, SELECTION_FILE):
-            os.replace(os.path.join(tmp, name), os.path.join(run_dir, name))
+        for name in ("selected_json", "selected_jsonl", "selection"):
+            os.replace(getattr(staged, name), getattr(final, name))
         if f.plots:
-            os.makedirs(os.path.join(run_dir, PLOTS_DIR), exist_ok=True)
-            for name in os.listdir(os.path.join(tmp, PLOTS_DIR)):
-                os.replace(os.path.join(tmp, PLOTS_DIR, name), os.path.join(run_dir, PLOTS_DIR, name))
+            os.makedirs(final.plots, exist_ok=True)
+            for name in os.listdir(staged.plots):
+                os.replace(os.path.join(staged.plots, name), os.path.join(final.plots, name))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -32,6 +32,7 @@ from alpagasus_ray import columns as C
 from alpagasus_ray.backends.openai_api import ApiWorker, map_with_api, read_reply, require_key
 from alpagasus_ray.config import OPERATIONAL, Config, ConfigError, GenerateConfig, config_for_record
 from alpagasus_ray.data import InputError
+from alpagasus_ray.layout import GENERATION_FILE, RunDir
 from alpagasus_ray.ray_runtime import ensure_ray
 from alpagasus_ray.recipe import alpaca_prompt
 from alpagasus_ray.records import RecordFile, append_by_test_set, file_stamps, start_outputs
@@ -40,8 +41,6 @@ from alpagasus_ray.tiny_model import BUILTIN_MODEL
 
 log = logging.getLogger(__name__)
 
-ANSWERS_DIR = "answers"
-GENERATION_FILE = "generation.json"
 STOP, LENGTH, ERROR = "stop", "length", "error"
 # What a backend returns per prompt, joined back to the prompt by id.
 RESULT_SCHEMA = pa.schema([
@@ -68,7 +67,7 @@ def run_generate(config: Config) -> list[dict]:
 
 def candidate_model(config: Config) -> str:
     """The model whose answers are judged: generate.model, or the run's trained model."""
-    return config.generate.model or os.path.join(config.run_dir, "model")
+    return config.generate.model or RunDir(config.run_dir).model
 
 
 def answers_names(config: Config) -> tuple[str, str | None]:
@@ -88,7 +87,7 @@ def _generate(config: Config, model: str, name: str) -> dict:
     else:
         require_key(cfg, "generate")
     prompts = _load_prompts(cfg)
-    out_dir = os.path.join(config.run_dir, ANSWERS_DIR, name)
+    out_dir = RunDir(config.run_dir).answers(name)
     made_from = {"model": model, "model_files": file_stamps(glob.glob(os.path.join(model, "*"))) if os.path.isdir(model) else [],
                  "settings": {k: v for k, v in cfg.model_dump(mode="json").items() if k not in OPERATIONAL}}
     if start_outputs(out_dir, made_from):

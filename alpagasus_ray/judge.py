@@ -30,15 +30,14 @@ from alpagasus_ray.backends import MAX_ASKS
 from alpagasus_ray.backends.openai_api import ApiWorker, map_with_api, read_reply, require_key
 from alpagasus_ray.config import Config, ConfigError, JudgeConfig, config_for_record
 from alpagasus_ray.data import InputError
-from alpagasus_ray.generate import ANSWERS_DIR, GENERATION_FILE, answers_names, question, read_answers
+from alpagasus_ray.generate import answers_names, question, read_answers
 from alpagasus_ray.judging import PARSERS, flip, judge_messages
+from alpagasus_ray.layout import GENERATION_FILE, JUDGE_FILE, RunDir
 from alpagasus_ray.ray_runtime import ensure_ray
 from alpagasus_ray.records import RecordFile, append_by_test_set, content_digest, read_json, start_outputs
 
 log = logging.getLogger(__name__)
 
-JUDGMENTS_DIR = "judgments"
-JUDGE_FILE = "judge.json"
 CANDIDATE_FIRST, BASELINE_FIRST = "candidate_first", "baseline_first"
 NO_ANSWER = "no_answer"  # a model has no answer to the prompt (its generation failed): not sent
 # What a backend returns per judgment, in the judge's own positions (1 = shown first).
@@ -77,7 +76,7 @@ def run_judge(config: Config) -> dict:
     test_sets = cfg.test_sets or sorted(_answered_sets(cand_dir) & _answered_sets(base_dir))
     if not test_sets:
         raise InputError(f"{cand_dir} and {base_dir} have no test set answered by both (generate first)")
-    out_dir = os.path.join(config.run_dir, JUDGMENTS_DIR, pair_name(cand, base))
+    out_dir = RunDir(config.run_dir).judgments(pair_name(cand, base))
     answers = [os.path.join(d, f"{ts}.jsonl") for d in (cand_dir, base_dir) for ts in test_sets]
     missing = [p for p in answers if not os.path.exists(p)]
     if missing:
@@ -125,7 +124,7 @@ def run_judge(config: Config) -> dict:
 
 def _answers_dir(run_dir: str, name_or_path: str, key: str) -> tuple[str, str]:
     """(directory, name) of a model's answers: a name under <run_dir>/answers/ or a directory."""
-    inside = os.path.join(run_dir, ANSWERS_DIR, name_or_path)
+    inside = RunDir(run_dir).answers(name_or_path)
     path = inside if os.path.isdir(inside) else name_or_path
     if not os.path.isdir(path):
         raise InputError(f"{key}={name_or_path}: no answers in {inside} (run alpagasus generate first) or at that path")

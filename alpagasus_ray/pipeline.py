@@ -23,12 +23,12 @@ import time
 from typing import Callable
 
 from alpagasus_ray.config import OPERATIONAL, Config, ConfigError, config_for_record
+from alpagasus_ray.layout import RunDir
 from alpagasus_ray.records import content_digest, read_json
 
 log = logging.getLogger(__name__)
 
 STAGES = ("rate", "filter", "train", "generate", "judge", "report")
-STAGES_DIR = "stages"
 
 
 class StageFailed(RuntimeError):
@@ -46,7 +46,7 @@ def run_pipeline(config: Config, first: str | None = None, only: str | None = No
             raise ConfigError(f"{name} {value}: not a stage; the stages are {', '.join(STAGES)}")
     selected = [only] if only else list(STAGES[STAGES.index(first):] if first else STAGES)
     os.makedirs(config.run_dir, exist_ok=True)
-    with open(os.path.join(config.run_dir, "run_config.json"), "w") as f:
+    with open(RunDir(config.run_dir).run_config, "w") as f:
         json.dump(config_for_record(config), f, indent=2)
     previous = _recorded(config.run_dir, STAGES[STAGES.index(selected[0]) - 1]) if selected[0] != STAGES[0] else None
     previous_fp = previous["fingerprint"] if previous else "start"
@@ -98,7 +98,7 @@ def fingerprint(stage: str, config: Config, previous: str) -> str:
         "rate": lambda: {"data": config.data.model_dump(mode="json"), "rate": config.rate.model_dump(mode="json"),
                          "files": _file_stamps(config.data.path)},
         "filter": lambda: {**config.filter.model_dump(mode="json"),
-                           "files": _file_stamps(os.path.join(config.filter.rated_from, "rated")) if config.filter.rated_from else []},
+                           "files": _file_stamps(RunDir(config.filter.rated_from).rated) if config.filter.rated_from else []},
         "train": lambda: {**config.train.model_dump(mode="json"), "files": _file_stamps(config.train.data)},
         "generate": lambda: config.generate.model_dump(mode="json"),
         "judge": lambda: {**config.judge.model_dump(mode="json"),
@@ -139,11 +139,11 @@ def _answers_digest(path: str | None) -> str | None:
 
 
 def _recorded(run_dir: str, stage: str) -> dict | None:
-    return read_json(os.path.join(run_dir, STAGES_DIR, f"{stage}.json"))
+    return read_json(RunDir(run_dir).stage_record(stage))
 
 
 def _record(run_dir: str, stage: str, record: dict) -> None:
-    path = os.path.join(run_dir, STAGES_DIR, f"{stage}.json")
+    path = RunDir(run_dir).stage_record(stage)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(f"{path}.tmp", "w") as f:
         json.dump(record, f, indent=2, default=str)
@@ -193,10 +193,10 @@ def _judge(config: Config) -> dict:
 
 
 def _report(config: Config) -> dict:
-    from alpagasus_ray.report import ALL, REPORT_MD, run_report
+    from alpagasus_ray.report import ALL, run_report
 
     report = run_report(config)
-    return {"report": os.path.join(config.run_dir, REPORT_MD),
+    return {"report": RunDir(config.run_dir).report_md,
             **{pair: {k: entry[ALL][k] for k in ("win", "tie", "lose", "n", "winning_score")} for pair, entry in report.items()}}
 
 

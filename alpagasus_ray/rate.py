@@ -26,14 +26,12 @@ from alpagasus_ray import columns as C
 from alpagasus_ray.backends import MAX_ASKS, RESULT_SCHEMA, Rating, make_backend, ratings_table
 from alpagasus_ray.config import Config, ConfigError, config_for_record
 from alpagasus_ray.data import INVALID_REASON, Rows, read_rows
+from alpagasus_ray.layout import RunDir
 from alpagasus_ray.ray_runtime import ensure_ray
 from alpagasus_ray.prompts import CHARS_PER_TOKEN, PROMPT_VERSION, RATING_SYSTEM, RATING_USER
 
 log = logging.getLogger(__name__)
 
-RATED_DIR = "rated"
-SUMMARY_FILE = "rated_summary.json"
-CONFIG_FILE = "rate_config.json"
 RATED_SCHEMA = pa.schema([
     (C.ID, pa.string()), (C.INSTRUCTION, pa.string()), (C.INPUT, pa.string()), (C.OUTPUT, pa.string()),
     (C.SCORE, pa.float64()), (C.SCORE_EXPECTED, pa.float64()), (C.STATUS, pa.string()), (C.REVIEW, pa.string()),
@@ -47,7 +45,7 @@ class RatedStore:
     """`<run_dir>/rated/`: Parquet parts written atomically, read back with one row per id."""
 
     def __init__(self, run_dir: str):
-        self.path = os.path.join(run_dir, RATED_DIR)
+        self.path = RunDir(run_dir).rated
 
     def write(self, table: pa.Table, prefix: str = "part") -> None:
         """Save `table` as a new part; readers never see a half-written file."""
@@ -128,7 +126,7 @@ def run_rate(config: Config, dry_run: bool = False) -> dict:
         return _dry_run_report(rows, valid, cfg)
 
     os.makedirs(config.run_dir, exist_ok=True)
-    with open(os.path.join(config.run_dir, CONFIG_FILE), "w") as f:
+    with open(RunDir(config.run_dir).rate_config, "w") as f:
         json.dump(config_for_record(config), f, indent=2)
     meta = {C.GRADER: grader, C.DIMENSION: cfg.dimension, C.PROMPT_VERSION: PROMPT_VERSION}
     if invalid.num_rows:
@@ -139,7 +137,7 @@ def run_rate(config: Config, dry_run: bool = False) -> dict:
         _rate_rows(valid, cfg, store, meta)
     store.compact()
     summary = _summarize(rows, store.read(), cfg, time.time() - started, valid.num_rows)
-    with open(os.path.join(config.run_dir, SUMMARY_FILE), "w") as f:
+    with open(RunDir(config.run_dir).rated_summary, "w") as f:
         json.dump(summary, f, indent=2)
     return summary
 

@@ -94,13 +94,14 @@ def read_jsonl(path: str, with_lines: bool = False) -> list:
     return rows
 
 
-INPUTS_FILE = "inputs.json"
 
 
 def start_outputs(out_dir: str, inputs: dict) -> bool:
     """Prepare `out_dir` for records made from `inputs` (JSON-able): when its records were made
     from other inputs (a retrained model, regenerated answers), they are stale and are deleted.
     Returns True when something was deleted."""
+    from alpagasus_ray.layout import INPUTS_FILE
+
     path = os.path.join(out_dir, INPUTS_FILE)
     stale = False
     if os.path.exists(path):

@@ -23,14 +23,12 @@ from collections import Counter, defaultdict
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import Config
 from alpagasus_ray.data import InputError
-from alpagasus_ray.generate import GENERATION_FILE
-from alpagasus_ray.judge import BASELINE_FIRST, CANDIDATE_FIRST, JUDGE_FILE, JUDGMENTS_DIR
+from alpagasus_ray.judge import BASELINE_FIRST, CANDIDATE_FIRST
+from alpagasus_ray.layout import GENERATION_FILE, JUDGE_FILE, RunDir
 from alpagasus_ray.judging import LOSE, TIE, WIN, capacity, combine, winning_score
 from alpagasus_ray.records import read_json, read_jsonl
 from alpagasus_ray.tiny_model import is_stand_in
 
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
 ALL = "all"
 SMOKE_NOTE = ("Smoke scale: a model here is the tiny locally built stand-in (builtin:tiny-llama); "
               "these scores carry no meaning, they show the machinery.")
@@ -92,19 +90,20 @@ def run_report(config: Config) -> dict:
     """Write report.json, report.md and the plots of `config.run_dir`; returns the report."""
     from alpagasus_ray import plots
 
-    judgments_dir = os.path.join(config.run_dir, JUDGMENTS_DIR)
+    run = RunDir(config.run_dir)
+    judgments_dir = run.judgments()
     pairs = sorted(os.listdir(judgments_dir)) if os.path.isdir(judgments_dir) else []
     if not pairs:
         raise InputError(f"{judgments_dir}: no judged pairs (run alpagasus judge first)")
-    report = {pair: summarize_pair(os.path.join(judgments_dir, pair)) for pair in pairs}
+    report = {pair: summarize_pair(run.judgments(pair)) for pair in pairs}
     by_size = _by_size([config.run_dir, *config.report.runs]) if config.report.runs else None  # checked before writing
-    with open(os.path.join(config.run_dir, REPORT_JSON), "w") as f:
+    with open(run.report_json, "w") as f:
         json.dump(report, f, indent=2)
-    about = {pair: _about(os.path.join(judgments_dir, pair)) for pair in pairs}
+    about = {pair: _about(run.judgments(pair)) for pair in pairs}
     smoke = any(a["smoke"] for a in about.values())
     written = []
     if config.report.plots:
-        plot_dir = os.path.join(config.run_dir, "plots")
+        plot_dir = run.plots
         suffix = " (smoke scale: no meaning)" if smoke else ""
         for pair, entry in report.items():
             sets = {s: v for s, v in entry.items() if s != ALL}
@@ -120,7 +119,7 @@ def run_report(config: Config) -> dict:
             path = os.path.join(plot_dir, "winning_score_vs_size.png")
             plots.score_vs_size(by_size, path, f"winning score vs training size{suffix}")
             written.append(path)
-    with open(os.path.join(config.run_dir, REPORT_MD), "w") as f:
+    with open(run.report_md, "w") as f:
         f.write(_markdown(report, about, smoke, written, config.run_dir))
     return report
 
@@ -142,16 +141,16 @@ def _about(pair_dir: str) -> dict:
 def _by_size(run_dirs: list[str]) -> dict[str, list[tuple[int, float]]]:
     """(training rows, winning score) per test set over runs, each run's first judged pair."""
     points = defaultdict(list)
-    for run in run_dirs:
-        selection = os.path.join(run, "selection.json")
+    for run in map(RunDir, run_dirs):
+        selection = run.selection
         if not os.path.exists(selection):
             raise InputError(f"{selection}: missing; report.runs needs each run's selection (its training size)")
         size = read_json(selection)["selected"]
-        judgments_dir = os.path.join(run, JUDGMENTS_DIR)
+        judgments_dir = run.judgments()
         pairs = sorted(os.listdir(judgments_dir)) if os.path.isdir(judgments_dir) else []
         if not pairs:
             raise InputError(f"{judgments_dir}: no judged pairs in a run of report.runs")
-        for name, result in summarize_pair(os.path.join(judgments_dir, pairs[0])).items():
+        for name, result in summarize_pair(run.judgments(pairs[0])).items():
             points[name].append((size, result["winning_score"]))
     return dict(points)
 
@@ -189,12 +188,12 @@ def _markdown(report: dict, about: dict, smoke: bool, plots_written: list[str], 
 
 def _artifacts(run_dir: str, extra: list[str]) -> list[str]:
     """Every file of the run a person would open (checkpoint shards and Parquet parts excepted)."""
-    found = set(extra) | {os.path.join(run_dir, REPORT_MD)}
+    run = RunDir(run_dir)
+    found = set(extra) | {run.report_md}
     for root, dirs, files in os.walk(run_dir):
-        dirs[:] = [d for d in dirs if d not in ("checkpoints", "rated", "tensorboard", "model")]
+        dirs[:] = [d for d in dirs if os.path.join(root, d) not in run.bulk]
         found.update(os.path.join(root, f) for f in files if not f.startswith("."))
-    if os.path.isdir(os.path.join(run_dir, "model")):
-        found.add(os.path.join(run_dir, "model") + os.sep)
-    if os.path.isdir(os.path.join(run_dir, "rated")):
-        found.add(os.path.join(run_dir, "rated") + os.sep)
+    for bulk in (run.model, run.rated):  # listed whole
+        if os.path.isdir(bulk):
+            found.add(bulk + os.sep)
     return sorted(found)

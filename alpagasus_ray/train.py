@@ -23,15 +23,14 @@ import time
 
 from alpagasus_ray.config import OPERATIONAL, Config, TrainConfig
 from alpagasus_ray.data import InputError
+from alpagasus_ray.layout import RunDir
 from alpagasus_ray.tiny_model import MARKER_FILE, is_stand_in
 from alpagasus_ray.recipe import (IGNORE, Example, alpaca_prompt, block_causal_mask, collate, encode, micro_batches,
                                   plan_epoch, real_token_fraction)
 
 log = logging.getLogger(__name__)
 
-MODEL_DIR = "model"
 STATE_FILE = "train_state.json"  # in each checkpoint: the step and the metrics of every step so far
-LOG_FILE = "train_log.jsonl"
 HF_SUBDIR = "hf"
 # Bump when plan_steps changes how steps are made (v2: steps of global_batch_size examples, packed within).
 PLAN_VERSION = "plan-v2"
@@ -44,7 +43,8 @@ def run_train(config: Config) -> dict:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     t = config.train
-    data_path = t.data or os.path.join(config.run_dir, "selected.json")
+    run = RunDir(config.run_dir)
+    data_path = t.data or run.selected_json
     model_path = _check_model(t.model)
     examples, dropped = _tokenize(data_path, model_path, t)
     lengths = [len(e.input_ids) for e in examples]
@@ -59,11 +59,11 @@ def run_train(config: Config) -> dict:
     from alpagasus_ray.ray_runtime import ensure_ray
 
     ensure_ray()
-    storage = t.storage_path or os.path.abspath(os.path.join(config.run_dir, "checkpoints"))
+    storage = t.storage_path or os.path.abspath(run.checkpoints)
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config={"train": t.model_dump(), "model": model_path, "plan": plan,
-                           "tensorboard_dir": os.path.abspath(os.path.join(config.run_dir, "tensorboard")),
+                           "tensorboard_dir": os.path.abspath(run.tensorboard),
                            "examples": ray.put([(e.input_ids, e.labels) for e in examples])},
         scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
                                      resources_per_worker=t.resources_per_worker or None),
@@ -75,7 +75,7 @@ def run_train(config: Config) -> dict:
         ),
     )
     result = trainer.fit()
-    out = os.path.join(config.run_dir, MODEL_DIR)
+    out = run.model
     with result.checkpoint.as_directory() as directory:
         tmp = tempfile.mkdtemp(prefix=".model-", dir=config.run_dir)
         shutil.copytree(os.path.join(directory, HF_SUBDIR), tmp, dirs_exist_ok=True)
@@ -85,7 +85,7 @@ def run_train(config: Config) -> dict:
         os.replace(tmp, out)
         with open(os.path.join(directory, STATE_FILE)) as f:
             history = json.load(f)["history"]
-    with open(os.path.join(config.run_dir, LOG_FILE), "w") as f:
+    with open(run.train_log, "w") as f:
         f.writelines(json.dumps(m) + "\n" for m in history)
     return dict(result.metrics)
 

@@ -88,7 +88,8 @@ def plain_loop_tokens_per_s(model_dir: str, examples, plan, micro_batch: int, lr
 
 def throughput_report(steps: int, workers: int) -> dict:
     from alpagasus_ray.config import load_config
-    from alpagasus_ray.train import LOG_FILE, _tokenize, plan_steps, run_train
+    from alpagasus_ray.layout import RunDir
+    from alpagasus_ray.train import _tokenize, plan_steps, run_train
     from alpagasus_ray.tiny_model import resolve_model
 
     model = resolve_model("builtin:tiny-llama")
@@ -100,7 +101,7 @@ def throughput_report(steps: int, workers: int) -> dict:
                                     f"train.num_workers={workers}", "train.global_batch_size=32", "train.micro_batch_size=4",
                                     "train.max_length=512", f"train.max_steps={steps}", "train.checkpoint_every=1000"])
         run_train(config)
-        log = [json.loads(line) for line in open(os.path.join(run_dir, LOG_FILE))]
+        log = [json.loads(line) for line in open(RunDir(run_dir).train_log)]
         ray_rate = statistics.mean(m["tokens_per_s"] for m in log[1:])
         examples, _ = _tokenize(data, model, config.train)
         plan = plan_steps([len(e.input_ids) for e in examples], config.train)

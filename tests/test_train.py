@@ -18,7 +18,8 @@ from alpagasus_ray.config import load_config
 from alpagasus_ray.data import InputError
 from alpagasus_ray.rate import run_rate
 from alpagasus_ray.recipe import IGNORE, alpaca_prompt, micro_batches
-from alpagasus_ray.train import LOG_FILE, MODEL_DIR, _tokenize, plan_steps, run_train
+from alpagasus_ray.layout import RunDir
+from alpagasus_ray.train import _tokenize, plan_steps, run_train
 from testdata import alpaca_rows
 
 
@@ -41,7 +42,7 @@ def _storage(tmp_path):
 
 
 def _log(tmp_path):
-    return [json.loads(line) for line in open(tmp_path / "run" / LOG_FILE)]
+    return [json.loads(line) for line in open(RunDir(str(tmp_path / "run")).train_log)]
 
 
 def test_bad_input_fails_before_any_worker_starts(tmp_path, tiny_model):
@@ -76,7 +77,7 @@ def test_zero2_trains_checkpoints_and_exports_a_model_that_generates(tmp_path, t
     storage = _storage(tmp_path)
     checkpoints = [d for d in storage.iterdir() if d.is_dir() and d.name.startswith("checkpoint_")]
     assert len(checkpoints) == 2  # keep-last-K
-    model_dir = tmp_path / "run" / MODEL_DIR
+    model_dir = RunDir(str(tmp_path / "run")).model
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= set(os.listdir(model_dir))
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -115,7 +116,7 @@ def test_zero3_with_packing_takes_steps_of_examples_and_exports_the_whole_model(
             total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum").item()
             targets += (labels != IGNORE).sum().item()
     assert log[0]["loss"] == pytest.approx(total / targets, rel=1e-4)
-    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / MODEL_DIR).state_dict()
+    trained = AutoModelForCausalLM.from_pretrained(RunDir(str(tmp_path / "run")).model).state_dict()
     base = base.state_dict()
     assert trained.keys() == base.keys() and all(trained[k].shape == base[k].shape for k in base)
 

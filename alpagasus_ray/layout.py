@@ -1,0 +1,114 @@
+"""Every path under a run directory: the one module that knows its layout.
+
+    <run_dir>/
+      rated/                         rated rows, Parquet parts                  rate
+      rated_summary.json             counts, tokens, cost, score histogram      rate
+      rate_config.json               the config the rating ran with             rate
+      selected.json, .jsonl          the training rows (Alpaca format)          filter
+      selection.json                 what was selected, how and the counts      filter
+      plots/                         PNGs                                       filter, report
+      model/                         the fine-tuned model (Hugging Face)        train
+      train_log.jsonl                metrics per step                           train
+      checkpoints/, tensorboard/     (default places)                           train
+      answers/<name>/<set>.jsonl     a model's answers, + generation.json       generate
+      judgments/<pair>/<set>.jsonl   verdicts, + judge.json                     judge
+      report.json, report.md                                                    report
+      stages/<stage>.json            stage fingerprints                         run
+      run_config.json                the config of the last `alpagasus run`     run
+
+An answers or judgments directory also holds `inputs.json`: what its records were made from.
+"""
+
+from __future__ import annotations
+
+import os
+
+# Files inside an answers directory and a judgments directory (also read from other runs).
+GENERATION_FILE = "generation.json"
+JUDGE_FILE = "judge.json"
+INPUTS_FILE = "inputs.json"
+
+
+class RunDir:
+    """The paths of one run directory."""
+
+    def __init__(self, root: str):
+        self.root = root
+
+    def _(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    # rate
+    @property
+    def rated(self) -> str:
+        return self._("rated")
+
+    @property
+    def rated_summary(self) -> str:
+        return self._("rated_summary.json")
+
+    @property
+    def rate_config(self) -> str:
+        return self._("rate_config.json")
+
+    # filter
+    @property
+    def selected_json(self) -> str:
+        return self._("selected.json")
+
+    @property
+    def selected_jsonl(self) -> str:
+        return self._("selected.jsonl")
+
+    @property
+    def selection(self) -> str:
+        return self._("selection.json")
+
+    @property
+    def plots(self) -> str:
+        return self._("plots")
+
+    # train
+    @property
+    def model(self) -> str:
+        return self._("model")
+
+    @property
+    def train_log(self) -> str:
+        return self._("train_log.jsonl")
+
+    @property
+    def checkpoints(self) -> str:
+        return self._("checkpoints")
+
+    @property
+    def tensorboard(self) -> str:
+        return self._("tensorboard")
+
+    # generate, judge, report
+    def answers(self, name: str = "") -> str:
+        return self._("answers", name) if name else self._("answers")
+
+    def judgments(self, pair: str = "") -> str:
+        return self._("judgments", pair) if pair else self._("judgments")
+
+    @property
+    def report_json(self) -> str:
+        return self._("report.json")
+
+    @property
+    def report_md(self) -> str:
+        return self._("report.md")
+
+    # run
+    def stage_record(self, stage: str) -> str:
+        return self._("stages", f"{stage}.json")
+
+    @property
+    def run_config(self) -> str:
+        return self._("run_config.json")
+
+    # Directories that hold bulk data rather than results a person reads (the report lists them whole).
+    @property
+    def bulk(self) -> tuple[str, ...]:
+        return (self.rated, self.model, self.checkpoints, self.tensorboard)
