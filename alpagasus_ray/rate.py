@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from alpagasus_ray import columns as C
 from alpagasus_ray.backends import MAX_ASKS, RESULT_SCHEMA, Rating, make_backend, ratings_table
 from alpagasus_ray.config import Config, ConfigError, config_for_record
-from alpagasus_ray.data import INVALID_REASON, Rows, read_rows
+from alpagasus_ray.data import INVALID_REASON, InputError, Rows, read_rows
 from alpagasus_ray.layout import RunDir
 from alpagasus_ray.ray_runtime import ensure_ray
 from alpagasus_ray.prompts import CHARS_PER_TOKEN, PROMPT_VERSION, RATING_SYSTEM, RATING_USER
@@ -99,12 +99,16 @@ def run_rate(config: Config, dry_run: bool = False) -> dict:
     """Rate every row of `config.data` into `config.run_dir`; returns the summary.
 
     Raises:
-        InputError: the input cannot be read (nothing was sent).
+        InputError: the input cannot be read, or holds no row that can be rated (nothing was sent).
         ConfigError: the run directory holds ratings made with another grader, dimension or prompt.
     """
     started = time.time()
     cfg = config.rate
     rows = read_rows(config.data)
+    if rows.num_invalid == rows.table.num_rows:  # e.g. plain text, or the wrong field names: a stop, not a run
+        first = rows.table.slice(0, 3).to_pylist()
+        raise InputError(f"{', '.join(rows.files)}: no row can be rated ({rows.num_invalid:,} rows, none valid), e.g. "
+                         + "; ".join(f"{r[C.SOURCE]} ({r[INVALID_REASON]})" for r in first))
     store = RatedStore(config.run_dir)
     grader = f"{cfg.backend}:{cfg.model}"
     done = store.read()

@@ -98,3 +98,20 @@ def test_a_programming_error_is_not_reported_as_bad_input(monkeypatch, tmp_path)
     monkeypatch.setattr(alpagasus_ray.filter, "run_filter", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["filter", "--config", "/dev/null", f"run_dir={tmp_path}"])
+
+
+@pytest.mark.parametrize("name,content,reason", [
+    ("plain.txt", "hello world\nsecond line\n", "plain.txt:1 (not valid JSON"),
+    ("fields.jsonl", '{"prompt": "a", "completion": "b"}\n{"output": "z"}\n', "fields.jsonl:1 (missing field 'instruction'"),
+    ("wrapped.json", '{"data": [{"instruction": "a", "output": "b"}]}', "wrapped.json:1 (missing field 'instruction'"),
+])
+def test_input_with_no_rateable_row_stops_before_anything_is_sent(tmp_path, capsys, name, content, reason):
+    path = tmp_path / name
+    path.write_text(content)
+    with serve({}) as url:
+        code = main(["rate", "--config", "configs/rate_openai_compatible.yaml", f"rate.base_url={url}",
+                     f"data.path={path}", f"run_dir={tmp_path / 'run'}"])
+        assert stats(url)["requests"] == 0
+    err = capsys.readouterr().err
+    assert code == 2 and "no row can be rated" in err and reason in err, err
+    assert not (tmp_path / "run").exists()
