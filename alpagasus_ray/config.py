@@ -25,6 +25,15 @@ OPERATIONAL = frozenset({
 })
 
 
+def pool_size(value: int | tuple[int, int]) -> tuple[int, int]:
+    """(min, max) actors of a pool: a number is a fixed pool, a pair a range to autoscale in.
+
+    >>> pool_size(4), pool_size((1, 8))
+    ((4, 4), (1, 8))
+    """
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
 class ConfigError(ValueError):
     """A config file or override that cannot be used; the message names the file and the key."""
 
@@ -68,7 +77,9 @@ class EndpointConfig(_Strict):
     retry_failed: bool = Field(False, description="On a rerun, send rows that ended request_failed again.")
     # openai backend
     concurrency: int = Field(16, gt=0, description="Requests in flight at once, across all workers together.")
-    num_workers: int = Field(1, gt=0, description="Ray actors sending requests (openai backend); the concurrency is split among them.")
+    num_workers: int | tuple[int, int] = Field(
+        1, description="Ray actors sending requests (openai backend): a number, or a range [min, max] for an "
+        "autoscaling pool. The concurrency is split among the most there can be.")
     requests_per_minute: int | None = Field(None, gt=0, description="Account limit on requests per minute, across all workers.")
     tokens_per_minute: int | None = Field(None, gt=0, description="Account limit on tokens per minute (prompt estimate + max_tokens), across all workers.")
     max_retries: int = Field(5, ge=0, description="Retries of a failed request (429, 5xx, timeouts) by the openai client, honouring Retry-After.")
@@ -80,7 +91,9 @@ class EndpointConfig(_Strict):
     price_input_per_million: float | None = Field(None, ge=0, description="USD per million prompt tokens, for the cost estimate.")
     price_output_per_million: float | None = Field(None, ge=0, description="USD per million completion tokens, for the cost estimate.")
     # vllm backend
-    num_engines: int = Field(1, gt=0, description="vllm: engine replicas (one per GPU, or per tensor-parallel group).")
+    num_engines: int | tuple[int, int] = Field(
+        1, description="vllm: engine replicas (one per GPU, or per tensor-parallel group): a number, or a range "
+        "[min, max] for an autoscaling pool that a cluster autoscaler can add GPU nodes for.")
     tensor_parallel_size: int = Field(1, gt=0, description="vllm: GPUs per engine.")
     use_gpu: bool = Field(True, description="vllm: give each engine GPUs; false runs on CPU (tests, demo).")
     accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type for the engines, e.g. A100.")
@@ -98,8 +111,14 @@ class EndpointConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> "EndpointConfig":
-        if self.backend == "openai" and self.concurrency < self.num_workers:
-            raise ValueError(f"concurrency ({self.concurrency}) must be at least num_workers ({self.num_workers})")
+        for key in ("num_workers", "num_engines"):
+            low, high = pool_size(getattr(self, key))
+            if not 1 <= low <= high:
+                raise ValueError(f"{key} must be a number >= 1 or a range [min, max] with 1 <= min <= max, "
+                                 f"got {getattr(self, key)}")
+        most = pool_size(self.num_workers)[1]
+        if self.backend == "openai" and self.concurrency < most:
+            raise ValueError(f"concurrency ({self.concurrency}) must be at least num_workers ({most})")
         return self
 
 

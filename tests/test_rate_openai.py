@@ -113,6 +113,28 @@ def test_rate_limits_hold_across_workers(tmp_path, ray_local):
     assert sorted(gaps)[len(gaps) // 2] >= 0.08
 
 
+def test_an_autoscaling_pool_of_workers_keeps_the_concurrency(tmp_path, ray_local):
+    """rate.num_workers=[1, 2]: Ray Data's autoscaling actor pool; the requests in flight never
+    exceed rate.concurrency, whatever size the pool has."""
+    from ray._private.state import actors  # from the GCS: the session's Ray runs without a dashboard
+
+    def raters():
+        return {i for i, a in actors().items() if "_Rater" in a.get("ActorClassName", "")}
+
+    before = raters()
+    data = _write_rows(tmp_path / "rows.jsonl", 96)
+    with serve({"latency": 0.2}) as url:
+        config = load_config(None, [
+            f"run_dir={tmp_path / 'run'}", f"data.path={data}", f"rate.base_url={url}", "rate.model=fake",
+            "rate.num_workers=[1, 2]", "rate.concurrency=4", "rate.batch_size=4",
+        ])
+        summary = run_rate(config)
+        seen = stats(url)
+    assert summary["by_status"]["ok"] == 96 and seen["requests"] == 96
+    assert seen["max_in_flight"] <= 4
+    assert len(raters() - before) == 2  # it grew to its largest size
+
+
 def test_a_429_retry_after_pauses_every_worker(tmp_path, ray_local):
     data = _write_rows(tmp_path / "rows.jsonl", 60)
     with serve({"latency": 0.05, "retry_after": 1.5, "rules": [{"match": "ROW-010", "faults": ["429"]}]}) as url:

@@ -1,7 +1,8 @@
 """The `openai` backend: any OpenAI-compatible endpoint, called from Ray Data actors. Rating,
 generation and judging each define an `ApiWorker`; `map_with_api` runs it.
 
-Each actor keeps up to `concurrency / num_workers` requests in flight on one event loop.
+Each actor keeps up to `concurrency / num_workers` requests in flight on one event loop (the largest
+number of workers, when `num_workers` is a range [min, max] for an autoscaling pool).
 Retries of 429, 5xx and timeouts are the openai client's own (bounded by `max_retries`,
 honouring Retry-After). Requests-per-minute and tokens-per-minute limits are held by one shared
 limiter actor for all workers, which a 429's Retry-After also pauses.
@@ -22,7 +23,7 @@ import pyarrow as pa
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.backends import MAX_ASKS, Rating, rating_from_reply, ratings_table
-from alpagasus_ray.config import ConfigError, EndpointConfig, RateConfig, api_key
+from alpagasus_ray.config import ConfigError, EndpointConfig, RateConfig, api_key, pool_size
 from alpagasus_ray.prompts import estimate_tokens, expected_score, parse_score, rating_messages
 from alpagasus_ray.ratelimit import SharedLimiter
 
@@ -60,16 +61,20 @@ def map_with_api(rows, worker: type["ApiWorker"], endpoint: EndpointConfig, **kw
             .options(num_cpus=0, max_concurrency=10_000)
             .remote(endpoint.requests_per_minute, endpoint.tokens_per_minute)
         )
-    slots = endpoint.concurrency // endpoint.num_workers
+    fewest, most = pool_size(endpoint.num_workers)
+    slots = endpoint.concurrency // most  # the concurrency holds with the pool at its largest
     # Enough blocks per actor that a full batch is waiting whenever one finishes.
     calls = 2 * math.ceil(slots / endpoint.batch_size) + 1
+    # An autoscaling pool grows when its actors hold more blocks than they run at once (Ray Data
+    # adds actors at 1.75 blocks queued or running per call slot): let blocks queue up to twice that.
+    queued = 2 * calls if most > fewest else calls
     return rows.map_batches(
         worker,
         batch_size=endpoint.batch_size,
         batch_format="pyarrow",
         fn_constructor_kwargs={"config": endpoint.model_dump(), "slots": slots, "limiter": limiter, **kwargs},
         compute=ActorPoolStrategy(
-            size=endpoint.num_workers, max_tasks_in_flight_per_actor=calls, max_concurrent_calls_per_actor=calls
+            min_size=fewest, max_size=most, max_tasks_in_flight_per_actor=queued, max_concurrent_calls_per_actor=calls
         ),
         num_cpus=0.5,
     )

@@ -11,7 +11,7 @@ import math
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.backends import Rating, rating_from_reply
-from alpagasus_ray.config import EndpointConfig, RateConfig
+from alpagasus_ray.config import EndpointConfig, RateConfig, pool_size
 from alpagasus_ray.tiny_model import resolve_model
 from alpagasus_ray.prompts import SCORE_CHOICES, expected_score, parse_score, rating_messages
 
@@ -82,7 +82,7 @@ def engine_processor(endpoint: EndpointConfig, preprocess, *, chat: bool = True,
     config = vLLMEngineProcessorConfig(
         model_source=resolve_model(endpoint.model),
         engine_kwargs=kwargs,
-        concurrency=endpoint.num_engines,
+        concurrency=pool_size(endpoint.num_engines),  # a number is a fixed pool: Ray Data would autoscale 1..n
         batch_size=endpoint.batch_size,
         accelerator_type=endpoint.accelerator_type if endpoint.use_gpu else None,
         should_continue_on_error=True,
