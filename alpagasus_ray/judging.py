@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from alpagasus_ray.prompts import MARKUP, reply_lines
+
 # The paper's App. C (Fig. 23): the Vicuna-blog judge, two scores 1-10 on the first line.
 VICUNA_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."
 VICUNA_USER = (
@@ -70,8 +72,6 @@ class Verdict:
     error: str | None = None
 
 
-# Markup a judge may wrap around its scores: bold, code, headings, quotes.
-_MARKUP = re.compile(r"[*_`#>]+")
 _NUM = r"(\d+(?:\.\d+)?)"
 _OF_TEN = r"(?:\s*(?:/|out\s+of)\s*10(?:\.0+)?)?"
 _SCORE_WORD = r"(?:an?\s+)?(?:(?:overall|final|total)\s+)?(?:score|rating)"
@@ -118,7 +118,7 @@ def parse_vicuna(reply: str | None) -> Verdict:
     >>> parse_vicuna("11 3").error
     'scores (11.0, 3.0) are outside 1-10'
     """
-    lines = [line for line in (_MARKUP.sub("", raw).strip() for raw in (reply or "").splitlines()) if line]
+    lines = reply_lines(reply)
     if not lines:
         return Verdict(None, error="empty reply")
     readings: dict[str, tuple[float, float]] = {}
@@ -215,7 +215,7 @@ def parse_pair(reply: str | None) -> Verdict:
     >>> parse_pair("I prefer neither.").error
     'no verdict [[A]], [[B]] or [[C]]'
     """
-    text = _MARKUP.sub("", reply or "")
+    text = MARKUP.sub("", reply or "")
     tags = _TAGS.findall(text) or _SINGLE_TAGS.findall(text)
     if not tags:
         return Verdict(None, error="no verdict [[A]], [[B]] or [[C]]")

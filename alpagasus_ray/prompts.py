@@ -94,7 +94,17 @@ _OUT_OF_ANY = re.compile(_N_OUT_OF, re.I)
 _LABEL_LINE = re.compile(rf"^{_LABEL}\s*:?$", re.I)
 # A labelled score within prose: "a score of 4", "... so my score: 4.", "the rating is 3/5".
 _SCORE_OF = re.compile(rf"\b(?:score|rating)\s*(?:of|:|=|is)\s*{_NUMBER}{_OUT_OF}(?!\.?\d|\s*(?:-|–|or|to)\s*\d)", re.I)
-_MARKUP = re.compile(r"[*_`#>]+")
+# Markup a grader or judge may wrap around what it states: bold, code, headings, quotes.
+MARKUP = re.compile(r"[*_`#>]+")
+
+
+def reply_lines(reply: str | None) -> list[str]:
+    """The non-empty lines of a reply, markup removed: what the readers look at.
+
+    >>> reply_lines("**Score:** 4\\n\\n> Good.")
+    ['Score: 4', 'Good.']
+    """
+    return [line for line in (MARKUP.sub("", raw).strip() for raw in (reply or "").splitlines()) if line]
 
 
 def parse_score(reply: str | None, low: float = SCORE_MIN, high: float = SCORE_MAX) -> ParsedScore:
@@ -125,7 +135,7 @@ def parse_score(reply: str | None, low: float = SCORE_MIN, high: float = SCORE_M
     >>> parse_score("7\\nGreat!").error
     'score 7 is outside 0-5'
     """
-    lines = [line for line in (_MARKUP.sub("", raw).strip() for raw in (reply or "").splitlines()) if line]
+    lines = reply_lines(reply)
     if not lines:
         return ParsedScore(None, "", "empty reply")
     found: list[tuple[str, str | None]] = []  # (value, the scale it was given on)
