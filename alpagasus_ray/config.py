@@ -225,7 +225,6 @@ class GenerateConfig(EndpointConfig):
     baseline_model: str | None = Field(None, description="A second model answered the same way, to judge against (e.g. the base model before fine-tuning); vllm backend: a model directory or hub id.")
     baseline_name: str | None = Field(None, description="What the baseline model is called in outputs; default its directory's name.")
 
-
     @model_validator(mode="before")
     @classmethod
     def _renamed_keys(cls, data: Any) -> Any:

@@ -35,7 +35,7 @@ from alpagasus_ray.data import InputError
 from alpagasus_ray.layout import GENERATION_FILE, RunDir
 from alpagasus_ray.ray_runtime import ensure_ray
 from alpagasus_ray.recipe import alpaca_prompt
-from alpagasus_ray.records import RecordFile, append_by_test_set, file_stamps, start_outputs
+from alpagasus_ray.records import RecordFile, append_by_test_set, file_stamps, read_jsonl, start_outputs
 from alpagasus_ray.testsets import load_test_set
 from alpagasus_ray.tiny_model import BUILTIN_MODEL
 
@@ -201,8 +201,6 @@ def read_answers(path: str) -> list[dict]:
         InputError: naming the file, the line and the field, for a line that is not JSON or not an
             object, a missing or mistyped field, a record of another test set, or a repeated id.
     """
-    from alpagasus_ray.records import read_jsonl
-
     expected_set = os.path.splitext(os.path.basename(path))[0]
     records, seen = [], {}
     for lineno, record in read_jsonl(path, with_lines=True):
