@@ -1,8 +1,11 @@
-"""Rating backends behind one interface, chosen by `rate.backend`.
+"""The two ways to call a model, shared by the rating, generation and judging stages.
 
-A backend turns a Ray Dataset of rows (id, instruction, input, output) into a Dataset of
-`Rating`s (the columns of `RESULT_SCHEMA`), one per row, joined back to its row by id. Heavy
-imports (vllm, openai) stay inside the backend modules.
+`openai_api` holds the Ray Data actors that call an OpenAI-compatible API (slots, the shared
+RPM/TPM limiter, Retry-After pauses, the ask-again loop); `vllm_engine` builds the Ray Data LLM
+processors on vLLM engines. This module holds the rating stage's side: the `Backend` interface
+chosen by `rate.backend`, which turns a Ray Dataset of rows (id, instruction, input, output) into
+a Dataset of `Rating`s (the columns of `RESULT_SCHEMA`), one per row, joined back to its row by id.
+Heavy imports (vllm, openai) stay inside the backend modules.
 """
 
 from __future__ import annotations
@@ -64,7 +67,6 @@ def ratings_table(ratings: list[Rating]) -> pa.Table:
 
 class Backend(Protocol):
     """What the rating stage needs from a grader."""
-
 
     def rate(self, rows: "ray.data.Dataset", reask: bool = False) -> "ray.data.Dataset":
         """Rate every row; the result has the columns of RESULT_SCHEMA, one row per input row.
