@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    _console(args.verbose)
     from alpagasus_ray.data import InputError
     from alpagasus_ray.filter import FilterError
 
@@ -89,15 +89,28 @@ def _parser() -> argparse.ArgumentParser:
         "every stage on the bundled Alpaca sample on CPU: rate, filter, train, generate, judge, report.",
     )
     demo.add_argument("--run-dir", default="runs/demo", help="where to write (default: runs/demo)")
+    demo.add_argument("--verbose", action="store_true", help="show every library's and worker's messages")
     demo.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
     demo.set_defaults(func=_demo)
     return parser
+
+
+def _console(verbose: bool) -> None:
+    """The project's own messages at INFO; other libraries' only from WARNING on (matplotlib's,
+    transformers' notices), and the workers' too, unless --verbose."""
+    from alpagasus_ray.ray_runtime import set_verbose
+
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("alpagasus_ray").setLevel(logging.INFO)
+    set_verbose(verbose)
 
 
 def _stage(sub, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
     """A stage subcommand: `--config FILE` plus `dotted.key=value` overrides."""
     parser = sub.add_parser(name, help=help, description=description)
     parser.add_argument("--config", required=True, help="YAML config file (see configs/)")
+    parser.add_argument("--verbose", action="store_true", help="show every library's and worker's messages")
     parser.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides, e.g. rate.concurrency=64")
     parser.set_defaults(func=func)
     return parser

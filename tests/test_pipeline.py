@@ -32,10 +32,13 @@ def test_the_demo_runs_every_stage_and_a_rerun_skips_them(tmp_path):
         done = subprocess.run([sys.executable, "-m", "alpagasus_ray.cli", "demo", "--run-dir", str(run), *small, *extra],
                               capture_output=True, text=True, timeout=900, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
-        return done.stdout
+        return done.stdout, done.stderr
 
-    out = demo()
+    out, err = demo()
     assert out.strip().splitlines()[-1] == str(run / "report.md")
+    # The engines' vLLM logging is at WARNING unless --verbose: none of its INFO lines reach the console.
+    console = out + err
+    assert "(EngineCore" in console and not re.search(r"\((EngineCore|MainProcess|Worker) pid=\d+\) INFO", console)
     assert os.path.isfile(tmp_path / "cache" / "tiny-llama-v1" / "model.safetensors")
     for artifact in ("rated_summary.json", "selection.json", "plots/score_histogram.png", "model/config.json",
                      "model/tiny_model.json", "train_log.jsonl", "answers/demo/koala.jsonl",
@@ -50,7 +53,7 @@ def test_the_demo_runs_every_stage_and_a_rerun_skips_them(tmp_path):
     assert "carry no meaning" in md and "`answers/demo/koala.jsonl`" in md and "`model/`" in md
     finished = _finished(run)
 
-    assert "skipped (unchanged)" in demo()
+    assert "skipped (unchanged)" in demo()[0]
     assert _finished(run) == finished  # no stage ran again
 
     # A changed report setting reruns the report alone; everything before it is unchanged.

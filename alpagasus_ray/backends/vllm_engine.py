@@ -14,6 +14,7 @@ from alpagasus_ray.backends import Rating, rating_from_reply
 from alpagasus_ray.config import EndpointConfig, RateConfig, pool_size
 from alpagasus_ray.tiny_model import resolve_model
 from alpagasus_ray.prompts import SCORE_CHOICES, expected_score, parse_score, rating_messages
+from alpagasus_ray.ray_runtime import worker_log_level
 
 # A greedy re-ask would repeat the same reply word for word; the one re-ask of an unparseable
 # reply samples instead.
@@ -87,14 +88,27 @@ def engine_processor(endpoint: EndpointConfig, preprocess, *, chat: bool = True,
         accelerator_type=endpoint.accelerator_type if endpoint.use_gpu else None,
         should_continue_on_error=True,
         placement_group_config=None if endpoint.use_gpu else {"bundles": [{"CPU": 1}]},
-        # Workers do not see the driver's environment under a running cluster: what the engine
-        # needs travels with it.
-        runtime_env=None if endpoint.use_gpu else {"env_vars": {"VLLM_CPU_KVCACHE_SPACE": str(endpoint.cpu_kv_cache_gib)}},
+        runtime_env={"env_vars": engine_env(endpoint)},
         chat_template_stage={"enabled": chat, **light},
         tokenize_stage={"enabled": True, **light},
         detokenize_stage={"enabled": True, **light},
     )
     return build_processor(config, preprocess=preprocess, preprocess_map_kwargs=light)
+
+
+def engine_env(endpoint: EndpointConfig) -> dict[str, str]:
+    """The environment of the engine workers. They do not see the driver's environment under a
+    running cluster, so what they need travels with them: vLLM's log level, and on CPU the KV
+    cache size.
+
+    >>> from alpagasus_ray.config import RateConfig
+    >>> engine_env(RateConfig(use_gpu=False, cpu_kv_cache_gib=2))
+    {'VLLM_LOGGING_LEVEL': 'WARNING', 'VLLM_CPU_KVCACHE_SPACE': '2'}
+    """
+    env = {"VLLM_LOGGING_LEVEL": worker_log_level()}
+    if not endpoint.use_gpu:
+        env["VLLM_CPU_KVCACHE_SPACE"] = str(endpoint.cpu_kv_cache_gib)
+    return env
 
 
 def inference_error(row: dict) -> str | None:
