@@ -7,8 +7,11 @@ Every row gets a stable `id`: the input's own when it has one, else one derived 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import glob
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -21,8 +24,13 @@ import pyarrow.parquet as pq
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import DataConfig
+from alpagasus_ray.layout import open_filesystem
 
 INVALID_REASON = "invalid_reason"
+# A row's place in the input (file index << 32 | row index): orders rows across files and blocks.
+POSITION = "_position"
+# Rows per block read: small enough to stream, large enough that per-block costs do not show.
+BLOCK_ROWS = 2048
 BUILTIN_PREFIX = "builtin:"
 SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "sample")
 # Dolly 15k names its fields differently; mapped before `data.field_map`.
@@ -50,35 +58,79 @@ class Rows:
 
 
 def read_rows(cfg: DataConfig, extra_fields: tuple[str, ...] = ()) -> Rows:
-    """Read every file of `cfg.path` into one table of rows (see `Rows`).
+    """Read every file of `cfg.path` into one table of rows (see `Rows`), in this process.
 
-    `extra_fields` are input fields kept as string columns beside the text (e.g. Dolly's
-    `category`); missing ones are null.
+    For inputs that fit in memory (a selection to train on, a category field to join); the
+    rating stage reads through `input_dataset` on Ray workers instead. `extra_fields` are input
+    fields kept as string columns beside the text (e.g. Dolly's `category`); missing ones are null.
 
     Raises:
         InputError: a path that matches no file, an empty or unreadable file, a JSON array that
             does not parse. Row-level problems never raise: the row is kept with its reason.
     """
-    files = _list_files(cfg.path)
-    records: list[dict[str, Any]] = []
-    for path in files:
+    files = list_files(cfg.path)
+    blocks = list(_read_files(files, range(len(files)), cfg, extra_fields, cfg.limit))
+    if not blocks or sum(b.num_rows for b in blocks) == 0:
+        raise InputError(f"{cfg.path}: no rows found")
+    table = pa.concat_tables(blocks)
+    ids = table[C.ID].to_pylist()
+    positions = table[POSITION].to_pylist()
+    seen: dict[str, list[int]] = {}
+    for rid, pos in zip(ids, positions):
+        seen.setdefault(rid, []).append(pos)
+    repeats = {rid: p for rid, p in seen.items() if len(p) > 1}
+    table = suffix_repeats(table, repeats)
+    sources = dict(zip(positions, table[C.SOURCE].to_pylist()))
+    duplicates = {rid: [sources[p] for p in pos] for rid, pos in repeats.items()}
+    return Rows(table=table.drop_columns([POSITION]), files=files, duplicate_ids=duplicates)
+
+
+def suffix_repeats(block: pa.Table, repeats: dict[str, list[int]]) -> pa.Table:
+    """Give repeated ids a '~N' suffix (N = 2, 3, ... in input order) so every row stays addressable.
+
+    `repeats` holds each repeated id with the positions (`POSITION`) of all its rows, in input
+    order; the first row keeps the id. The same input always gives the same ids.
+    """
+    if not repeats:
+        return block
+    ids = block[C.ID].to_pylist()
+    for i, (rid, pos) in enumerate(zip(ids, block[POSITION].to_pylist())):
+        where = repeats.get(rid)
+        if where is not None and where[0] != pos:
+            ids[i] = f"{rid}~{where.index(pos) + 1}"
+    return block.set_column(block.schema.get_field_index(C.ID), C.ID, pa.array(ids, pa.string()))
+
+
+def row_schema(extra_fields: tuple[str, ...] = ()) -> pa.Schema:
+    """The columns of a read row; `POSITION` orders rows across files and is dropped before output."""
+    names = [C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT, C.SOURCE, INVALID_REASON, *extra_fields]
+    return pa.schema([*((n, pa.string()) for n in names), (POSITION, pa.int64())])
+
+
+def _read_files(files: list[str], indices, cfg: DataConfig, extra_fields: tuple[str, ...],
+                limit: int | None, rows_per_block: int = BLOCK_ROWS) -> Iterator[pa.Table]:
+    """Blocks of normalized rows of `files` (their indices in the whole input are `indices`), in
+    order, up to `limit` rows."""
+    schema = row_schema(extra_fields)
+    taken = 0
+    for path, file_index in zip(files, indices):
         fmt = cfg.format if cfg.format != "auto" else EXTENSIONS.get(_extension(path), "jsonl")
-        for source, item in _read_file(path, fmt):
+        records = []
+        for index, (source, item) in enumerate(_read_file(path, fmt)):
             record = _normalize(source, item, cfg)
             for name in extra_fields:
                 value = item.get(name) if isinstance(item, dict) else None
                 record[name] = None if value is None else _clean(str(value))
+            record[POSITION] = (file_index << 32) | index
             records.append(record)
-            if cfg.limit is not None and len(records) >= cfg.limit:
-                break
-        if cfg.limit is not None and len(records) >= cfg.limit:
-            break
-    if not records:
-        raise InputError(f"{cfg.path}: no rows found")
-    duplicates = _make_ids_unique(records)
-    names = [C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT, C.SOURCE, INVALID_REASON, *extra_fields]
-    table = pa.table({name: pa.array([r[name] for r in records], pa.string()) for name in names})
-    return Rows(table=table, files=files, duplicate_ids=duplicates)
+            taken += 1
+            if len(records) == rows_per_block or taken == limit:
+                yield pa.Table.from_pylist(records, schema=schema)
+                records = []
+            if taken == limit:
+                return
+        if records:
+            yield pa.Table.from_pylist(records, schema=schema)
 
 
 def content_id(instruction: str, input: str, output: str) -> str:
@@ -93,7 +145,7 @@ def content_id(instruction: str, input: str, output: str) -> str:
     return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
-def _list_files(path: str) -> list[str]:
+def list_files(path: str) -> list[str]:
     if path.startswith(BUILTIN_PREFIX):
         name = path[len(BUILTIN_PREFIX):]
         sample = os.path.join(SAMPLE_DIR, f"{name}.json")
@@ -123,12 +175,10 @@ def _list_files(path: str) -> list[str]:
 
 
 def _filesystem(path: str) -> tuple[pafs.FileSystem, str]:
-    if "://" in path:
-        try:
-            return pafs.FileSystem.from_uri(path)
-        except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
-            raise InputError(f"{path}: cannot open this filesystem: {e}") from None
-    return pafs.LocalFileSystem(), os.path.abspath(path)
+    try:
+        return open_filesystem(path)
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        raise InputError(f"{path}: cannot open this filesystem: {e}") from None
 
 
 def _rejoin(original: str, inner_root: str, inner_file: str) -> str:
@@ -140,11 +190,20 @@ def _extension(path: str) -> str:
     return os.path.splitext(path)[1].lower()
 
 
-def _read_bytes(path: str) -> bytes:
+def _read_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """(line number, line without its end) of a text file, read in chunks: a file of any size streams."""
     fs, inner = _filesystem(path)
     try:
         with fs.open_input_stream(inner) as stream:
-            return stream.read()
+            pending, lineno = b"", 0
+            while chunk := stream.read(1 << 24):
+                lines = (pending + chunk).split(b"\n")
+                pending = lines.pop()
+                for line in lines:
+                    lineno += 1
+                    yield lineno, line.rstrip(b"\r")
+            if pending:
+                yield lineno + 1, pending.rstrip(b"\r")
     except (OSError, pa.ArrowException) as e:
         raise InputError(f"{path}: cannot read: {e}") from None
 
@@ -154,26 +213,31 @@ def _read_file(path: str, fmt: str) -> Iterator[tuple[str, Any]]:
     if fmt == "parquet":
         yield from _read_parquet(path)
         return
-    data = _read_bytes(path)
-    if not data.strip():
+    lines = _read_lines(path)
+    first = next((item for item in lines if item[1].strip()), None)
+    if first is None:
         raise InputError(f"{path}: the file is empty")
-    # surrogateescape keeps bytes that are not UTF-8, so the row holding them is set aside, not the file.
-    text = data.decode("utf-8", "surrogateescape").lstrip("\ufeff")
-    if fmt == "json" and text.lstrip().startswith("["):
+    lineno, line = first
+    line = line.removeprefix(b"\xef\xbb\xbf")
+    if fmt == "json" and line.lstrip().startswith(b"["):
+        # A JSON array is parsed whole (on the worker that reads this file).
+        data = b"\n" * (lineno - 1) + line + b"\n" + b"\n".join(rest for _, rest in lines)
         try:
-            items = json.loads(text)
+            items = json.loads(data.decode("utf-8", "surrogateescape"))
         except json.JSONDecodeError as e:
             raise InputError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg})") from None
         for index, item in enumerate(items):
             yield f"{path}[{index}]", item
         return
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in itertools.chain([(lineno, line)], lines):
         if not line.strip():
             continue
+        # surrogateescape keeps bytes that are not UTF-8, so the row holding them is set aside, not the file.
+        text = line.decode("utf-8", "surrogateescape")
         try:
-            yield f"{path}:{lineno}", json.loads(line)
+            yield f"{path}:{lineno}", json.loads(text)
         except json.JSONDecodeError as e:
-            yield f"{path}:{lineno}", _Unreadable(f"not valid JSON ({e.msg} at column {e.colno})", line)
+            yield f"{path}:{lineno}", _Unreadable(f"not valid JSON ({e.msg} at column {e.colno})", text)
 
 
 def _read_parquet(path: str) -> Iterator[tuple[str, Any]]:
@@ -240,21 +304,161 @@ def _clean(text: str) -> str:
     return _SURROGATE.sub("\ufffd", text)
 
 
-def _make_ids_unique(records: list[dict[str, Any]]) -> dict[str, list[str]]:
-    """Give repeated ids a '~N' suffix (N = 2, 3, ... in input order) so every row stays addressable.
+# On Ray Data: the same reading, done by read tasks on the workers (one per file), so the driver
+# holds counts, not rows.
 
-    Returns the repeated ids with the sources of all their rows, for the report.
+
+def input_dataset(cfg: DataConfig, files: list[str], repeats: dict[str, list[int]] | None = None,
+                  extra_fields: tuple[str, ...] = (), rows_per_block: int = BLOCK_ROWS):
+    """A Ray Dataset of the rows of `files` (the columns of `row_schema`), read on the workers.
+
+    `repeats` (from `scan_input`) gives repeated ids their '~N' suffix as the rows are read, so
+    ids are final the moment a row exists. With `cfg.limit` one task reads the files in order.
+    Blocks hold up to `rows_per_block` rows.
     """
-    first_source: dict[str, str] = {}
-    counts: dict[str, int] = {}
-    duplicates: dict[str, list[str]] = {}
-    for record in records:
-        rid = record[C.ID]
-        if rid not in counts:
-            counts[rid] = 1
-            first_source[rid] = record[C.SOURCE]
-            continue
-        counts[rid] += 1
-        duplicates.setdefault(rid, [first_source[rid]]).append(record[C.SOURCE])
-        record[C.ID] = f"{rid}~{counts[rid]}"
-    return duplicates
+    import ray
+
+    # A quarter CPU per read task: beside a vLLM engine (a whole CPU on a CPU node), its light
+    # stages and the API actors, a two-core machine still runs every stage at once.
+    source = _InputSource(cfg, files, repeats or {}, extra_fields, rows_per_block)
+    # As many blocks as read tasks: Ray would otherwise split each task's output into many tiny blocks.
+    tasks = 1 if cfg.limit is not None else len(files)
+    return ray.data.read_datasource(source, num_cpus=0.25, override_num_blocks=tasks)
+
+
+def _input_source_class():
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class InputSource(Datasource):
+        """Instruction-tuning rows of JSON, JSONL and Parquet files, normalized as they are read."""
+
+        def __init__(self, cfg, files, repeats, extra_fields, rows_per_block):
+            super().__init__()
+            self.cfg, self.files, self.repeats, self.extra_fields = cfg, files, repeats, extra_fields
+            self.rows_per_block = rows_per_block
+
+        def estimate_inmemory_data_size(self):
+            return None
+
+        def get_read_tasks(self, parallelism, per_task_row_limit=None, data_context=None):
+            indices = list(range(len(self.files)))
+            groups = [indices] if self.cfg.limit is not None else [[i] for i in indices]
+            tasks = []
+            for group in groups:
+                files = [self.files[i] for i in group]
+                read = functools.partial(_read_task, files, group, self.cfg, self.extra_fields, self.repeats,
+                                         self.rows_per_block)
+                meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=files, exec_stats=None)
+                tasks.append(ReadTask(read, meta, schema=row_schema(self.extra_fields)))
+            return tasks
+
+        def get_name(self):
+            return "ReadInput"
+
+    return InputSource
+
+
+def _InputSource(*args):
+    return _input_source_class()(*args)
+
+
+def _read_task(files, indices, cfg, extra_fields, repeats, rows_per_block) -> Iterator[pa.Table]:
+    for block in _read_files(files, indices, cfg, extra_fields, cfg.limit, rows_per_block):
+        yield suffix_repeats(block, repeats)
+
+
+@dataclass
+class InputScan:
+    """What a pass over the input found: counts, the repeated ids, the first rows set aside."""
+
+    files: list[str]
+    rows: int
+    invalid: int
+    text_chars: int  # characters of instruction + input + output of the rows that can be rated
+    repeats: dict[str, list[int]]  # repeated id -> positions of its rows, in input order
+    repeat_sources: dict[str, list[str]]  # repeated id -> sources of its rows (at most 20 ids)
+    invalid_examples: list[dict]  # source and reason of the first rows set aside
+
+    @property
+    def valid(self) -> int:
+        return self.rows - self.invalid
+
+
+def scan_input(cfg: DataConfig) -> InputScan:
+    """Read the input once on the workers, keeping a thin copy of each row (id, position, source,
+    reason, size) in Ray's object store; count it, and find its repeated ids with a Ray Data
+    aggregation. The driver receives a small row per block and the repeats only.
+
+    Raises:
+        InputError: a file cannot be read at all, or the input has no rows.
+    """
+    from ray.data.context import DataContext, ShuffleStrategy
+    from ray.data.expressions import col
+
+    files = list_files(cfg.path)
+    with reading_errors():
+        thin = input_dataset(cfg, files).map_batches(_thin, batch_format="pyarrow", batch_size=None).materialize()
+    per_block = thin.map_batches(_block_counts, batch_format="pyarrow", batch_size=None).take_all()
+    rows = sum(b["rows"] for b in per_block)
+    if rows == 0:
+        raise InputError(f"{cfg.path}: no rows found")
+    # A partition per ~100k rows: Ray's default of 200 costs seconds on a small input. The
+    # sort-based shuffle runs as tasks; the hash shuffle's aggregator actors take seconds to start.
+    partitions = max(1, min(200, rows // 100_000))
+    context = DataContext.get_current()
+    strategy, context.shuffle_strategy = context.shuffle_strategy, ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        repeated = thin.groupby(C.ID, num_partitions=partitions).count().filter(expr=col("count()") > 1).take_all()
+    finally:
+        context.shuffle_strategy = strategy
+    repeats, repeat_sources = {}, {}
+    if repeated:
+        ids = [r[C.ID] for r in repeated]
+        found = thin.select_columns([C.ID, POSITION, C.SOURCE]).filter(expr=col(C.ID).is_in(ids)).take_all()
+        for r in sorted(found, key=lambda r: r[POSITION]):
+            repeats.setdefault(r[C.ID], []).append(r[POSITION])
+            if len(repeat_sources) < 20 or r[C.ID] in repeat_sources:
+                repeat_sources.setdefault(r[C.ID], []).append(r[C.SOURCE])
+    examples = [e for b in per_block for e in json.loads(b["invalid_examples"])]
+    return InputScan(
+        files=files, rows=rows, invalid=sum(b["invalid"] for b in per_block),
+        text_chars=sum(b["text_chars"] for b in per_block), repeats=repeats, repeat_sources=repeat_sources,
+        invalid_examples=sorted(examples, key=lambda e: e["position"])[:3],
+    )
+
+
+def _thin(block: pa.Table) -> pa.Table:
+    """What the scan keeps of a row: no text, only the size of a row that can be rated."""
+    import pyarrow.compute as pc
+
+    chars = pc.add(pc.add(pc.utf8_length(block[C.INSTRUCTION]), pc.utf8_length(block[C.INPUT])),
+                   pc.utf8_length(block[C.OUTPUT]))
+    chars = pc.if_else(pc.is_valid(block[INVALID_REASON]), 0, pc.cast(chars, pa.int64()))
+    return block.select([C.ID, POSITION, C.SOURCE, INVALID_REASON]).append_column("chars", chars)
+
+
+def _block_counts(block: pa.Table) -> pa.Table:
+    import pyarrow.compute as pc
+
+    invalid = pc.is_valid(block[INVALID_REASON])
+    first = block.filter(invalid).slice(0, 3).to_pylist()
+    examples = [{"source": r[C.SOURCE], "reason": r[INVALID_REASON], "position": r[POSITION]} for r in first]
+    return pa.table({"rows": [block.num_rows], "invalid": [pc.sum(invalid).as_py() or 0],
+                     "text_chars": [pc.sum(block["chars"]).as_py() or 0], "invalid_examples": [json.dumps(examples)]})
+
+
+@contextlib.contextmanager
+def reading_errors():
+    """An `InputError` raised by a read task on a worker reaches the driver as itself."""
+    try:
+        yield
+    except InputError:
+        raise
+    except Exception as e:  # Ray wraps what a task raised; find the InputError inside
+        cause = e
+        while cause is not None and not isinstance(cause, InputError):
+            cause = getattr(cause, "cause", None) or cause.__cause__
+        if cause is None:
+            raise
+        raise InputError(str(cause).strip().splitlines()[-1]) from None

@@ -26,7 +26,7 @@ from alpagasus_ray import plots, selection
 from alpagasus_ray.config import Config, FilterConfig
 from alpagasus_ray.prompts import SCORE_MAX, SCORE_MIN
 from alpagasus_ray.layout import RunDir
-from alpagasus_ray.rate import RatedStore
+from alpagasus_ray.rated import RatedStore
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +87,7 @@ def load_rated(run_dir: str, score: str = C.SCORE) -> pa.Table:
     parts = store.parts()
     if not parts:
         raise FilterError(f"{path}: no rated rows; run `alpagasus rate` first")
-    schema = pq.read_schema(parts[0])
+    schema = pq.read_schema(parts[0], filesystem=store.fs)
     missing = [c for c in (*REQUIRED, score) if c not in schema.names]
     if missing:
         raise FilterError(f"{path}: the rated rows lack column(s) {', '.join(missing)}")

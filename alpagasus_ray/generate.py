@@ -17,8 +17,6 @@ are saved as they arrive; a rerun generates only the missing ones.
 
 from __future__ import annotations
 
-import asyncio
-import functools
 import glob
 import json
 import logging
@@ -29,10 +27,12 @@ from collections import Counter
 import pyarrow as pa
 
 from alpagasus_ray import columns as C
-from alpagasus_ray.backends.openai_api import ApiWorker, map_with_api, read_reply, require_key
+from alpagasus_ray.backends.openai_api import require_key
 from alpagasus_ray.config import OPERATIONAL, Config, ConfigError, GenerateConfig, config_for_record
 from alpagasus_ray.data import InputError
 from alpagasus_ray.layout import GENERATION_FILE, RunDir
+from alpagasus_ray.llm_map import Reply, Request, ask_all
+from alpagasus_ray.progress import watch
 from alpagasus_ray.ray_runtime import ensure_ray
 from alpagasus_ray.recipe import alpaca_prompt
 from alpagasus_ray.records import RecordFile, append_by_test_set, file_stamps, read_jsonl, start_outputs
@@ -41,12 +41,7 @@ from alpagasus_ray.tiny_model import BUILTIN_MODEL
 
 log = logging.getLogger(__name__)
 
-STOP, LENGTH, ERROR = "stop", "length", "error"
-# What a backend returns per prompt, joined back to the prompt by id.
-RESULT_SCHEMA = pa.schema([
-    (C.ID, pa.string()), ("answer", pa.string()), ("finish_reason", pa.string()), (C.ERROR, pa.string()),
-    (C.ATTEMPTS, pa.int32()), (C.TOKENS_IN, pa.int64()), (C.TOKENS_OUT, pa.int64()),
-])
+STOP, ERROR = "stop", "error"
 
 
 def run_generate(config: Config) -> list[dict]:
@@ -102,17 +97,14 @@ def _generate(config: Config, model: str, name: str) -> dict:
     if pending:
         ensure_ray()
         by_id = {p[C.ID]: p for p in pending}
-        results = _answer(pending, cfg, model)
-        finished, reasons, last = 0, Counter(), time.time()
-        for table in results.iter_batches(batch_size=None, batch_format="pyarrow"):
-            rows = table.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA).to_pylist()
-            append_by_test_set(files, [_answer_record(by_id[r[C.ID]], r, name) for r in rows])
-            finished += len(rows)
-            reasons.update(r["finish_reason"] for r in rows)
-            if time.time() - last > 10:
-                last = time.time()
-                log.info("generate: %d of %d answers %s", finished, len(pending), dict(reasons))
-        log.info("generate: %d answers %s", finished, dict(reasons))
+
+        def save(results: list[dict]) -> None:
+            append_by_test_set(files, [_answer_record(by_id[r[C.ID]], r, name) for r in results])
+
+        rows = [{C.ID: p[C.ID], "prompt": p["prompt"]} for p in pending]
+        with watch(f"generate {name}", total=len(rows)) as progress:
+            ask_all(rows, AnswerTask(cfg), cfg.model_copy(update={"model": model}), save, progress)
+        log.info("generate: %d answers %s", len(pending), dict(progress.final))
     answers = {}
     for ts, f in files.items():
         answers.update(f.read())
@@ -225,11 +217,11 @@ def read_answers(path: str) -> list[dict]:
 
 
 def _answer_record(prompt: dict, result: dict, name: str) -> dict:
-    ok = result["finish_reason"] != ERROR
+    ok = result[C.STATUS] == C.OK
     return {
         C.ID: prompt[C.ID], "test_set": prompt["test_set"], "category": prompt["category"],
         C.INSTRUCTION: prompt[C.INSTRUCTION], C.INPUT: prompt[C.INPUT], "prompt": prompt["prompt"],
-        "answer": result["answer"] or "", "model": name, "finish_reason": result["finish_reason"],
+        "answer": result["answer"] or "", "model": name, "finish_reason": result["finish_reason"] if ok else ERROR,
         C.STATUS: C.OK if ok else C.REQUEST_FAILED, C.ERROR: result[C.ERROR],
         C.TOKENS_IN: result[C.TOKENS_IN], C.TOKENS_OUT: result[C.TOKENS_OUT],
     }
@@ -246,68 +238,21 @@ def _counts(prompts: list[dict], answers: dict) -> dict:
     }
 
 
-def _answer(pending: list[dict], cfg: GenerateConfig, model: str):
-    """A Ray Dataset of RESULT_SCHEMA rows, one per pending prompt."""
-    import ray
+class AnswerTask:
+    """A model's answer to a prompt, for the LLM layer: greedy, up to `generate.max_tokens`, with
+    the Alpaca prompt as plain text (no chat template) or the question as a chat message."""
 
-    cfg = cfg.model_copy(update={"model": model})
-    rows = pa.Table.from_pylist([{C.ID: p[C.ID], "prompt": p["prompt"]} for p in pending])
-    blocks = [rows.slice(i, cfg.batch_size) for i in range(0, rows.num_rows, cfg.batch_size)]
-    dataset = ray.data.from_arrow(blocks)
-    if cfg.backend == "openai":
-        return map_with_api(dataset, _Answerer, cfg)
-    from alpagasus_ray.backends.vllm_engine import engine_processor, light_stage
+    fields = pa.schema([("answer", pa.string()), ("finish_reason", pa.string())])
+    engine_kwargs: dict = {}
 
-    sampling = {"temperature": cfg.temperature, "max_tokens": cfg.max_tokens}
-    chat = cfg.template == "chat"
-    processor = engine_processor(
-        cfg,
-        lambda row: {
-            C.ID: row[C.ID],
-            **({"messages": [{"role": "user", "content": row["prompt"]}]} if chat else {"prompt": row["prompt"]}),
-            "sampling_params": sampling,
-        },
-        chat=chat,
-    )
-    limits = {"max_tokens": cfg.max_tokens, "max_model_len": cfg.max_model_len}
-    return processor(dataset).map(lambda row: _engine_result(row, **limits), **light_stage(cfg))
+    def __init__(self, cfg: GenerateConfig):
+        self.cfg = cfg
+        self.chat = cfg.template == "chat"
 
+    def request(self, row: dict) -> Request:
+        if self.chat:
+            return Request(messages=[{"role": "user", "content": row["prompt"]}], max_tokens=self.cfg.max_tokens)
+        return Request(prompt=row["prompt"], max_tokens=self.cfg.max_tokens)
 
-def _engine_result(row: dict, max_tokens: int, max_model_len: int) -> dict:
-    """One engine output as a RESULT_SCHEMA row. The engine stops at EOS or a length limit only,
-    so an answer shorter than both limits ended with EOS."""
-    from alpagasus_ray.backends.vllm_engine import inference_error
-
-    tokens_in = int(row.get("num_input_tokens") or 0)
-    tokens_out = int(row.get("num_generated_tokens") or 0)
-    error = inference_error(row)
-    if error:
-        reason = ERROR
-    elif tokens_out >= max_tokens or tokens_in + tokens_out >= max_model_len:
-        reason = LENGTH
-    else:
-        reason = STOP
-    return {C.ID: row[C.ID], "answer": "" if error else (row.get("generated_text") or "").strip(),
-            "finish_reason": reason, C.ERROR: error, C.ATTEMPTS: 1, C.TOKENS_IN: tokens_in, C.TOKENS_OUT: tokens_out}
-
-
-class _Answerer(ApiWorker):
-    """Ray Data actor: answers of an API model (a reference system) to a batch of prompts."""
-
-    config_type = GenerateConfig
-
-    async def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.select([C.ID, "prompt"]).to_pylist()
-        results = await asyncio.gather(*(self._answer(row) for row in rows))
-        return pa.Table.from_pylist(list(results), schema=RESULT_SCHEMA)
-
-    async def _answer(self, row: dict) -> dict:
-        cfg = self.cfg
-        if cfg.template == "alpaca":
-            send = functools.partial(self.complete, row["prompt"], cfg.max_tokens)
-        else:
-            send = functools.partial(self.chat, [{"role": "user", "content": row["prompt"]}], cfg.max_tokens)
-        asked = await self.ask(send, lambda reply: ((read_reply(reply)[0], reply.choices[0].finish_reason), None))
-        answer, reason = asked.value or ("", ERROR)
-        return {C.ID: row[C.ID], "answer": answer.strip(), "finish_reason": reason or STOP, C.ERROR: asked.error,
-                C.ATTEMPTS: asked.attempts, C.TOKENS_IN: asked.tokens_in, C.TOKENS_OUT: asked.tokens_out}
+    def read(self, row: dict, reply: Reply) -> tuple[dict, str | None]:
+        return {"answer": reply.text.strip(), "finish_reason": reply.finish_reason or STOP}, None

@@ -16,7 +16,6 @@ saved as they arrive; a rerun asks only for the missing ones.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 import os
@@ -26,13 +25,14 @@ from collections import Counter
 import pyarrow as pa
 
 from alpagasus_ray import columns as C
-from alpagasus_ray.backends import MAX_ASKS
-from alpagasus_ray.backends.openai_api import ApiWorker, map_with_api, read_reply, require_key
+from alpagasus_ray.backends.openai_api import require_key
 from alpagasus_ray.config import Config, ConfigError, JudgeConfig, config_for_record
 from alpagasus_ray.data import InputError
 from alpagasus_ray.generate import answers_names, question, read_answers
 from alpagasus_ray.judging import PARSERS, flip, judge_messages
 from alpagasus_ray.layout import GENERATION_FILE, JUDGE_FILE, RunDir
+from alpagasus_ray.llm_map import MAX_ASKS, Reply, Request, ask_all
+from alpagasus_ray.progress import watch
 from alpagasus_ray.ray_runtime import ensure_ray
 from alpagasus_ray.records import RecordFile, append_by_test_set, content_digest, read_json, start_outputs
 
@@ -40,12 +40,6 @@ log = logging.getLogger(__name__)
 
 CANDIDATE_FIRST, BASELINE_FIRST = "candidate_first", "baseline_first"
 NO_ANSWER = "no_answer"  # a model has no answer to the prompt (its generation failed): not sent
-# What a backend returns per judgment, in the judge's own positions (1 = shown first).
-RESULT_SCHEMA = pa.schema([
-    ("key", pa.string()), (C.STATUS, pa.string()), ("outcome", pa.string()), ("score_1", pa.float64()),
-    ("score_2", pa.float64()), (C.REVIEW, pa.string()), (C.ATTEMPTS, pa.int32()), (C.ERROR, pa.string()),
-    (C.TOKENS_IN, pa.int64()), (C.TOKENS_OUT, pa.int64()),
-])
 
 
 def pair_name(candidate: str, baseline: str) -> str:
@@ -101,10 +95,15 @@ def run_judge(config: Config) -> dict:
     log.info("judge: %s vs %s on %s: %d judgments to ask %s", cand, base, ", ".join(test_sets), len(to_send), judge)
     if to_send:
         ensure_ray()
-        reask = _judge_as_they_come(to_send, cfg, files, meta, reask=False)
-        if reask:
-            log.info("judge: asking again for %d judgments whose reply could not be read", len(reask))
-            _judge_as_they_come(reask, cfg, files, meta, reask=True)
+        by_key = {t["key"]: t for t in to_send}
+
+        def save(results: list[dict]) -> None:
+            append_by_test_set(files, [_record(by_key[r["key"]], r, meta) for r in results])
+
+        rows = [{k: t[k] for k in ("key", "question", "first", "second")} for t in to_send]
+        price = cfg.cost if cfg.backend == "openai" else None
+        with watch("judge", total=len(rows), cost=price) as progress:
+            ask_all(rows, VerdictTask(cfg), cfg, save, progress)
     counts, tokens = Counter(), Counter()
     for ts, f in files.items():
         records = f.read()
@@ -193,98 +192,35 @@ def _record(task: dict, result: dict, meta: dict) -> dict:
     return {
         C.ID: task[C.ID], "test_set": task["test_set"], "category": task["category"], "order": task["order"],
         C.STATUS: result[C.STATUS], "outcome": outcome if outcome is None or first_is_candidate else flip(outcome),
-        "score_candidate": scores[0], "score_baseline": scores[1], C.REVIEW: result[C.REVIEW],
+        "score_candidate": scores[0], "score_baseline": scores[1], C.REVIEW: result[C.REVIEW] or "",
         C.ATTEMPTS: result[C.ATTEMPTS], C.ERROR: result[C.ERROR], C.TOKENS_IN: result[C.TOKENS_IN],
         C.TOKENS_OUT: result[C.TOKENS_OUT], **meta,
     }
-
-
-def _judge_as_they_come(tasks: list[dict], cfg: JudgeConfig, files: dict, meta: dict, reask: bool) -> list[dict]:
-    """Ask the judge for `tasks`, appending each verdict as it arrives; returns tasks to ask again."""
-    import ray
-
-    by_key = {t["key"]: t for t in tasks}
-    rows = pa.Table.from_pylist([{k: t[k] for k in ("key", "question", "first", "second")} for t in tasks])
-    dataset = ray.data.from_arrow([rows.slice(i, cfg.batch_size) for i in range(0, rows.num_rows, cfg.batch_size)])
-    if cfg.backend == "openai":
-        results = map_with_api(dataset, _Judge, cfg)
-    else:
-        results = _vllm_judge(dataset, cfg, reask)
-    again, done, counts, last = [], 0, Counter(), time.time()
-    for table in results.iter_batches(batch_size=None, batch_format="pyarrow"):
-        got = table.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA).to_pylist()
-        append_by_test_set(files, [_record(by_key[r["key"]], r, meta) for r in got])
-        again += [by_key[r["key"]] for r in got if r[C.STATUS] == C.PARSE_FAILED and r[C.ATTEMPTS] < MAX_ASKS]
-        done += len(got)
-        counts.update(r[C.STATUS] for r in got)
-        if time.time() - last > 10:
-            last = time.time()
-            log.info("judge: %d of %d judgments done %s", done, len(tasks), dict(counts))
-    log.info("judge: %d judgments done %s", done, dict(counts))
-    return again
-
-
-def _vllm_judge(dataset, cfg: JudgeConfig, reask: bool):
-    from alpagasus_ray.backends.vllm_engine import REASK_TEMPERATURE, engine_processor, light_stage
-
-    sampling = {"temperature": REASK_TEMPERATURE if reask else cfg.temperature, "max_tokens": cfg.max_tokens}
-    prompt = cfg.prompt
-    if cfg.constrained:
-        sampling["structured_outputs"] = VERDICT_FORMATS[prompt]
-    processor = engine_processor(cfg, lambda row: {
-        "key": row["key"],
-        "messages": judge_messages(row["question"], row["first"], row["second"], prompt),
-        "sampling_params": sampling,
-    })
-    attempts = 2 if reask else 1
-    return processor(dataset).map(lambda row: _engine_verdict(row, prompt, attempts), **light_stage(cfg))
 
 
 # What a constrained judge may write: the verdict alone.
 VERDICT_FORMATS = {"vicuna": {"regex": "([1-9]|10) ([1-9]|10)"}, "pair": {"choice": ["[[A]]", "[[B]]", "[[C]]"]}}
 
 
-def _engine_verdict(row: dict, prompt: str, attempts: int) -> dict:
-    from alpagasus_ray.backends.vllm_engine import inference_error
+class VerdictTask:
+    """The judge's prompt (App. C, or the pair prompt) and its reader, for the LLM layer. Scores
+    are in the judge's own positions (1 = the answer shown first)."""
 
-    counts = {C.TOKENS_IN: int(row.get("num_input_tokens") or 0), C.TOKENS_OUT: int(row.get("num_generated_tokens") or 0)}
-    error = inference_error(row)
-    if error:
-        return {"key": row["key"], **_verdict_fields(None, "", attempts, error, C.REQUEST_FAILED), **counts}
-    text = row.get("generated_text") or ""
-    verdict = PARSERS[prompt](text)
-    status = C.OK if verdict.outcome else C.PARSE_FAILED
-    return {"key": row["key"], **_verdict_fields(verdict, text, attempts, verdict.error, status), **counts}
+    fields = pa.schema([("outcome", pa.string()), ("score_1", pa.float64()), ("score_2", pa.float64()),
+                        (C.REVIEW, pa.string())])
+    chat = True
+    engine_kwargs: dict = {}
 
+    def __init__(self, cfg: JudgeConfig):
+        self.cfg = cfg
+        self.constraint = VERDICT_FORMATS[cfg.prompt] if cfg.backend == "vllm" and cfg.constrained else None
 
-def _verdict_fields(verdict, review: str, attempts: int, error: str | None, status: str) -> dict:
-    scores = verdict.scores if verdict is not None and verdict.scores else (None, None)
-    return {C.STATUS: status, "outcome": verdict.outcome if verdict is not None else None,
-            "score_1": scores[0], "score_2": scores[1], C.REVIEW: review, C.ATTEMPTS: attempts, C.ERROR: error}
+    def request(self, row: dict) -> Request:
+        return Request(messages=judge_messages(row["question"], row["first"], row["second"], self.cfg.prompt),
+                       max_tokens=self.cfg.max_tokens, constraint=self.constraint)
 
-
-class _Judge(ApiWorker):
-    """Ray Data actor: the judge's verdicts on a batch of answer pairs, asked concurrently."""
-
-    config_type = JudgeConfig
-
-    async def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.select(["key", "question", "first", "second"]).to_pylist()
-        results = await asyncio.gather(*(self._judge(row) for row in rows))
-        return pa.Table.from_pylist(list(results), schema=RESULT_SCHEMA)
-
-    async def _judge(self, row: dict) -> dict:
-        messages = judge_messages(row["question"], row["first"], row["second"], self.cfg.prompt)
-
-        def read(reply):
-            text, _ = read_reply(reply)
-            verdict = PARSERS[self.cfg.prompt](text)
-            return (verdict, text), verdict.error
-
-        asked = await self.ask(lambda: self.chat(messages, self.cfg.max_tokens), read)
-        counts = {C.TOKENS_IN: asked.tokens_in, C.TOKENS_OUT: asked.tokens_out}
-        if asked.value is None:  # the request failed, or no reply could be read at all
-            return {"key": row["key"], **_verdict_fields(None, "", asked.attempts, asked.error, C.REQUEST_FAILED), **counts}
-        verdict, text = asked.value
-        status = C.OK if verdict.outcome else C.PARSE_FAILED
-        return {"key": row["key"], **_verdict_fields(verdict, text, asked.attempts, verdict.error, status), **counts}
+    def read(self, row: dict, reply: Reply) -> tuple[dict, str | None]:
+        verdict = PARSERS[self.cfg.prompt](reply.text)
+        scores = verdict.scores or (None, None)
+        fields = {"outcome": verdict.outcome, "score_1": scores[0], "score_2": scores[1], C.REVIEW: reply.text}
+        return fields, None if verdict.outcome else verdict.error

@@ -17,16 +17,31 @@
       run_config.json                the config of the last `alpagasus run`     run
 
 An answers or judgments directory also holds `inputs.json`: what its records were made from.
+The rating stage's paths may be on any filesystem pyarrow opens (a local disk, a shared mount,
+s3://, gs://); the other stages write to a local or mounted run directory.
 """
 
 from __future__ import annotations
 
 import os
 
+import pyarrow.fs as pafs
+
 # Files inside an answers directory and a judgments directory (also read from other runs).
 GENERATION_FILE = "generation.json"
 JUDGE_FILE = "judge.json"
 INPUTS_FILE = "inputs.json"
+
+
+def open_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """(filesystem, path inside it) of a local path or a URI such as s3://bucket/run."""
+    if "://" in path:
+        return pafs.FileSystem.from_uri(path)
+    return pafs.LocalFileSystem(), os.path.abspath(path)
+
+
+def is_local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
 
 
 class RunDir:
@@ -36,7 +51,7 @@ class RunDir:
         self.root = root
 
     def _(self, *parts: str) -> str:
-        return os.path.join(self.root, *parts)
+        return "/".join([self.root.rstrip("/"), *parts]) if "://" in self.root else os.path.join(self.root, *parts)
 
     # rate
     @property

@@ -2,97 +2,82 @@
 
     alpagasus rate --config configs/rate_openai.yaml rate.concurrency=64
 
-Reads `data.path`, sends the rows not yet rated to the backend through Ray Data, and saves each
-finished block to `<run_dir>/rated/` as it arrives (write to a temporary name, then rename), so a
-killed job loses only what was in flight. Rerunning the same command sends only the rest. At the
-end the parts are compacted and `<run_dir>/rated_summary.json` is written. Rows in == rows out.
+The data path is Ray Data from end to end, so the driver holds counts, not rows:
+1. a pass over the input on the workers counts it and finds repeated ids (`data.scan_input`);
+2. the input is read again on the workers, each row normalized and given its final id there;
+3. rows whose id is already written are skipped (the ids of the parts, sorted by a Ray task and
+   searched by the readers);
+4. the rest go through the LLM layer (`llm_map`); rows that cannot be rated are set aside with
+   their reason;
+5. the worker where a batch finishes writes it as a Parquet part to `<run_dir>/rated/` (local, a
+   shared mount, s3:// or gs://); a part is whole or absent.
+A kill (of the driver or the whole job) loses the requests in flight and the batches partly done;
+rerunning the same command sends only the rest. Then come the re-ask pass (vLLM) and, with
+`rate.retry_failed`, a pass over the request failures; the summary is counted by scanning the
+parts into `<run_dir>/rated_summary.json`. Rows in == rows out.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
-import os
 import time
-import uuid
 from collections import Counter
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from alpagasus_ray import columns as C
-from alpagasus_ray.backends import MAX_ASKS, RESULT_SCHEMA, Rating, make_backend, ratings_table
-from alpagasus_ray.config import Config, ConfigError, config_for_record
-from alpagasus_ray.data import INVALID_REASON, InputError, Rows, read_rows
-from alpagasus_ray.layout import RunDir
+from alpagasus_ray.config import Config, ConfigError, RateConfig, config_for_record
+from alpagasus_ray.data import INVALID_REASON, InputError, InputScan, input_dataset, scan_input
+from alpagasus_ray.layout import RunDir, open_filesystem
+from alpagasus_ray.llm_map import Reply, Request, llm_map
+from alpagasus_ray.progress import watch
+from alpagasus_ray.prompts import (
+    CHARS_PER_TOKEN, PROMPT_VERSION, RATING_SYSTEM, RATING_USER, SCORE_CHOICES, expected_score, parse_score,
+    rating_messages,
+)
+from alpagasus_ray.rated import RATED_SCHEMA, PartWriter, RatedStore, done_ids, skip_done
 from alpagasus_ray.ray_runtime import ensure_ray
-from alpagasus_ray.prompts import CHARS_PER_TOKEN, PROMPT_VERSION, RATING_SYSTEM, RATING_USER
 
 log = logging.getLogger(__name__)
 
-RATED_SCHEMA = pa.schema([
-    (C.ID, pa.string()), (C.INSTRUCTION, pa.string()), (C.INPUT, pa.string()), (C.OUTPUT, pa.string()),
-    (C.SCORE, pa.float64()), (C.SCORE_EXPECTED, pa.float64()), (C.STATUS, pa.string()), (C.REVIEW, pa.string()),
-    (C.GRADER, pa.string()), (C.DIMENSION, pa.string()), (C.PROMPT_VERSION, pa.string()),
-    (C.ATTEMPTS, pa.int32()), (C.ERROR, pa.string()), (C.TOKENS_IN, pa.int64()), (C.TOKENS_OUT, pa.int64()),
-    (C.SOURCE, pa.string()),
-])
+# What the LLM layer is given of a row.
+SENT_COLUMNS = [C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT, C.SOURCE]
+# Ray resources of the light steps around the LLM (filters, writes). Ray Data's own filter and
+# projection tasks take a whole CPU, which a vLLM engine on a two-core node leaves no room for.
+LIGHT = {"num_cpus": 0.1}
 
 
-class RatedStore:
-    """`<run_dir>/rated/`: Parquet parts written atomically, read back with one row per id."""
+class RatingTask:
+    """The rating prompt (the paper's Fig. 4) and its reader, for the LLM layer."""
 
-    def __init__(self, run_dir: str):
-        self.path = RunDir(run_dir).rated
+    fields = pa.schema([(C.SCORE, pa.float64()), (C.SCORE_EXPECTED, pa.float64()), (C.REVIEW, pa.string())])
+    chat = True
 
-    def write(self, table: pa.Table, prefix: str = "part") -> None:
-        """Save `table` as a new part; readers never see a half-written file."""
-        os.makedirs(self.path, exist_ok=True)
-        name = f"{prefix}-{uuid.uuid4().hex[:12]}.parquet"
-        tmp = os.path.join(self.path, f".tmp-{name}")
-        pq.write_table(table, tmp)
-        os.replace(tmp, os.path.join(self.path, name))
+    def __init__(self, cfg: RateConfig):
+        self.cfg = cfg
+        self.constrained = cfg.backend == "vllm" and cfg.constrained
+        # vLLM: logprobs after the structured-output mask, a distribution over the allowed scores.
+        self.engine_kwargs = {"logprobs_mode": "processed_logprobs"} if cfg.backend == "vllm" else {}
 
-    def parts(self) -> list[str]:
-        if not os.path.isdir(self.path):
-            return []
-        return sorted(
-            os.path.join(self.path, n) for n in os.listdir(self.path)
-            if n.endswith(".parquet") and not n.startswith((".", "_"))
+    def request(self, row: dict) -> Request:
+        cfg = self.cfg
+        return Request(
+            messages=rating_messages(row[C.INSTRUCTION], row[C.INPUT], row[C.OUTPUT], cfg.dimension),
+            max_tokens=4 if self.constrained else cfg.max_tokens,
+            top_logprobs=cfg.top_logprobs if cfg.logprobs else 0,
+            constraint={"choice": list(SCORE_CHOICES)} if self.constrained else None,
         )
 
-    def read(self) -> pa.Table:
-        """Every rated row so far, one per id, in id order.
-
-        An id can sit in two parts (a rerun of request_failed rows, a Ray task retried after it
-        delivered); the better status wins: ok, parse_failed, request_failed, invalid_input.
-        """
-        tables = [pq.read_table(p, schema=RATED_SCHEMA) for p in self.parts()]
-        if not tables:
-            return RATED_SCHEMA.empty_table()
-        table = pa.concat_tables(tables)
-        if table.num_rows == 0:
-            return table
-        # C.STATUSES lists ok first, so the index of a row's status is its rank.
-        rank = pc.index_in(table[C.STATUS], value_set=pa.array(C.STATUSES))
-        table = table.append_column("_rank", rank).sort_by(
-            [(C.ID, "ascending"), ("_rank", "ascending"), (C.ATTEMPTS, "descending")]
-        )
-        ids = table[C.ID].combine_chunks()
-        first_of_id = pa.concat_arrays([pa.array([True]), pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))])
-        table = table.filter(first_of_id)
-        return table.drop_columns(["_rank"])
-
-    def compact(self) -> None:
-        """Replace the many small parts by one deduplicated file; a kill half-way loses nothing."""
-        old = self.parts()
-        if len(old) <= 1:
-            return
-        self.write(self.read().sort_by(C.ID), prefix="data")
-        for path in old:
-            os.remove(path)
+    def read(self, row: dict, reply: Reply) -> tuple[dict, str | None]:
+        parsed = parse_score(reply.text)
+        if parsed.score is None:
+            return {C.REVIEW: parsed.review}, parsed.error
+        expected = expected_score(reply.positions) if reply.positions else None
+        return {C.SCORE: parsed.score, C.SCORE_EXPECTED: expected, C.REVIEW: parsed.review}, None
 
 
 def run_rate(config: Config, dry_run: bool = False) -> dict:
@@ -104,164 +89,185 @@ def run_rate(config: Config, dry_run: bool = False) -> dict:
     """
     started = time.time()
     cfg = config.rate
-    rows = read_rows(config.data)
-    if rows.num_invalid == rows.table.num_rows:  # e.g. plain text, or the wrong field names: a stop, not a run
-        first = rows.table.slice(0, 3).to_pylist()
-        raise InputError(f"{', '.join(rows.files)}: no row can be rated ({rows.num_invalid:,} rows, none valid), e.g. "
-                         + "; ".join(f"{r[C.SOURCE]} ({r[INVALID_REASON]})" for r in first))
+    ensure_ray()
+    scan = scan_input(config.data)
+    if scan.valid == 0:  # e.g. plain text, or the wrong field names: a stop, not a run
+        raise InputError(f"{', '.join(scan.files)}: no row can be rated ({scan.rows:,} rows, none valid), e.g. "
+                         + "; ".join(f"{e['source']} ({e['reason']})" for e in scan.invalid_examples))
     store = RatedStore(config.run_dir)
     grader = f"{cfg.backend}:{cfg.model}"
-    done = store.read()
-    _check_same_grader(done, grader, cfg.dimension, store.path)
-    final = set(pc.filter(done[C.ID], _final_mask(done, cfg.retry_failed)).to_pylist())
-    pending = rows.table.filter(pc.invert(pc.is_in(rows.table[C.ID], pa.array(list(final), pa.string()))))
-    invalid = pending.filter(pc.is_valid(pending[INVALID_REASON]))
-    valid = pending.filter(pc.is_null(pending[INVALID_REASON]))
-    log.info(
-        "rate: %s rows from %s (%s invalid, %s already rated); %s to send to %s",
-        f"{rows.table.num_rows:,}", ", ".join(rows.files), f"{rows.num_invalid:,}", f"{len(final):,}",
-        f"{valid.num_rows:,}", grader,
-    )
-    if rows.duplicate_ids:
-        first = next(iter(rows.duplicate_ids.items()))
+    _check_same_grader(store, grader, cfg.dimension)
+    before = store.status_counts()
+    rated_before = sum(before.values())
+    log.info("rate: %s rows from %s (%s invalid, %s already rated); %s to send to %s", f"{scan.rows:,}",
+             ", ".join(scan.files), f"{scan.invalid:,}", f"{rated_before:,}",
+             f"{max(0, scan.valid - rated_before + before[C.INVALID_INPUT]):,}", grader)
+    if scan.repeats:
+        rid, sources = next(iter(scan.repeat_sources.items()))
         log.warning("rate: %d ids repeat in the input (e.g. %r at %s); repeats get ids id~2, id~3, ...",
-                    len(rows.duplicate_ids), first[0], ", ".join(first[1][:3]))
+                    len(scan.repeats), rid, ", ".join(sources[:3]))
     if dry_run:
-        return _dry_run_report(rows, valid, cfg)
+        return _dry_run_report(scan, cfg, before)
 
-    os.makedirs(config.run_dir, exist_ok=True)
-    with open(RunDir(config.run_dir).rate_config, "w") as f:
-        json.dump(config_for_record(config), f, indent=2)
+    run = RunDir(config.run_dir)
+    _write_json(run.rate_config, config_for_record(config))
     meta = {C.GRADER: grader, C.DIMENSION: cfg.dimension, C.PROMPT_VERSION: PROMPT_VERSION}
-    if invalid.num_rows:
-        ratings = [Rating(i, C.INVALID_INPUT, error=r) for i, r in
-                   zip(invalid[C.ID].to_pylist(), invalid[INVALID_REASON].to_pylist())]
-        store.write(_rated_rows(invalid, ratings_table(ratings), meta))
-    if valid.num_rows:
-        _rate_rows(valid, cfg, store, meta)
-    store.compact()
-    summary = _summarize(rows, store.read(), cfg, time.time() - started, valid.num_rows)
-    with open(RunDir(config.run_dir).rated_summary, "w") as f:
-        json.dump(summary, f, indent=2)
+    price = cfg.cost if cfg.backend == "openai" else None
+    with watch("rate", total=scan.rows, cost=price, done=rated_before) as progress:
+        _rate_new_rows(config, scan, store, meta, progress)
+        if cfg.retry_failed:
+            _ask_again(store, cfg, meta, progress, store.ids_to_ask_again(retry_failed=True, reask=False), reask=False)
+        if cfg.backend == "vllm":  # an API re-asks inside the request
+            _ask_again(store, cfg, meta, progress, store.ids_to_ask_again(retry_failed=False, reask=True), reask=True)
+    counts = progress.final
+    sent = counts.get("rows", 0) - counts.get(C.INVALID_INPUT, 0)
+    summary = _summarize(scan, store, cfg, time.time() - started, sent)
+    _write_json(run.rated_summary, summary)
     return summary
 
 
-def _rate_rows(valid: pa.Table, cfg, store: RatedStore, meta: dict) -> None:
-    """Send `valid` through the backend and save each finished block as it arrives."""
+def _rate_new_rows(config: Config, scan: InputScan, store: RatedStore, meta: dict, progress) -> None:
+    """Read, skip what is written, rate or set aside, write: one Ray Data job on the workers."""
+    store.remove_unfinished()
+    done = done_ids(config.run_dir)
+    rows = input_dataset(config.data, scan.files, scan.repeats)
+    if done is not None:
+        rows = rows.map_batches(skip_done, fn_kwargs={"done": [done]}, batch_format="pyarrow", batch_size=None, **LIGHT)
+    sink = PartWriter(config.run_dir, functools.partial(_rated_rows, meta=meta))
+    valid = rows.map_batches(_rows_to_send, batch_format="pyarrow", batch_size=None, **LIGHT)
+    rated = llm_map(valid, RatingTask(config.rate), config.rate, progress=progress, sink=sink)
+    if scan.invalid:
+        set_aside = rows.map_batches(
+            _set_aside_rows, fn_kwargs={"sink": PartWriter(config.run_dir, functools.partial(_set_aside, meta=meta)),
+                                        "progress": progress},
+            batch_format="pyarrow", batch_size=None, **LIGHT)
+        rated = rated.union(set_aside)
+    for _ in rated.iter_batches(batch_size=None):  # one row of counts per batch
+        pass
+
+
+def _ask_again(store: RatedStore, cfg: RateConfig, meta: dict, progress, ids: list[str], reask: bool) -> None:
+    """Rate `ids` once more from their rated rows (a re-ask, or a retry of request failures),
+    then remove the rows they replace."""
     import ray
 
-    ensure_ray()
-    backend = make_backend(cfg)
-    # One block per batch, so each is saved as soon as it is rated rather than with a large block.
-    needed = valid.select([C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT])
-    dataset = ray.data.from_arrow([needed.slice(i, cfg.batch_size) for i in range(0, needed.num_rows, cfg.batch_size)])
-    position = {rid: i for i, rid in enumerate(valid[C.ID].to_pylist())}
-    reask = _save_as_they_come(backend.rate(dataset), valid, position, store, meta)
-    if reask:
-        # Backends that cannot re-ask inside a request (vLLM) get the unparseable rows once more.
-        log.info("rate: asking again for %d rows whose reply had no score", len(reask))
-        again = valid.take(pa.array(sorted(position[i] for i in reask))).select(needed.column_names)
-        _save_as_they_come(backend.rate(ray.data.from_arrow(again), reask=True), valid, position, store, meta)
+    if not ids:
+        return
+    what = "whose reply had no score" if reask else "whose request failed"
+    log.info("rate: asking again for %s rows %s", f"{len(ids):,}", what)
+    old_parts = store.parts()
+    # The failures only, read here: a few rows next to the run.
+    wanted = pc.field(C.ID).isin(ids) & (pc.field(C.STATUS) != C.OK)
+    table = pa.Table.from_batches(list(store.batches(SENT_COLUMNS, wanted)), schema=pa.schema([RATED_SCHEMA.field(n) for n in SENT_COLUMNS]))
+    rows = ray.data.from_arrow([table.slice(i, cfg.batch_size) for i in range(0, table.num_rows, cfg.batch_size)])
+    sink = PartWriter(store.run_dir, functools.partial(_rated_rows, meta=meta))
+    for _ in llm_map(rows, RatingTask(cfg), cfg, reask=reask, progress=progress, sink=sink).iter_batches(batch_size=None):
+        pass
+    replaced = (C.PARSE_FAILED,) if reask else (C.REQUEST_FAILED,)
+    store.drop_rows(ids, replaced, keep_parts=set(store.parts()) - set(old_parts))
 
 
-def _save_as_they_come(results_ds, valid: pa.Table, position: dict, store: "RatedStore", meta: dict) -> list[str]:
-    """Consume a backend's results, saving each block as it arrives; returns ids to ask again."""
-    done, counts, last_report, start = 0, Counter(), time.time(), time.time()
-    reask = []
-    for results in results_ds.iter_batches(batch_size=None, batch_format="pyarrow"):
-        if results.num_rows == 0:
-            continue
-        results = results.select(RESULT_SCHEMA.names).cast(RESULT_SCHEMA)
-        rows = valid.take(pa.array([position[i] for i in results[C.ID].to_pylist()]))
-        store.write(_rated_rows(rows, results, meta))
-        done += results.num_rows
-        counts.update(results[C.STATUS].to_pylist())
-        first_ask_failed = pc.and_(pc.equal(results[C.STATUS], C.PARSE_FAILED), pc.less(results[C.ATTEMPTS], MAX_ASKS))
-        reask += pc.filter(results[C.ID], first_ask_failed).to_pylist()
-        if time.time() - last_report > 10:
-            last_report = time.time()
-            log.info("rate: %s rows done (%.1f rows/s) %s", f"{done:,}", done / (last_report - start), dict(counts))
-    log.info("rate: %s rows done %s", f"{done:,}", dict(counts))
-    return reask
-
-
-def _rated_rows(rows: pa.Table, results: pa.Table, meta: dict) -> pa.Table:
-    """Output rows: the input row's text and source beside its rating, matched by id."""
-    assert rows[C.ID].equals(results[C.ID]), "ratings must be aligned to rows by id"
-    n = rows.num_rows
-    columns = {
-        C.ID: rows[C.ID], C.INSTRUCTION: rows[C.INSTRUCTION], C.INPUT: rows[C.INPUT], C.OUTPUT: rows[C.OUTPUT],
-        C.SCORE: results[C.SCORE], C.SCORE_EXPECTED: results[C.SCORE_EXPECTED], C.STATUS: results[C.STATUS],
-        C.REVIEW: results[C.REVIEW], C.ATTEMPTS: results[C.ATTEMPTS], C.ERROR: results[C.ERROR],
-        C.TOKENS_IN: results[C.TOKENS_IN], C.TOKENS_OUT: results[C.TOKENS_OUT], C.SOURCE: rows[C.SOURCE],
-        **{k: pa.array([v] * n, pa.string()) for k, v in meta.items()},
-    }
+def _rated_rows(batch: pa.Table, meta: dict) -> pa.Table:
+    """Output rows: each row's text and source beside its rating, in the columns of RATED_SCHEMA."""
+    n = batch.num_rows
+    columns = {name: batch[name] for name in batch.column_names}
+    columns.update({k: pa.array([v] * n, pa.string()) for k, v in meta.items()})
     return pa.table({f.name: columns[f.name] for f in RATED_SCHEMA}, schema=RATED_SCHEMA)
 
 
-def _final_mask(done: pa.Table, retry_failed: bool):
-    """Rows not to send again: all but unparseable first asks (and request failures on request)."""
-    final = pc.invert(pc.and_(pc.equal(done[C.STATUS], C.PARSE_FAILED), pc.less(done[C.ATTEMPTS], MAX_ASKS)))
-    if retry_failed:
-        final = pc.and_(final, pc.not_equal(done[C.STATUS], C.REQUEST_FAILED))
-    return final
+def _set_aside(batch: pa.Table, meta: dict) -> pa.Table:
+    """Rows that cannot be rated, as rated rows with status invalid_input and the reason."""
+    n = batch.num_rows
+    results = {
+        C.SCORE: pa.nulls(n, pa.float64()), C.SCORE_EXPECTED: pa.nulls(n, pa.float64()),
+        C.STATUS: pa.array([C.INVALID_INPUT] * n, pa.string()), C.REVIEW: pa.array([""] * n, pa.string()),
+        C.ATTEMPTS: pa.array([0] * n, pa.int32()), C.ERROR: batch[INVALID_REASON],
+        C.TOKENS_IN: pa.array([0] * n, pa.int64()), C.TOKENS_OUT: pa.array([0] * n, pa.int64()),
+    }
+    table = batch.select([C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT, C.SOURCE])
+    for name, values in results.items():
+        table = table.append_column(name, values)
+    return _rated_rows(table, meta)
 
 
-def _check_same_grader(done: pa.Table, grader: str, dimension: str, where: str) -> None:
+def _rows_to_send(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_null(batch[INVALID_REASON])).select(SENT_COLUMNS)
+
+
+def _set_aside_rows(batch: pa.Table, sink, progress=None) -> pa.Table:
+    """Write the rows set aside; one row of counts comes out, as from the LLM layer."""
+    batch = batch.filter(pc.is_valid(batch[INVALID_REASON]))
+    sink(batch)
+    if progress is not None:
+        progress.add(pa.table({C.STATUS: pa.array([C.INVALID_INPUT] * batch.num_rows, pa.string())}))
+    return pa.table({"rows": [batch.num_rows]})
+
+
+def _check_same_grader(store: RatedStore, grader: str, dimension: str) -> None:
     for column, wanted in ((C.GRADER, grader), (C.DIMENSION, dimension), (C.PROMPT_VERSION, PROMPT_VERSION)):
-        found = set(done[column].unique().to_pylist()) - {wanted}
+        found = store.values(column) - {wanted}
         if found:
             raise ConfigError(
-                f"{where} already holds ratings with {column}={sorted(found)[0]!r}, this run asks for {wanted!r}: "
+                f"{store.uri} already holds ratings with {column}={sorted(found)[0]!r}, this run asks for {wanted!r}: "
                 "use another run_dir (ratings from different graders are never mixed)"
             )
 
 
-def _dry_run_report(rows: Rows, valid: pa.Table, cfg) -> dict:
+def _dry_run_report(scan: InputScan, cfg: RateConfig, before: dict) -> dict:
+    to_send = max(0, scan.valid - (sum(before.values()) - before[C.INVALID_INPUT]))
     fixed = len(RATING_SYSTEM) + len(RATING_USER.format(dimension=cfg.dimension))
-    text_chars = sum(pc.sum(pc.utf8_length(valid[c])).as_py() or 0 for c in C.TEXT_FIELDS)
-    prompt_tokens = math.ceil((text_chars + fixed * valid.num_rows) / CHARS_PER_TOKEN)
-    report = {
-        "rows_in": rows.table.num_rows,
-        "invalid_input": rows.num_invalid,
-        "to_send": valid.num_rows,
-        "prompt_tokens_estimate": prompt_tokens,
-        "completion_tokens_at_most": valid.num_rows * cfg.max_tokens,
-        "cost_usd_at_most": cfg.cost(prompt_tokens, valid.num_rows * cfg.max_tokens),
-    }
-    return report
-
-
-def _summarize(rows: Rows, rated: pa.Table, cfg, seconds: float, sent: int) -> dict:
-    ids_in = set(rows.table[C.ID].to_pylist())
-    ids_out = set(rated[C.ID].to_pylist())
-    if ids_in != ids_out:
-        missing = sorted(ids_in - ids_out)[:10]
-        raise RuntimeError(f"rows in != rows out: {len(ids_in - ids_out)} rows have no rating (e.g. {missing})")
-    statuses = Counter(rated[C.STATUS].to_pylist())
-    tokens_in = pc.sum(rated[C.TOKENS_IN]).as_py() or 0
-    tokens_out = pc.sum(rated[C.TOKENS_OUT]).as_py() or 0
-    ok = rated.filter(pc.equal(rated[C.STATUS], C.OK))
-    not_ok = rated.filter(pc.not_equal(rated[C.STATUS], C.OK)).slice(0, 20)
+    text_chars = scan.text_chars * to_send / scan.valid if scan.valid else 0
+    prompt_tokens = math.ceil((text_chars + fixed * to_send) / CHARS_PER_TOKEN)
     return {
-        "rows_in": rows.table.num_rows,
-        "rows_out": rated.num_rows,
+        "rows_in": scan.rows,
+        "invalid_input": scan.invalid,
+        "to_send": to_send,
+        "prompt_tokens_estimate": prompt_tokens,
+        "completion_tokens_at_most": to_send * cfg.max_tokens,
+        "cost_usd_at_most": cfg.cost(prompt_tokens, to_send * cfg.max_tokens),
+    }
+
+
+def _summarize(scan: InputScan, store: RatedStore, cfg: RateConfig, seconds: float, sent: int) -> dict:
+    """The summary, counted by one streaming scan of the parts."""
+    statuses, scores, tokens, rows = Counter(), Counter(), Counter(), 0
+    not_ok = []
+    for batch in store.batches([C.ID, C.STATUS, C.SCORE, C.TOKENS_IN, C.TOKENS_OUT, C.SOURCE, C.ERROR]):
+        table = pa.Table.from_batches([batch])
+        rows += table.num_rows
+        for item in pc.value_counts(table[C.STATUS]).to_pylist():
+            statuses[item["values"]] += item["counts"]
+        ok = pc.equal(table[C.STATUS], C.OK)
+        for item in pc.value_counts(table.filter(ok)[C.SCORE]).to_pylist():
+            scores[item["values"]] += item["counts"]
+        tokens.update({C.TOKENS_IN: pc.sum(table[C.TOKENS_IN]).as_py() or 0,
+                       C.TOKENS_OUT: pc.sum(table[C.TOKENS_OUT]).as_py() or 0})
+        if len(not_ok) < 20:
+            not_ok += table.filter(pc.invert(ok)).slice(0, 20 - len(not_ok)).to_pylist()
+    if rows != scan.rows:
+        raise RuntimeError(f"rows in != rows out: {scan.rows:,} rows in the input, {rows:,} rated rows in {store.uri}")
+    return {
+        "rows_in": scan.rows,
+        "rows_out": rows,
         "by_status": {s: statuses.get(s, 0) for s in C.STATUSES},
         "grader": f"{cfg.backend}:{cfg.model}",
         "dimension": cfg.dimension,
         "prompt_version": PROMPT_VERSION,
-        "tokens_in": tokens_in,
-        "tokens_out": tokens_out,
-        "cost_usd": cfg.cost(tokens_in, tokens_out) if cfg.backend == "openai" else None,
+        "tokens_in": tokens[C.TOKENS_IN],
+        "tokens_out": tokens[C.TOKENS_OUT],
+        "cost_usd": cfg.cost(tokens[C.TOKENS_IN], tokens[C.TOKENS_OUT]) if cfg.backend == "openai" else None,
         "wall_seconds": round(seconds, 2),
         "rows_sent_this_run": sent,
-        "score_histogram": {f"{k:g}": v for k, v in sorted(Counter(ok[C.SCORE].to_pylist()).items())},
-        "duplicate_ids": {"count": len(rows.duplicate_ids), "examples": dict(list(rows.duplicate_ids.items())[:20])},
-        "not_ok_examples": [
-            {"id": i, "status": s, "source": src, "error": e}
-            for i, s, src, e in zip(not_ok[C.ID].to_pylist(), not_ok[C.STATUS].to_pylist(),
-                                     not_ok[C.SOURCE].to_pylist(), not_ok[C.ERROR].to_pylist())
-        ],
-        "input_files": rows.files,
+        "score_histogram": {f"{k:g}": v for k, v in sorted(scores.items())},
+        "duplicate_ids": {"count": len(scan.repeats), "examples": scan.repeat_sources},
+        "not_ok_examples": [{"id": r[C.ID], "status": r[C.STATUS], "source": r[C.SOURCE], "error": r[C.ERROR]}
+                            for r in not_ok],
+        "input_files": scan.files,
     }
 
+
+def _write_json(uri: str, record: dict) -> None:
+    fs, path = open_filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(path) as f:
+        f.write(json.dumps(record, indent=2).encode())

@@ -1,5 +1,5 @@
-"""The `openai` backend: any OpenAI-compatible endpoint, called from Ray Data actors. Rating,
-generation and judging each define an `ApiWorker`; `map_with_api` runs it.
+"""The `openai` backend of the LLM layer: any OpenAI-compatible endpoint, called from Ray Data
+actors (`map_with_api`), for every stage.
 
 Each actor keeps up to `concurrency / num_workers` requests in flight on one event loop (the largest
 number of workers, when `num_workers` is a range [min, max] for an autoscaling pool).
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -22,21 +23,10 @@ import openai
 import pyarrow as pa
 
 from alpagasus_ray import columns as C
-from alpagasus_ray.backends import MAX_ASKS, Rating, rating_from_reply, ratings_table
-from alpagasus_ray.config import ConfigError, EndpointConfig, RateConfig, api_key, pool_size
-from alpagasus_ray.prompts import estimate_tokens, expected_score, parse_score, rating_messages
+from alpagasus_ray.config import ConfigError, EndpointConfig, api_key, pool_size
+from alpagasus_ray.llm_map import MAX_ASKS, Reply, result_row, with_results
+from alpagasus_ray.prompts import estimate_tokens
 from alpagasus_ray.ratelimit import SharedLimiter
-
-
-class OpenAIBackend:
-    """Rates rows through an OpenAI-compatible API under concurrency and rate limits."""
-
-    def __init__(self, rate: RateConfig):
-        require_key(rate, "rate")
-        self.cfg = rate
-
-    def rate(self, rows, reask: bool = False):
-        return map_with_api(rows, _Rater, self.cfg)
 
 
 def require_key(endpoint: EndpointConfig, section: str) -> None:
@@ -48,9 +38,10 @@ def require_key(endpoint: EndpointConfig, section: str) -> None:
         )
 
 
-def map_with_api(rows, worker: type["ApiWorker"], endpoint: EndpointConfig, **kwargs):
-    """`rows` mapped by `worker` actors, `endpoint.num_workers` of them, sharing the endpoint's
-    concurrency and one limiter for its requests- and tokens-per-minute limits."""
+def map_with_api(rows, task, endpoint: EndpointConfig, progress=None, sink=None):
+    """`rows` mapped through `task` (an `llm_map.LLMTask`) by `_ApiMapper` actors,
+    `endpoint.num_workers` of them, sharing the endpoint's concurrency and one limiter for its
+    requests- and tokens-per-minute limits."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -69,10 +60,11 @@ def map_with_api(rows, worker: type["ApiWorker"], endpoint: EndpointConfig, **kw
     # adds actors at 1.75 blocks queued or running per call slot): let blocks queue up to twice that.
     queued = 2 * calls if most > fewest else calls
     return rows.map_batches(
-        worker,
+        _ApiMapper,
         batch_size=endpoint.batch_size,
         batch_format="pyarrow",
-        fn_constructor_kwargs={"config": endpoint.model_dump(), "slots": slots, "limiter": limiter, **kwargs},
+        fn_constructor_kwargs={"endpoint": endpoint, "slots": slots, "limiter": limiter, "task": task,
+                               "progress": progress, "sink": sink},
         compute=ActorPoolStrategy(
             min_size=fewest, max_size=most, max_tasks_in_flight_per_actor=queued, max_concurrent_calls_per_actor=calls
         ),
@@ -81,14 +73,11 @@ def map_with_api(rows, worker: type["ApiWorker"], endpoint: EndpointConfig, **kw
 
 
 class ApiWorker:
-    """Base of the Ray Data actors that call the API: one client, `slots` requests in flight on
-    the actor's event loop, and the shared limiter. Subclasses set `config_type` and define
-    `async __call__(batch: pa.Table) -> pa.Table`."""
+    """An API client for a Ray actor: `slots` requests in flight on the actor's event loop, under
+    the shared limiter, and the ask-again loop."""
 
-    config_type: type[EndpointConfig] = EndpointConfig
-
-    def __init__(self, config: dict, slots: int, limiter=None):
-        self.cfg = self.config_type(**config)
+    def __init__(self, endpoint: EndpointConfig, slots: int, limiter=None):
+        self.cfg = endpoint
         self.limiter = limiter
         self.slots = asyncio.Semaphore(slots)
         # The client's pool (1,000 connections) is larger than any slot count; the semaphore bounds use.
@@ -166,33 +155,41 @@ class ApiWorker:
             self.limiter.pause.remote(seconds)
 
 
-class _Rater(ApiWorker):
-    """Ray Data actor: rates the rows of each batch concurrently on the actor's event loop."""
+class _ApiMapper(ApiWorker):
+    """Ray Data actor: the rows of each batch asked concurrently on the actor's event loop. Rows
+    wait for a slot in the order they came, so a batch's rows go out before the next batch's and
+    few batches are partly done at any time."""
 
-    config_type = RateConfig
+    def __init__(self, endpoint: EndpointConfig, slots: int, limiter, task, progress=None, sink=None):
+        super().__init__(endpoint, slots, limiter)
+        self.task, self.progress, self.sink = task, progress, sink
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
-        rows = batch.select([C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT]).to_pylist()
-        ratings = await asyncio.gather(*(self._rate_row(row) for row in rows))
-        return ratings_table(list(ratings))
+        rows = batch.to_pylist()
+        results = await asyncio.gather(*(self._one(row) for row in rows))
+        return with_results(batch, self.task, list(results), self.progress, self.sink)
 
-    async def _rate_row(self, row: dict) -> Rating:
-        cfg = self.cfg
-        messages = rating_messages(row[C.INSTRUCTION], row[C.INPUT], row[C.OUTPUT], cfg.dimension)
-        extra = {"logprobs": True, "top_logprobs": cfg.top_logprobs} if cfg.logprobs else {}
+    async def _one(self, row: dict) -> dict:
+        task = self.task
+        request = task.request(row)
+        extra = {"logprobs": True, "top_logprobs": request.top_logprobs} if request.top_logprobs else {}
+        if request.messages is not None:
+            send = functools.partial(self.chat, request.messages, request.max_tokens, **extra)
+        else:
+            send = functools.partial(self.complete, request.prompt, request.max_tokens)
 
         def read(reply):
             text, positions = read_reply(reply)
-            parsed = parse_score(text)
-            return (parsed, positions), parsed.error if parsed.score is None else None
+            fields, problem = task.read(row, Reply(text, positions, reply.choices[0].finish_reason))
+            return (fields, problem), problem
 
-        asked = await self.ask(lambda: self.chat(messages, cfg.max_tokens, **extra), read)
-        counts = {"attempts": asked.attempts, "tokens_in": asked.tokens_in, "tokens_out": asked.tokens_out}
+        asked = await self.ask(send, read)
         if asked.value is None:  # the request failed, or no reply could be read at all
-            return Rating(row[C.ID], C.REQUEST_FAILED, error=asked.error, **counts)
-        parsed, positions = asked.value
-        expected = expected_score(positions) if parsed.score is not None and positions else None
-        return rating_from_reply(row[C.ID], parsed, expected, **counts)
+            return result_row(task, None, C.REQUEST_FAILED, asked.attempts, asked.error, asked.tokens_in,
+                              asked.tokens_out)
+        fields, problem = asked.value
+        return result_row(task, fields, C.OK if problem is None else C.PARSE_FAILED, asked.attempts, problem,
+                          asked.tokens_in, asked.tokens_out)
 
 
 @dataclass

@@ -1,55 +1,16 @@
-"""The `vllm` backend: an open grader model served by vLLM inside Ray Data (`ray.data.llm`).
+"""The `vllm` backend of the LLM layer: a model served by vLLM engines inside Ray Data (`ray.data.llm`).
 
-One engine per GPU (or per tensor-parallel group), `rate.num_engines` of them; prefix caching on,
-since every prompt shares the rating instructions. With `rate.constrained` the reply is one of
-"0", "0.5", ..., "5" (structured outputs), and the top logprobs give `score_expected`.
+One engine per GPU (or per tensor-parallel group), `num_engines` of them; prefix caching on, since
+the prompts of a stage share their instructions.
 """
 
 from __future__ import annotations
 
 import math
 
-from alpagasus_ray import columns as C
-from alpagasus_ray.backends import Rating, rating_from_reply
-from alpagasus_ray.config import EndpointConfig, RateConfig, pool_size
-from alpagasus_ray.tiny_model import resolve_model
-from alpagasus_ray.prompts import SCORE_CHOICES, expected_score, parse_score, rating_messages
+from alpagasus_ray.config import EndpointConfig, pool_size
 from alpagasus_ray.ray_runtime import worker_log_level
-
-# A greedy re-ask would repeat the same reply word for word; the one re-ask of an unparseable
-# reply samples instead.
-REASK_TEMPERATURE = 0.7
-
-
-class VLLMBackend:
-    """Rates rows with vLLM engines run by Ray Data LLM."""
-
-    def __init__(self, rate: RateConfig):
-        self.cfg = rate
-
-    def rate(self, rows, reask: bool = False):
-        cfg = self.cfg
-        sampling = {
-            "temperature": REASK_TEMPERATURE if reask else cfg.temperature,
-            "max_tokens": cfg.max_tokens if not cfg.constrained else 4,
-        }
-        if cfg.logprobs:
-            sampling["logprobs"] = cfg.top_logprobs
-        if cfg.constrained:
-            sampling["structured_outputs"] = {"choice": list(SCORE_CHOICES)}
-        processor = engine_processor(
-            cfg,
-            lambda row: {
-                C.ID: row[C.ID],
-                "messages": rating_messages(row[C.INSTRUCTION], row[C.INPUT], row[C.OUTPUT], cfg.dimension),
-                "sampling_params": sampling,
-            },
-            # Logprobs after the structured-output mask: a distribution over the allowed scores.
-            engine_kwargs={"logprobs_mode": "processed_logprobs"},
-        )
-        # Rows the engine refused skip a processor's postprocess, so the rating is made after it, for all.
-        attempts = 2 if reask else 1
-        return processor(rows).map(lambda row: _rating_row(row, attempts), **light_stage(cfg))
+from alpagasus_ray.tiny_model import resolve_model
 
 
 def light_stage(endpoint: EndpointConfig) -> dict:
@@ -117,21 +78,7 @@ def inference_error(row: dict) -> str | None:
     return str(error).splitlines()[0][:300] if error else None
 
 
-def _rating_row(row: dict, attempts: int) -> dict:
-    """One engine output as a flat rating row (the columns of RESULT_SCHEMA)."""
-    counts = {"tokens_in": int(row.get("num_input_tokens") or 0), "tokens_out": int(row.get("num_generated_tokens") or 0)}
-    error = inference_error(row)
-    if error:
-        rating = Rating(row[C.ID], C.REQUEST_FAILED, attempts=attempts, error=error, **counts)
-    else:
-        parsed = parse_score(row.get("generated_text"))
-        positions = _positions(row.get("logprobs"), row.get("generated_tokens"))
-        expected = expected_score(positions) if parsed.score is not None else None
-        rating = rating_from_reply(row[C.ID], parsed, expected, attempts=attempts, **counts)
-    return {**rating.__dict__, C.SCORE: _float(rating.score), C.SCORE_EXPECTED: _float(rating.score_expected)}
-
-
-def _positions(logprobs, chosen_ids) -> list[list[tuple[str, float]]]:
+def positions(logprobs, chosen_ids) -> list[list[tuple[str, float]]]:
     """Ray Data LLM's logprobs (per token: {token_id: {logprob, rank, decoded_token}}) as lists of
     (token, logprob), the generated token first, then the alternatives by rank."""
     positions = []
@@ -141,7 +88,3 @@ def _positions(logprobs, chosen_ids) -> list[list[tuple[str, float]]]:
         rest = sorted(entry.values(), key=lambda v: v.get("rank") or math.inf)
         positions.append([(v.get("decoded_token") or "", float(v["logprob"])) for v in first + rest])
     return positions
-
-
-def _float(value):
-    return None if value is None else float(value)

@@ -1,0 +1,206 @@
+"""The rated rows of a run: Parquet parts under `<run_dir>/rated/`, on a local disk, a shared mount
+or an object store (s3://, gs://), read by streaming scans.
+
+Ray Data's workers write the parts (`write_parquet`); this module reads them back a batch at a
+time (`pyarrow.dataset`), so the process reading holds counts or the rows it keeps, never the
+whole table. Each id has one row once a rating has finished; while a re-ask pass runs, an id can
+have two, and the better status wins (ok, parse_failed, request_failed, invalid_input).
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pds
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
+from alpagasus_ray import columns as C
+from alpagasus_ray.layout import RunDir, open_filesystem
+from alpagasus_ray.llm_map import MAX_ASKS
+
+RATED_SCHEMA = pa.schema([
+    (C.ID, pa.string()), (C.INSTRUCTION, pa.string()), (C.INPUT, pa.string()), (C.OUTPUT, pa.string()),
+    (C.SCORE, pa.float64()), (C.SCORE_EXPECTED, pa.float64()), (C.STATUS, pa.string()), (C.REVIEW, pa.string()),
+    (C.GRADER, pa.string()), (C.DIMENSION, pa.string()), (C.PROMPT_VERSION, pa.string()),
+    (C.ATTEMPTS, pa.int32()), (C.ERROR, pa.string()), (C.TOKENS_IN, pa.int64()), (C.TOKENS_OUT, pa.int64()),
+    (C.SOURCE, pa.string()),
+])
+SCAN_BATCH_ROWS = 65_536
+
+
+class RatedStore:
+    """`<run_dir>/rated/` on whatever filesystem the run directory is on."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.uri = RunDir(run_dir).rated
+        self.fs, self.path = open_filesystem(self.uri)
+
+    def parts(self) -> list[str]:
+        """The finished part files (filesystem paths), in name order."""
+        found = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False, allow_not_found=True))
+        return sorted(
+            f.path for f in found
+            if f.type == pafs.FileType.File and f.path.endswith(".parquet")
+            and not os.path.basename(f.path).startswith((".", "_"))
+        )
+
+    def remove_unfinished(self) -> None:
+        """Delete the temporary files of parts a kill interrupted."""
+        found = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False, allow_not_found=True))
+        for f in found:
+            if os.path.basename(f.path).startswith(".tmp-"):
+                self.fs.delete_file(f.path)
+
+    def write(self, table: pa.Table, prefix: str = "part") -> str:
+        """Save `table` as a new part; readers never see a half-written file. Returns its path."""
+        self.fs.create_dir(self.path, recursive=True)
+        name = f"{prefix}-{uuid.uuid4().hex[:12]}.parquet"
+        final = f"{self.path}/{name}"
+        if isinstance(self.fs, pafs.LocalFileSystem):
+            tmp = f"{self.path}/.tmp-{name}"
+            pq.write_table(table, tmp)
+            os.replace(tmp, final)
+        else:  # an object store makes an object visible only once it is whole
+            pq.write_table(table, final, filesystem=self.fs)
+        return final
+
+    def batches(self, columns: list[str], filter=None, parts: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """The rows of the parts (all, or `parts`), a batch at a time, with only `columns`."""
+        parts = self.parts() if parts is None else parts
+        if not parts:
+            return iter(())
+        dataset = pds.dataset(parts, schema=RATED_SCHEMA, format="parquet", filesystem=self.fs)
+        return dataset.to_batches(columns=columns, filter=filter, batch_size=SCAN_BATCH_ROWS)
+
+    def read(self) -> pa.Table:
+        """Every rated row in memory, one per id, in id order: for small runs and tests."""
+        batches = list(self.batches(RATED_SCHEMA.names))
+        if not batches:
+            return RATED_SCHEMA.empty_table()
+        return best_per_id(pa.Table.from_batches(batches, schema=RATED_SCHEMA))
+
+    def values(self, column: str) -> set:
+        """The distinct values of a column that holds few (the grader, the dimension)."""
+        found = set()
+        for batch in self.batches([column]):
+            found.update(pc.unique(batch.column(0)).to_pylist())
+        return found
+
+    def status_counts(self) -> dict[str, int]:
+        """Rows per status over every part."""
+        counts = dict.fromkeys(C.STATUSES, 0)
+        for batch in self.batches([C.STATUS]):
+            for item in pc.value_counts(batch.column(0)).to_pylist():
+                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
+        return counts
+
+    def ids_to_ask_again(self, retry_failed: bool, reask: bool) -> list[str]:
+        """Ids whose best row is a request failure (with `retry_failed`) or a first unreadable
+        reply (with `reask`). Held in memory: they are the failures, not the whole run."""
+        wanted = None
+        if retry_failed:
+            wanted = pc.field(C.STATUS) == C.REQUEST_FAILED
+        if reask:
+            first_ask = (pc.field(C.STATUS) == C.PARSE_FAILED) & (pc.field(C.ATTEMPTS) < MAX_ASKS)
+            wanted = first_ask if wanted is None else wanted | first_ask
+        if wanted is None:
+            return []
+        candidates = {i for b in self.batches([C.ID], wanted) for i in b.column(0).to_pylist()}
+        if not candidates:
+            return []
+        settled = self.batches([C.ID], pc.field(C.ID).isin(list(candidates)) & ~wanted)
+        return sorted(candidates - {i for b in settled for i in b.column(0).to_pylist()})
+
+    def drop_rows(self, ids: list[str], statuses_to_drop: tuple[str, ...], keep_parts: set[str] = frozenset()) -> int:
+        """Remove the rows of `ids` with one of `statuses_to_drop` from the parts (but `keep_parts`),
+        rewriting each part that holds one; a kill half-way leaves a row twice, never none.
+        Returns the rows removed."""
+        doomed = pc.field(C.ID).isin(ids) & pc.field(C.STATUS).isin(list(statuses_to_drop))
+        removed = 0
+        for part in self.parts():
+            if part in keep_parts:
+                continue
+            hits = sum(b.num_rows for b in self.batches([C.ID], doomed, parts=[part]))
+            if hits:
+                table = pq.read_table(part, filesystem=self.fs, schema=RATED_SCHEMA)
+                self.write(table.filter(~doomed), prefix="data")
+                self.fs.delete_file(part)
+                removed += hits
+        return removed
+
+
+def best_per_id(table: pa.Table) -> pa.Table:
+    """One row per id, the best status first (ok, parse_failed, request_failed, invalid_input),
+    then the most attempts; in id order."""
+    if table.num_rows == 0:
+        return table
+    rank = pc.index_in(table[C.STATUS], value_set=pa.array(C.STATUSES))  # STATUSES lists ok first
+    table = table.append_column("_rank", rank).sort_by(
+        [(C.ID, "ascending"), ("_rank", "ascending"), (C.ATTEMPTS, "descending")]
+    )
+    ids = table[C.ID].combine_chunks()
+    first_of_id = pa.concat_arrays([pa.array([True]), pc.not_equal(ids.slice(1), ids.slice(0, len(ids) - 1))])
+    return table.filter(first_of_id).drop_columns(["_rank"])
+
+
+class PartWriter:
+    """A sink for the LLM layer: turns a finished batch into rated rows and writes it as a part,
+    on the worker where it finished. A part is whole or absent (written under a temporary name,
+    then renamed; an object store shows an object once it is whole), so the parts are their own
+    record of what is done: a rerun skips their ids (`skip_done`)."""
+
+    def __init__(self, run_dir: str, to_rated):
+        self.run_dir, self.to_rated = run_dir, to_rated
+        self._store = None
+
+    def __call__(self, batch: pa.Table) -> None:
+        if self._store is None:
+            self._store = RatedStore(self.run_dir)
+        if batch.num_rows:
+            self._store.write(self.to_rated(batch))
+
+
+def done_ids(run_dir: str):
+    """An ObjectRef to the sorted ids already written under `<run_dir>/rated/`, made by a Ray task
+    (the ids never reach the driver); None when nothing is written yet."""
+    import ray
+
+    if not RatedStore(run_dir).parts():
+        return None
+    return ray.remote(_sorted_ids).options(num_cpus=0.5).remote(run_dir)
+
+
+def _sorted_ids(run_dir: str):
+    import numpy as np
+
+    chunks = [b.column(0) for b in RatedStore(run_dir).batches([C.ID])]
+    ids = pa.chunked_array(chunks, pa.string()).to_numpy().astype(str) if chunks else np.array([], dtype=str)
+    return np.sort(ids)
+
+
+_DONE_CACHE: dict = {}
+
+
+def skip_done(batch: pa.Table, done: list) -> pa.Table:
+    """`batch` without the rows whose id is in `done[0]` (a ref from `done_ids`; fetched once per
+    worker process), by binary search in the sorted ids."""
+    import numpy as np
+    import ray
+
+    ref = done[0]
+    key = ref.hex()
+    if key not in _DONE_CACHE:
+        _DONE_CACHE.clear()
+        _DONE_CACHE[key] = ray.get(ref)
+    written = _DONE_CACHE[key]
+    if batch.num_rows == 0 or len(written) == 0:
+        return batch
+    ids = batch[C.ID].to_numpy(zero_copy_only=False).astype(str)
+    where = np.minimum(np.searchsorted(written, ids), len(written) - 1)
+    return batch.filter(pa.array(written[where] != ids))
