@@ -25,12 +25,13 @@ from alpagasus_ray import columns as C
 from alpagasus_ray import plots, selection
 from alpagasus_ray.config import Config, FilterConfig
 from alpagasus_ray.prompts import SCORE_MAX, SCORE_MIN
-from alpagasus_ray.layout import RunDir
-from alpagasus_ray.rated import RatedStore
+from alpagasus_ray.layout import RunDir, is_local, open_filesystem
+from alpagasus_ray.rated import RatedStore, best_per_id
 
 log = logging.getLogger(__name__)
 
 REQUIRED = (C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT, C.SCORE, C.STATUS)
+CATEGORY = "_category"
 
 
 class FilterError(ValueError):
@@ -40,7 +41,8 @@ class FilterError(ValueError):
 def run_filter(config: Config) -> dict:
     """Select the training rows of `config.run_dir`; returns what selection.json records."""
     f = config.filter
-    rated = load_rated(f.rated_from or config.run_dir, f.score)
+    store = RatedStore(f.rated_from or config.run_dir)
+    rated = load_rated(store, f.score, None if f.category_field else f.category_keywords)
     if not SCORE_MIN <= f.threshold <= SCORE_MAX and f.mode in ("threshold", "subsample", "balanced"):
         raise FilterError(f"filter.threshold={f.threshold:g} is outside the grader's scale {SCORE_MIN:g}-{SCORE_MAX:g}")
     statuses = Counter(rated[C.STATUS].to_pylist())
@@ -52,7 +54,7 @@ def run_filter(config: Config) -> dict:
     pool = rated.take(pa.array(pool_index))
     categories = [categories_all[i] for i in pool_index]
     chosen = _choose(pool, categories, f)
-    selected = pool.take(pa.array(chosen))
+    selected = _with_text(store, pool.take(pa.array(chosen)), f.score)
 
     per_category = _per_category(categories_all, categories, [categories[i] for i in chosen])
     record = {
@@ -80,10 +82,13 @@ def run_filter(config: Config) -> dict:
     return record
 
 
-def load_rated(run_dir: str, score: str = C.SCORE) -> pa.Table:
-    """The rated rows of `run_dir`, checked to have what selection needs."""
-    store = RatedStore(run_dir)
-    path = store.path
+def load_rated(store: RatedStore, score: str = C.SCORE, keywords: list[str] | None = None) -> pa.Table:
+    """What selection needs of every rated row (id, status, attempts, scores, and the keyword
+    category when `keywords` are given), one row per id in id order; the text stays on disk.
+
+    A streaming scan: each batch's text is read, categorized and dropped.
+    """
+    path = store.uri
     parts = store.parts()
     if not parts:
         raise FilterError(f"{path}: no rated rows; run `alpagasus rate` first")
@@ -91,7 +96,31 @@ def load_rated(run_dir: str, score: str = C.SCORE) -> pa.Table:
     missing = [c for c in (*REQUIRED, score) if c not in schema.names]
     if missing:
         raise FilterError(f"{path}: the rated rows lack column(s) {', '.join(missing)}")
-    return store.read()
+    light = list(dict.fromkeys([C.ID, C.STATUS, C.ATTEMPTS, C.SCORE, C.SCORE_EXPECTED, score]))
+    text = [C.INSTRUCTION, C.INPUT, C.OUTPUT] if keywords is not None else []
+    tables = []
+    for batch in store.batches(light + text):
+        table = pa.Table.from_batches([batch])
+        if keywords is not None:
+            rows = zip(*(table[c].to_pylist() for c in text))
+            category = [selection.keyword_category("\n".join(r), keywords) for r in rows]
+            table = table.select(light).append_column(CATEGORY, pa.array(category, pa.string()))
+        tables.append(table)
+    return best_per_id(pa.concat_tables(tables))
+
+
+def _with_text(store: RatedStore, chosen: pa.Table, score: str) -> pa.Table:
+    """The chosen rows with their text, read back for their ids only, in the order chosen."""
+    ids = chosen[C.ID].to_pylist()
+    found = {}
+    for batch in store.batches([C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT], pc.field(C.ID).isin(ids)):
+        for row in batch.to_pylist():
+            found.setdefault(row[C.ID], row)
+    rows = [found[i] for i in ids]
+    return pa.table({
+        C.INSTRUCTION: [r[C.INSTRUCTION] for r in rows], C.INPUT: [r[C.INPUT] for r in rows],
+        C.OUTPUT: [r[C.OUTPUT] for r in rows], C.ID: ids, score: chosen[score],
+    })
 
 
 def _choose(pool: pa.Table, categories: list[str], f: FilterConfig) -> list[int]:
@@ -146,8 +175,7 @@ def _categories(rated: pa.Table, config: Config) -> list[str]:
     """Each rated row's category: from an input field joined by id, or by keyword rules."""
     f = config.filter
     if f.category_field is None:
-        texts = zip(rated[C.INSTRUCTION].to_pylist(), rated[C.INPUT].to_pylist(), rated[C.OUTPUT].to_pylist())
-        return [selection.keyword_category("\n".join(t), f.category_keywords) for t in texts]
+        return rated[CATEGORY].to_pylist()
     from alpagasus_ray.data import read_rows
 
     source = read_rows(config.data, extra_fields=(f.category_field,)).table
@@ -192,7 +220,20 @@ def _read_selection(path: str) -> list[dict]:
 
 
 def _write_outputs(run_dir: str, selected: pa.Table, record: dict, pool_scores: list[float], f: FilterConfig) -> None:
-    """Write every output into a temporary directory, then move them in place together."""
+    """Write every output into a temporary directory, then move them in place together. A run
+    directory on an object store gets them copied, selection.json (the record) last."""
+    if not is_local(run_dir):
+        with tempfile.TemporaryDirectory(prefix="alpagasus-filter-") as local:
+            _write_outputs(local, selected, record, pool_scores, f)
+            fs, root = open_filesystem(run_dir)
+            staged = RunDir(local)
+            names = [*(os.path.join("plots", n) for n in sorted(os.listdir(staged.plots)) if f.plots),
+                     os.path.basename(staged.selected_json), os.path.basename(staged.selected_jsonl),
+                     os.path.basename(staged.selection)]
+            for name in names:
+                with open(os.path.join(local, name), "rb") as src, fs.open_output_stream(f"{root}/{name}") as dst:
+                    dst.write(src.read())
+        return
     os.makedirs(run_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".filter-", dir=run_dir)
     staged, final = RunDir(tmp), RunDir(run_dir)  # written in a directory of the same layout, then moved

@@ -27,6 +27,10 @@ def ensure_ray() -> None:
     if ray.is_initialized():
         return
     ray.init(ignore_reinit_error=True, log_to_driver=True, logging_config=ray.LoggingConfig(log_level=worker_log_level()))
+    import warnings
+
     from ray.data import DataContext
 
-    DataContext.get_current().enable_progress_bars = False
+    DataContext.get_current().enable_progress_bars = False  # the stages draw their own (progress.py)
+    # A pool of API actors waits on blocks that come one by one: not a problem to report.
+    warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")

@@ -1,0 +1,126 @@
+"""P4: does the driver stay flat as the input grows? Driver peak RSS and wall time at N and 10N rows.
+
+    python scripts/bench_scale.py dry-run [--sizes 52002 520020 2600100]
+    python scripts/bench_scale.py rate [--sizes 52002 520020] [--latency 0.01] [--concurrency 64]
+
+Builds copies of the Alpaca 52k set (a suffix per copy, so every row is new) as JSONL files under
+a temporary directory, and runs `alpagasus rate` (with --dry-run, or against a local fake
+OpenAI-compatible server at low latency, then `alpagasus filter`) as a subprocess on each, sampling
+the driver's resident memory every 50 ms. Each size runs in a fresh process with its own local Ray.
+Prints each figure and the ratios against the smallest size, measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import psutil
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..")
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from testdata import scale_data  # noqa: E402
+
+
+def make_input(rows: int, out_dir: str) -> str:
+    """`rows` rows of Alpaca copies (copy k has ' [copy k]' after each instruction), as JSONL."""
+    path = os.path.join(out_dir, f"alpaca_{rows}.jsonl")
+    if os.path.exists(path):
+        return path
+    with open(scale_data("alpaca_52k_reconstructed.json")) as f:
+        base = json.load(f)
+    with open(path, "w") as out:
+        written, copy = 0, 0
+        while written < rows:
+            for row in base[: rows - written]:
+                out.write(json.dumps({**row, "instruction": f"{row['instruction']} [copy {copy}]"}) + "\n")
+            written += min(len(base), rows - (written))
+            copy += 1
+    return path
+
+
+def run_measured(command: list[str], env: dict | None = None) -> tuple[float, float, str]:
+    """(peak RSS of the process in MB, wall seconds, output tail) of one command."""
+    started = time.time()
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
+        watched, peak = psutil.Process(proc.pid), 0
+        while proc.poll() is None:
+            try:
+                peak = max(peak, watched.memory_info().rss)
+            except psutil.NoSuchProcess:
+                break
+            time.sleep(0.05)
+        wall = time.time() - started
+        log.seek(0)
+        tail = log.read().decode(errors="replace")[-3000:]
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{tail}")
+    return peak / 2**20, wall, tail
+
+
+def alpagasus(*args: str) -> list[str]:
+    return [sys.executable, "-m", "alpagasus_ray.cli", *args]
+
+
+def dry_run(sizes: list[int], work: str) -> None:
+    results = []
+    for rows in sizes:
+        data = make_input(rows, work)
+        rss, wall, _ = run_measured(alpagasus("rate", "--dry-run", "--config", "configs/rate_openai_compatible.yaml",
+                                              "rate.base_url=http://127.0.0.1:9/v1", f"data.path={data}",
+                                              f"run_dir={work}/dry-{rows}"))
+        results.append((rows, rss, wall))
+        print(f"dry-run {rows:>9,} rows: driver peak RSS {rss:7.0f} MB, wall {wall:6.1f} s", flush=True)
+    base = results[0]
+    for rows, rss, wall in results[1:]:
+        print(f"dry-run {rows:,} over {base[0]:,}: RSS x{rss / base[1]:.2f}, wall x{wall / base[2]:.2f}")
+
+
+def rate_and_filter(sizes: list[int], work: str, latency: float, concurrency: int) -> None:
+    from fake_openai_server import serve
+
+    results = []
+    with serve({"latency": latency}) as url:
+        for rows in sizes:
+            data = make_input(rows, work)
+            run_dir = f"{work}/run-{rows}-{time.time():.0f}"
+            rate = run_measured(alpagasus("rate", "--config", "configs/rate_openai_compatible.yaml",
+                                          f"rate.base_url={url}", f"data.path={data}", f"run_dir={run_dir}",
+                                          f"rate.concurrency={concurrency}", "rate.num_workers=2",
+                                          "rate.max_retries=2"))
+            filt = run_measured(alpagasus("filter", "--config", "configs/filter_alpagasus_9k.yaml", f"run_dir={run_dir}",
+                                          "filter.plots=false"))
+            results.append((rows, rate, filt))
+            print(f"{rows:>9,} rows: rate RSS {rate[0]:6.0f} MB wall {rate[1]:7.1f} s ({rows / rate[1]:.0f} rows/s); "
+                  f"filter RSS {filt[0]:6.0f} MB wall {filt[1]:6.1f} s", flush=True)
+    base = results[0]
+    for rows, rate, filt in results[1:]:
+        print(f"{rows:,} over {base[0]:,}: rate RSS x{rate[0] / base[1][0]:.2f}, wall x{rate[1] / base[1][1]:.2f}; "
+              f"filter RSS x{filt[0] / base[2][0]:.2f}, wall x{filt[1] / base[2][1]:.2f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("what", choices=["dry-run", "rate"])
+    parser.add_argument("--sizes", type=int, nargs="+")
+    parser.add_argument("--latency", type=float, default=0.01)
+    parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "alpagasus-bench-scale"))
+    args = parser.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    if args.what == "dry-run":
+        dry_run(args.sizes or [52_002, 520_020, 2_600_100], args.work)
+    else:
+        rate_and_filter(args.sizes or [52_002, 520_020], args.work, args.latency, args.concurrency)
+
+
+if __name__ == "__main__":
+    main()
