@@ -39,7 +39,7 @@ from alpagasus_ray.prompts import (
     CHARS_PER_TOKEN, PROMPT_VERSION, RATING_SYSTEM, RATING_USER, SCORE_CHOICES, expected_score, parse_score,
     rating_messages,
 )
-from alpagasus_ray.rated import RATED_SCHEMA, PartWriter, RatedStore, done_ids, skip_done
+from alpagasus_ray.rated import RATED_SCHEMA, PartWriter, RatedStore, ask_again_filter, done_ids, skip_done
 from alpagasus_ray.ray_runtime import ensure_ray
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def _ask_again(store: RatedStore, cfg: RateConfig, meta: dict, progress, ids: li
     sink = PartWriter(store.run_dir, functools.partial(_rated_rows, meta=meta))
     for _ in llm_map(rows, RatingTask(cfg), cfg, reask=reask, progress=progress, sink=sink).iter_batches(batch_size=None):
         pass
-    replaced = (C.PARSE_FAILED,) if reask else (C.REQUEST_FAILED,)
+    replaced = ask_again_filter(retry_failed=not reask, reask=reask)
     store.drop_rows(ids, replaced, keep_parts=set(store.parts()) - set(old_parts))
 
 

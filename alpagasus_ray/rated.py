@@ -102,26 +102,28 @@ class RatedStore:
 
     def ids_to_ask_again(self, retry_failed: bool, reask: bool) -> list[str]:
         """Ids whose best row is a request failure (with `retry_failed`) or a first unreadable
-        reply (with `reask`). Held in memory: they are the failures, not the whole run."""
-        wanted = None
-        if retry_failed:
-            wanted = pc.field(C.STATUS) == C.REQUEST_FAILED
-        if reask:
-            first_ask = (pc.field(C.STATUS) == C.PARSE_FAILED) & (pc.field(C.ATTEMPTS) < MAX_ASKS)
-            wanted = first_ask if wanted is None else wanted | first_ask
+        reply (with `reask`). Held in memory: they are the failures, not the whole run.
+
+        Rows a finished re-ask already replaced (a kill between its writes and its clean-up
+        leaves them) are removed here, so each id has one row again.
+        """
+        wanted = ask_again_filter(retry_failed, reask)
         if wanted is None:
             return []
         candidates = {i for b in self.batches([C.ID], wanted) for i in b.column(0).to_pylist()}
         if not candidates:
             return []
         settled = self.batches([C.ID], pc.field(C.ID).isin(list(candidates)) & ~wanted)
-        return sorted(candidates - {i for b in settled for i in b.column(0).to_pylist()})
+        settled = {i for b in settled for i in b.column(0).to_pylist()}
+        if settled:
+            self.drop_rows(sorted(settled), wanted)
+        return sorted(candidates - settled)
 
-    def drop_rows(self, ids: list[str], statuses_to_drop: tuple[str, ...], keep_parts: set[str] = frozenset()) -> int:
-        """Remove the rows of `ids` with one of `statuses_to_drop` from the parts (but `keep_parts`),
+    def drop_rows(self, ids: list[str], which: pc.Expression, keep_parts: set[str] = frozenset()) -> int:
+        """Remove the rows of `ids` that match `which` from the parts (but `keep_parts`),
         rewriting each part that holds one; a kill half-way leaves a row twice, never none.
         Returns the rows removed."""
-        doomed = pc.field(C.ID).isin(ids) & pc.field(C.STATUS).isin(list(statuses_to_drop))
+        doomed = pc.field(C.ID).isin(ids) & which
         removed = 0
         for part in self.parts():
             if part in keep_parts:
@@ -133,6 +135,18 @@ class RatedStore:
                 self.fs.delete_file(part)
                 removed += hits
         return removed
+
+
+def ask_again_filter(retry_failed: bool, reask: bool) -> pc.Expression | None:
+    """The rows a pass asks again: request failures (`retry_failed`), first unreadable replies
+    (`reask`), or both; None for neither."""
+    wanted = None
+    if retry_failed:
+        wanted = pc.field(C.STATUS) == C.REQUEST_FAILED
+    if reask:
+        first_ask = (pc.field(C.STATUS) == C.PARSE_FAILED) & (pc.field(C.ATTEMPTS) < MAX_ASKS)
+        wanted = first_ask if wanted is None else wanted | first_ask
+    return wanted
 
 
 def best_per_id(table: pa.Table) -> pa.Table:
