@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import sys
 
+from alpagasus_ray import console
 from alpagasus_ray.config import ConfigError, load_config
 from alpagasus_ray.layout import RunDir
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
-    _console(args.verbose)
+    console.setup(args.verbose)
     from alpagasus_ray.data import InputError
     from alpagasus_ray.filter import FilterError
 
@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args)
     except (ConfigError, InputError, FilterError) as e:  # the user's to fix; anything else is a bug with a traceback
         print(f"alpagasus {args.command}: error: {e}", file=sys.stderr)
+        console.drop_logs_of_failed_start()
         return 2
 
 
@@ -95,15 +96,13 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _console(verbose: bool) -> None:
-    """The project's own messages at INFO; other libraries' only from WARNING on (matplotlib's,
-    transformers' notices), and the workers' too, unless --verbose."""
-    from alpagasus_ray.ray_runtime import set_verbose
-
-    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("alpagasus_ray").setLevel(logging.INFO)
-    set_verbose(verbose)
+def _load(args, overrides: list[str] | None = None, logs: bool = True):
+    """The command's config; its logs go under the run directory from here on (console.py),
+    unless `logs` is false (a dry run writes nothing there)."""
+    config = load_config(args.config, args.overrides if overrides is None else overrides)
+    if logs:
+        console.log_to(config.run_dir)
+    return config
 
 
 def _stage(sub, name: str, func, help: str, description: str) -> argparse.ArgumentParser:
@@ -119,7 +118,7 @@ def _stage(sub, name: str, func, help: str, description: str) -> argparse.Argume
 def _rate(args) -> int:
     from alpagasus_ray.rate import run_rate
 
-    config = load_config(args.config, args.overrides)
+    config = _load(args, logs=not args.dry_run)
     summary = run_rate(config, dry_run=args.dry_run)
     if args.dry_run:
         print(json.dumps(summary, indent=2))
@@ -133,7 +132,7 @@ def _filter(args) -> int:
     from alpagasus_ray.filter import run_filter
 
     overrides = [*args.overrides, *([f"filter.compare={args.compare}"] if args.compare else [])]
-    config = load_config(args.config, overrides)
+    config = _load(args, overrides)
     record = run_filter(config)
     print(f"selected {record['selected']:,} of {record['pool']:,} ok rows ({record['mode']})")
     print(RunDir(config.run_dir).selection)
@@ -143,7 +142,7 @@ def _filter(args) -> int:
 def _train(args) -> int:
     from alpagasus_ray.train import run_train
 
-    config = load_config(args.config, args.overrides)
+    config = _load(args)
     metrics = run_train(config)
     print(f"trained {metrics.get('step')} steps, final loss {metrics.get('loss', float('nan')):.4f}")
     print(RunDir(config.run_dir).model)
@@ -153,7 +152,7 @@ def _train(args) -> int:
 def _generate(args) -> int:
     from alpagasus_ray.generate import run_generate
 
-    config = load_config(args.config, args.overrides)
+    config = _load(args)
     for record in run_generate(config):
         print(f"answered {record['prompts']} prompts as {record['name']}: {record['by_finish_reason']}")
     print(RunDir(config.run_dir).answers())
@@ -163,7 +162,7 @@ def _generate(args) -> int:
 def _judge(args) -> int:
     from alpagasus_ray.judge import pair_name, run_judge
 
-    config = load_config(args.config, args.overrides)
+    config = _load(args)
     record = run_judge(config)
     print(f"judgments by status: {record['judgments_by_status']}")
     print(RunDir(config.run_dir).judgments(pair_name(record["candidate"], record["baseline"])))
@@ -173,7 +172,7 @@ def _judge(args) -> int:
 def _report(args) -> int:
     from alpagasus_ray.report import ALL, run_report
 
-    config = load_config(args.config, args.overrides)
+    config = _load(args)
     report = run_report(config)
     for pair, entry in report.items():
         t = entry[ALL]
@@ -185,7 +184,7 @@ def _report(args) -> int:
 def _run(args) -> int:
     from alpagasus_ray.pipeline import StageFailed, run_pipeline
 
-    config = load_config(args.config, args.overrides)
+    config = _load(args)
     try:
         results = run_pipeline(config, first=args.first, only=args.only)
     except StageFailed as e:
@@ -199,6 +198,7 @@ def _run(args) -> int:
 def _demo(args) -> int:
     from alpagasus_ray.demo import run_demo
 
+    console.log_to(args.run_dir)
     print(run_demo(args.run_dir, args.overrides))
     return 0
 

@@ -21,7 +21,7 @@ OPERATIONAL = frozenset({
     "concurrency", "num_workers", "requests_per_minute", "tokens_per_minute", "max_retries", "request_timeout",
     "batch_size", "retry_failed", "price_input_per_million", "price_output_per_million", "num_engines",
     "accelerator_type", "resources_per_worker", "storage_path", "checkpoint_every", "keep_checkpoints",
-    "max_failures", "tensorboard", "api_key_env", "cpu_kv_cache_gib",
+    "max_failures", "tensorboard", "api_key_env", "cpu_kv_cache_gib", "worker_resources",
 })
 
 
@@ -80,6 +80,9 @@ class EndpointConfig(_Strict):
     num_workers: int | tuple[int, int] = Field(
         1, description="Ray actors sending requests (openai backend): a number, or a range [min, max] for an "
         "autoscaling pool. The concurrency is split among the most there can be.")
+    worker_resources: dict[str, float] = Field(
+        default_factory=dict, description="openai: Ray resources each worker needs besides its half CPU, e.g. "
+        "{rater: 1} to run the workers only on nodes started with the custom resource `rater`.")
     requests_per_minute: int | None = Field(None, gt=0, description="Account limit on requests per minute, across all workers.")
     tokens_per_minute: int | None = Field(None, gt=0, description="Account limit on tokens per minute (prompt estimate + max_tokens), across all workers.")
     max_retries: int = Field(5, ge=0, description="Retries of a failed request (429, 5xx, timeouts) by the openai client, honouring Retry-After.")

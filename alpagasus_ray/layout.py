@@ -15,6 +15,7 @@
       report.json, report.md                                                    report
       stages/<stage>.json            stage fingerprints                         run
       run_config.json                the config of the last `alpagasus run`     run
+      logs/                          libraries' and workers' messages           every command
 
 An answers or judgments directory also holds `inputs.json`: what its records were made from.
 The rating stage's paths may be on any filesystem pyarrow opens (a local disk, a shared mount,
@@ -123,7 +124,12 @@ class RunDir:
     def run_config(self) -> str:
         return self._("run_config.json")
 
+    # every command
+    @property
+    def logs(self) -> str:
+        return self._("logs")
+
     # Directories that hold bulk data rather than results a person reads (the report lists them whole).
     @property
     def bulk(self) -> tuple[str, ...]:
-        return (self.rated, self.model, self.checkpoints, self.tensorboard)
+        return (self.rated, self.model, self.checkpoints, self.tensorboard, self.logs)

@@ -1,14 +1,16 @@
-"""Progress a person can watch: one bar per LLM stage, fed by the workers.
+"""Progress a person can watch: one bar per LLM stage, and one for training, fed by the workers.
 
 The workers of the LLM layer tell a small `Progress` actor of each finished batch (rows, rows that
 failed, tokens); the driver polls it. In a terminal a tqdm bar shows rows done of the total, rows/s,
 the ETA, failures and, for an API with prices, the cost so far. When the output is not a terminal
-(`ray job submit`, CI) a plain log line comes every `PLAIN_EVERY_S` seconds instead.
+(`ray job submit`, CI) a plain log line comes every `PLAIN_EVERY_S` seconds instead. Training's
+first worker reports each step the same way (`watch_steps`): step, loss, tokens/s and the ETA.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import sys
 import threading
@@ -32,12 +34,18 @@ class Progress:
 
     def __init__(self):
         self.counts = Counter()
+        self.last: dict = {}
 
     def add(self, counts: dict) -> None:
         self.counts.update(counts)
 
+    def at(self, position: int, last: dict) -> None:
+        """Training: `position` steps are done, the last one with these metrics."""
+        self.counts["rows"] = position
+        self.last = last
+
     def get(self) -> dict:
-        return dict(self.counts)
+        return {**self.counts, "last": self.last}
 
 
 def batch_counts(results: pa.Table) -> dict:
@@ -77,85 +85,126 @@ def watch(stage: str, total: int, cost: Callable[[int, int], float | None] | Non
     """Show the progress of `total` rows of `stage` (`done` of them finished before) while the
     block runs; yields the reporter to hand to the layer, whose `final` holds the counts
     afterwards. `cost(tokens_in, tokens_out)` prices the tokens so far, when it can."""
-    import ray
-
-    actor = start_progress()
-    stop = threading.Event()
-    show = _Bar(stage, total, cost, done) if sys.stderr.isatty() else _Lines(stage, total, cost, done)
-
-    def poll():
-        while not stop.wait(POLL_S):
-            try:
-                show.update(ray.get(actor.get.remote(), timeout=10))
-            except Exception:  # a poll that fails (e.g. at shutdown) only skips a refresh
-                continue
-
-    thread = threading.Thread(target=poll, name=f"{stage}-progress", daemon=True)
-    thread.start()
-    reporter = _Reporter(actor)
+    watcher = _Watcher(stage, total, done, "row", functools.partial(_row_details, cost))
+    reporter = _Reporter(watcher.actor)
     try:
         yield reporter
     finally:
-        stop.set()
-        thread.join()
+        reporter.final = {k: v for k, v in watcher.close().items() if k != "last"}
+
+
+class StepReporter:
+    """Given to training's first worker: `step(metrics)` after each optimizer step."""
+
+    def __init__(self, actor):
+        self.actor = actor
+
+    def step(self, metrics: dict) -> None:
+        self.actor.at.remote(metrics["step"], metrics)
+
+
+@contextlib.contextmanager
+def watch_steps(stage: str, total: int, done: int = 0):
+    """Show training's steps (`done` of `total` taken before) with the last step's loss and
+    tokens/s; yields the `StepReporter` to hand to the first worker."""
+    watcher = _Watcher(stage, total, done, "step", _step_details)
+    try:
+        yield StepReporter(watcher.actor)
+    finally:
+        watcher.close()
+
+
+class _Watcher:
+    """A `Progress` actor and a thread on the driver that polls it into a bar or log lines."""
+
+    def __init__(self, stage: str, total: int, done: int, unit: str, details: Callable[[dict], dict]):
+        self.actor = start_progress()
+        self.show = (_Bar if sys.stderr.isatty() else _Lines)(stage, total, done, unit, details)
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._poll, name=f"{stage}-progress", daemon=True)
+        self.thread.start()
+
+    def _poll(self) -> None:
+        import ray
+
+        while not self.stop.wait(POLL_S):
+            try:
+                self.show.update(ray.get(self.actor.get.remote(), timeout=10))
+            except Exception:  # a poll that fails (e.g. at shutdown) only skips a refresh
+                continue
+
+    def close(self) -> dict:
+        """Stop polling, show the last counts and return them."""
+        import ray
+
+        self.stop.set()
+        self.thread.join()
+        final = {}
         with contextlib.suppress(Exception):
-            reporter.final = ray.get(actor.get.remote(), timeout=10)
-            show.update(reporter.final)
-        show.close()
-        ray.kill(actor)
+            final = ray.get(self.actor.get.remote(), timeout=10)
+            self.show.update(final)
+        self.show.close()
+        ray.kill(self.actor)
+        return final
 
 
 def _failed(counts: dict) -> int:
     return counts.get(C.PARSE_FAILED, 0) + counts.get(C.REQUEST_FAILED, 0)
 
 
-def _cost_text(cost, counts: dict) -> str:
+def _row_details(cost, counts: dict) -> dict:
+    """Failures so far and, when the tokens have a price, the cost so far."""
+    details = {"failed": _failed(counts)}
     usd = cost(counts.get(C.TOKENS_IN, 0), counts.get(C.TOKENS_OUT, 0)) if cost else None
-    return "" if usd is None else f"${usd:,.2f}"
+    if usd is not None:
+        details["cost"] = f"${usd:,.2f}"
+    return details
+
+
+def _step_details(counts: dict) -> dict:
+    last = counts.get("last") or {}
+    if "loss" not in last:
+        return {}
+    return {"loss": f"{last['loss']:.4f}", "tokens/s": f"{last.get('tokens_per_s', 0):,.0f}"}
 
 
 class _Bar:
-    def __init__(self, stage, total, cost, done):
+    def __init__(self, stage, total, done, unit, details):
         from tqdm import tqdm
 
-        self.cost = cost
-        self.bar = tqdm(total=total, initial=done, desc=stage, unit="row", dynamic_ncols=True, file=sys.stderr)
+        self.details = details
         self.done = done
+        self.bar = tqdm(total=total, initial=done, desc=stage, unit=unit, dynamic_ncols=True, file=sys.stderr)
 
     def update(self, counts: dict) -> None:
-        rows = self.done + counts.get("rows", 0)
-        self.bar.update(rows - self.bar.n)
-        extra = {"failed": _failed(counts)}
-        if price := _cost_text(self.cost, counts):
-            extra["cost"] = price
-        self.bar.set_postfix(extra, refresh=False)
+        self.bar.update(self.done + counts.get("rows", 0) - self.bar.n)
+        self.bar.set_postfix(self.details(counts), refresh=False)
 
     def close(self) -> None:
         self.bar.close()
 
 
 class _Lines:
-    def __init__(self, stage, total, cost, done):
-        self.stage, self.total, self.cost, self.done = stage, total, cost, done
+    def __init__(self, stage, total, done, unit, details):
+        self.stage, self.total, self.done, self.unit, self.details = stage, total, done, unit, details
         self.start = self.last = time.time()
-        self.rows = 0
+        self.counts: dict = {}
 
     def update(self, counts: dict) -> None:
-        self.rows = counts.get("rows", 0)
         self.counts = counts
         if time.time() - self.last >= PLAIN_EVERY_S:
             self.last = time.time()
             self._line()
 
     def _line(self) -> None:
-        counts = getattr(self, "counts", {})
+        finished = self.counts.get("rows", 0)
         elapsed = max(time.time() - self.start, 1e-9)
-        rate = self.rows / elapsed
-        left = self.total - self.done - self.rows
+        rate = finished / elapsed
+        left = self.total - self.done - finished
         eta = f", ETA {left / rate:,.0f} s" if rate > 0 and left > 0 else ""
-        price = _cost_text(self.cost, counts)
-        log.info("%s: %s of %s rows (%.1f rows/s%s), %d failed%s", self.stage, f"{self.done + self.rows:,}",
-                 f"{self.total:,}", rate, eta, _failed(counts), f", {price}" if price else "")
+        details = "".join(f", {k} {v}" for k, v in self.details(self.counts).items())
+        log.info("%s: %s of %s %ss (%.1f/s%s)%s", self.stage, f"{self.done + finished:,}", f"{self.total:,}",
+                 self.unit, rate, eta, details)
 
     def close(self) -> None:
         self._line()

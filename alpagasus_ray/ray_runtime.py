@@ -1,23 +1,18 @@
 """Joining Ray: every stage that needs a cluster calls `ensure_ray` first.
 
 How much the workers say is decided here too: by default only warnings and errors of their Python
-logging (and of vLLM's engines, see `worker_log_level`); with `alpagasus --verbose`, everything.
+logging (and of vLLM's engines, see `worker_log_level`), into `<run_dir>/logs/workers.log`
+(`console.capture_workers`); with `alpagasus --verbose`, everything, on the console too.
 """
 
 from __future__ import annotations
 
-_verbose = False
-
-
-def set_verbose(verbose: bool) -> None:
-    """Show every message of Ray's, Ray Data's and vLLM's workers (`alpagasus --verbose`)."""
-    global _verbose
-    _verbose = verbose
+from alpagasus_ray import console
 
 
 def worker_log_level() -> str:
     """The level of the workers' logging: INFO with --verbose, else WARNING."""
-    return "INFO" if _verbose else "WARNING"
+    return "INFO" if console.verbose() else "WARNING"
 
 
 def ensure_ray() -> None:
@@ -26,7 +21,10 @@ def ensure_ray() -> None:
 
     if ray.is_initialized():
         return
-    ray.init(ignore_reinit_error=True, log_to_driver=True, logging_config=ray.LoggingConfig(log_level=worker_log_level()))
+    console.adopt_loggers()  # the ones `import ray` set up: its start-up notices go to the file
+    ray.init(ignore_reinit_error=True, log_to_driver=True, logging_config=ray.LoggingConfig(log_level=worker_log_level()),
+             configure_logging=not console.is_set_up())  # under the CLI, Ray's records go where console.py says
+    console.capture_workers()
     import warnings
 
     from ray.data import DataContext
@@ -34,3 +32,4 @@ def ensure_ray() -> None:
     DataContext.get_current().enable_progress_bars = False  # the stages draw their own (progress.py)
     # A pool of API actors waits on blocks that come one by one: not a problem to report.
     warnings.filterwarnings("ignore", message="The minimum number of concurrent actors")
+    console.adopt_loggers()  # Ray's and Ray Data's loggers print to the console by themselves

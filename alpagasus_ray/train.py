@@ -24,6 +24,7 @@ import time
 from alpagasus_ray.config import OPERATIONAL, Config, TrainConfig
 from alpagasus_ray.data import InputError
 from alpagasus_ray.layout import RunDir
+from alpagasus_ray.progress import watch_steps
 from alpagasus_ray.tiny_model import MARKER_FILE, is_stand_in
 from alpagasus_ray.recipe import (IGNORE, Example, alpaca_prompt, block_causal_mask, collate, encode, micro_batches,
                                   plan_epoch, real_token_fraction)
@@ -56,25 +57,28 @@ def run_train(config: Config) -> dict:
              summary["rows_per_step"], " packed" if t.packing else "", summary["steps_per_epoch"], summary["steps"],
              summary["warmup_steps"], summary["micro_batches_per_worker"], t.micro_batch_size, t.num_workers,
              100 * summary["real_token_fraction"])
+    from alpagasus_ray import console
     from alpagasus_ray.ray_runtime import ensure_ray
 
     ensure_ray()
+    console.adopt_loggers()  # ray.train's and ray.tune's loggers, imported above
     storage = t.storage_path or os.path.abspath(run.checkpoints)
-    trainer = TorchTrainer(
-        _train_loop,
-        train_loop_config={"train": t.model_dump(), "model": model_path, "plan": plan,
-                           "tensorboard_dir": os.path.abspath(run.tensorboard),
-                           "examples": ray.put([(e.input_ids, e.labels) for e in examples])},
-        scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
-                                     resources_per_worker=t.resources_per_worker or None),
-        torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
-        run_config=RunConfig(
-            name=_run_name(config, data_path), storage_path=storage,
-            checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
-            failure_config=FailureConfig(max_failures=t.max_failures),
-        ),
-    )
-    result = trainer.fit()
+    with watch_steps("train", total=summary["steps"]) as progress:  # a bar fed by the first worker
+        trainer = TorchTrainer(
+            _train_loop,
+            train_loop_config={"train": t.model_dump(), "model": model_path, "plan": plan,
+                               "tensorboard_dir": os.path.abspath(run.tensorboard), "progress": progress,
+                               "examples": ray.put([(e.input_ids, e.labels) for e in examples])},
+            scaling_config=ScalingConfig(num_workers=t.num_workers, use_gpu=t.use_gpu,
+                                         resources_per_worker=t.resources_per_worker or None),
+            torch_config=TorchConfig(backend="nccl" if t.use_gpu else "gloo"),
+            run_config=RunConfig(
+                name=_run_name(config, data_path), storage_path=storage,
+                checkpoint_config=CheckpointConfig(num_to_keep=t.keep_checkpoints),
+                failure_config=FailureConfig(max_failures=t.max_failures),
+            ),
+        )
+        result = trainer.fit()
     out = run.model
     with result.checkpoint.as_directory() as directory:
         tmp = tempfile.mkdtemp(prefix=".model-", dir=config.run_dir)
@@ -301,6 +305,7 @@ def _train_loop(loop_config: dict) -> None:
                 writer.add_scalar(f"train/{name}", metrics[name], metrics["step"])
             writer.flush()
         if rank == 0:
+            loop_config["progress"].step(metrics)
             print("[alpagasus train] " + " ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
                                                   for k, v in metrics.items()), flush=True)
         last = step + 1 == total

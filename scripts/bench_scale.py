@@ -2,10 +2,12 @@
 
     python scripts/bench_scale.py dry-run [--sizes 52002 520020 2600100]
     python scripts/bench_scale.py rate [--sizes 52002 520020] [--latency 0.01] [--concurrency 64]
+    python scripts/bench_scale.py filter --run-dirs RUN_52K RUN_520K   (again, on the rate runs' directories)
 
 Builds copies of the Alpaca 52k set (a suffix per copy, so every row is new) as JSONL files under
 a temporary directory, and runs `alpagasus rate` (with --dry-run, or against a local fake
-OpenAI-compatible server at low latency, then `alpagasus filter`) as a subprocess on each, sampling
+OpenAI-compatible server at low latency whose scores spread as the paper's do, about a fifth at
+4.5 or above; then `alpagasus filter`) as a subprocess on each, sampling
 the driver's resident memory every 50 ms. Each size runs in a fresh process with its own local Ray.
 Prints each figure and the ratios against the smallest size, measured in the same run.
 """
@@ -84,11 +86,16 @@ def dry_run(sizes: list[int], work: str) -> None:
         print(f"dry-run {rows:,} over {base[0]:,}: RSS x{rss / base[1]:.2f}, wall x{wall / base[2]:.2f}")
 
 
+# One reply in five scores 4.5 (the paper kept 9,229 of 52,002 rows at >= 4.5: 18%).
+REPLIES = [f"{score}\nThe response is {word}." for score, word in
+           (("4.5", "accurate"), ("4", "mostly accurate"), ("3.5", "partly accurate"), ("3", "vague"), ("4", "fine"))]
+
+
 def rate_and_filter(sizes: list[int], work: str, latency: float, concurrency: int) -> None:
     from fake_openai_server import serve
 
     results = []
-    with serve({"latency": latency}) as url:
+    with serve({"latency": latency, "replies": REPLIES}) as url:
         for rows in sizes:
             data = make_input(rows, work)
             run_dir = f"{work}/run-{rows}-{time.time():.0f}"
@@ -96,8 +103,7 @@ def rate_and_filter(sizes: list[int], work: str, latency: float, concurrency: in
                                           f"rate.base_url={url}", f"data.path={data}", f"run_dir={run_dir}",
                                           f"rate.concurrency={concurrency}", "rate.num_workers=2",
                                           "rate.max_retries=2"))
-            filt = run_measured(alpagasus("filter", "--config", "configs/filter_alpagasus_9k.yaml", f"run_dir={run_dir}",
-                                          "filter.plots=false"))
+            filt = filter_measured(run_dir)
             results.append((rows, rate, filt))
             print(f"{rows:>9,} rows: rate RSS {rate[0]:6.0f} MB wall {rate[1]:7.1f} s ({rows / rate[1]:.0f} rows/s); "
                   f"filter RSS {filt[0]:6.0f} MB wall {filt[1]:6.1f} s", flush=True)
@@ -107,9 +113,24 @@ def rate_and_filter(sizes: list[int], work: str, latency: float, concurrency: in
               f"filter RSS x{filt[0] / base[2][0]:.2f}, wall x{filt[1] / base[2][1]:.2f}")
 
 
+def filter_measured(run_dir: str) -> tuple[float, float, str]:
+    return run_measured(alpagasus("filter", "--config", "configs/filter_alpagasus_9k.yaml", f"run_dir={run_dir}",
+                                  "filter.plots=false"))
+
+
+def filter_only(run_dirs: list[str]) -> None:
+    results = [(run_dir, filter_measured(run_dir)) for run_dir in run_dirs]
+    for run_dir, (rss, wall, tail) in results:
+        print(f"filter {run_dir}: RSS {rss:6.0f} MB wall {wall:6.1f} s; {tail.strip().splitlines()[-2]}")
+    base = results[0][1]
+    for run_dir, (rss, wall, _) in results[1:]:
+        print(f"filter {run_dir} over the first: RSS x{rss / base[0]:.2f}, wall x{wall / base[1]:.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["dry-run", "rate"])
+    parser.add_argument("what", choices=["dry-run", "rate", "filter"])
+    parser.add_argument("--run-dirs", nargs="+", help="filter: rate runs to filter, the smallest first")
     parser.add_argument("--sizes", type=int, nargs="+")
     parser.add_argument("--latency", type=float, default=0.01)
     parser.add_argument("--concurrency", type=int, default=64)
@@ -118,6 +139,8 @@ def main() -> None:
     os.makedirs(args.work, exist_ok=True)
     if args.what == "dry-run":
         dry_run(args.sizes or [52_002, 520_020, 2_600_100], args.work)
+    elif args.what == "filter":
+        filter_only(args.run_dirs)
     else:
         rate_and_filter(args.sizes or [52_002, 520_020], args.work, args.latency, args.concurrency)
 

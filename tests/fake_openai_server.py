@@ -27,6 +27,8 @@ Config keys (a JSON-able dict, every key optional):
 
 ``latency``       seconds every chat request waits before it is answered (0)
 ``reply``         assistant message content (``DEFAULT_REPLY``)
+``replies``       a list of contents instead: each request gets one picked by a stable hash
+                  (crc32) of its messages' text, for a spread of scores over many rows
 ``model``         model id listed by ``/v1/models`` and echoed when a request has none
 ``retry_after``   seconds sent in ``Retry-After`` / ``retry-after-ms`` with a 429 (1)
 ``hang_seconds``  how long a ``"hang"`` fault sleeps before answering (30)
@@ -58,6 +60,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+import zlib
 from typing import Any, Iterator
 
 from aiohttp import web
@@ -67,6 +70,7 @@ FAULT_KINDS = ("429", "500", "hang", "garbage", "empty")
 DEFAULTS: dict[str, Any] = {
     "latency": 0.0,
     "reply": DEFAULT_REPLY,
+    "replies": None,
     "model": "fake-model",
     "retry_after": 1.0,
     "hang_seconds": 30.0,
@@ -346,6 +350,8 @@ class FakeOpenAI:
 
         if fault == "empty":
             reply = ""
+        elif rule is None and config["replies"]:
+            reply = config["replies"][zlib.crc32(text.encode()) % len(config["replies"])]
         elif rule is None:
             reply = config["reply"]
         else:

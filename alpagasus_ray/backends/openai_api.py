@@ -69,6 +69,7 @@ def map_with_api(rows, task, endpoint: EndpointConfig, progress=None, sink=None)
             min_size=fewest, max_size=most, max_tasks_in_flight_per_actor=queued, max_concurrent_calls_per_actor=calls
         ),
         num_cpus=0.5,
+        resources=endpoint.worker_resources or None,
     )
 
 
