@@ -104,7 +104,7 @@ def _generate(config: Config, model: str, name: str) -> dict:
         rows = [{C.ID: p[C.ID], "prompt": p["prompt"]} for p in pending]
         with watch(f"generate {name}", total=len(rows)) as progress:
             ask_all(rows, AnswerTask(cfg), cfg.model_copy(update={"model": model}), save, progress)
-        log.info("generate: %d answers %s", len(pending), dict(progress.final))
+        log.debug("generate: %d answers %s", len(pending), dict(progress.final))
     answers = {}
     for ts, f in files.items():
         answers.update(f.read())

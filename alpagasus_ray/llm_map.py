@@ -130,12 +130,10 @@ def with_results(batch: pa.Table, task: LLMTask, results: list[dict], progress=N
             batch = batch.drop_columns([name])
         batch = batch.append_column(table.schema.field(name), table[name])
     if sink is not None:
-        sink(batch)
+        sink(batch)  # counted below only once it is saved
     if progress is not None:
         progress.add(table)
-    if sink is not None:
-        return pa.table({"rows": [batch.num_rows]})
-    return batch
+    return batch if sink is None else pa.table({"rows": [batch.num_rows]})
 
 
 def _map_with_vllm(rows, task: LLMTask, endpoint: EndpointConfig, *, reask: bool, progress, sink):

@@ -26,6 +26,7 @@ from alpagasus_ray import columns as C
 log = logging.getLogger("alpagasus_ray.progress")
 
 PLAIN_EVERY_S = 30.0
+QUIET_EVERY_S = 120.0
 POLL_S = 0.5
 
 
@@ -189,14 +190,20 @@ class _Lines:
         self.stage, self.total, self.done, self.unit, self.details = stage, total, done, unit, details
         self.start = self.last = time.time()
         self.counts: dict = {}
+        self.shown = None  # rows in the last line shown
 
     def update(self, counts: dict) -> None:
         self.counts = counts
-        if time.time() - self.last >= PLAIN_EVERY_S:
-            self.last = time.time()
+        waited = time.time() - self.last
+        # Every PLAIN_EVERY_S while rows finish; while none do (an engine starting), every few.
+        if waited >= PLAIN_EVERY_S and (self._changed() or waited >= QUIET_EVERY_S):
             self._line()
 
+    def _changed(self) -> bool:
+        return self.counts.get("rows", 0) != self.shown
+
     def _line(self) -> None:
+        self.last, self.shown = time.time(), self.counts.get("rows", 0)
         finished = self.counts.get("rows", 0)
         elapsed = max(time.time() - self.start, 1e-9)
         rate = finished / elapsed
@@ -207,4 +214,5 @@ class _Lines:
                  self.unit, rate, eta, details)
 
     def close(self) -> None:
-        self._line()
+        if self._changed():
+            self._line()
