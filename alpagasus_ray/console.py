@@ -132,9 +132,9 @@ def drop_logs_of_failed_start() -> None:
         logging.getLogger().removeHandler(_file_handler)
         _file_handler.close()
         _file_handler = None
-    if _worker_file is not None:
-        _worker_file.close()
     _log_dir = None
+    if _worker_file is not None:  # Ray's thread goes on writing: to a temporary file from now on
+        _open_worker_file()
     shutil.rmtree(_run_root, ignore_errors=True)
 
 
