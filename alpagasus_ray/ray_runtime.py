@@ -19,9 +19,11 @@ def ensure_ray() -> None:
     """Join the cluster in RAY_ADDRESS (as under `ray job submit`), or start a local one."""
     import ray
 
+    # Loggers that `import ray` (and ray.data, ray.train, ... imported by the caller) set up print
+    # by themselves: hand them to console.py, so Ray's start-up notices go to the log file too.
+    console.adopt_loggers()
     if ray.is_initialized():
         return
-    console.adopt_loggers()  # the ones `import ray` set up: its start-up notices go to the file
     ray.init(ignore_reinit_error=True, log_to_driver=True, logging_config=ray.LoggingConfig(log_level=worker_log_level()),
              configure_logging=not console.is_set_up())  # under the CLI, Ray's records go where console.py says
     console.capture_workers()

@@ -57,11 +57,9 @@ def run_train(config: Config) -> dict:
              summary["rows_per_step"], " packed" if t.packing else "", summary["steps_per_epoch"], summary["steps"],
              summary["warmup_steps"], summary["micro_batches_per_worker"], t.micro_batch_size, t.num_workers,
              100 * summary["real_token_fraction"])
-    from alpagasus_ray import console
     from alpagasus_ray.ray_runtime import ensure_ray
 
-    ensure_ray()
-    console.adopt_loggers()  # ray.train's and ray.tune's loggers, imported above
+    ensure_ray()  # also hands ray.train's loggers, imported above, to console.py
     storage = t.storage_path or os.path.abspath(run.checkpoints)
     with watch_steps("train", total=summary["steps"]) as progress:  # a bar fed by the first worker
         trainer = TorchTrainer(
