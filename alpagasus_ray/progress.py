@@ -190,7 +190,7 @@ class _Lines:
         self.stage, self.total, self.done, self.unit, self.details = stage, total, done, unit, details
         self.start = self.last = time.time()
         self.counts: dict = {}
-        self.shown = None  # rows in the last line shown
+        self.shown = 0  # rows in the last line shown: nothing to say until some finish
 
     def update(self, counts: dict) -> None:
         self.counts = counts

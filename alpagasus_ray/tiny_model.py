@@ -52,6 +52,7 @@ def build_tiny_model(out_dir: str, vocab_size: int = 512, seed: int = 0, hidden_
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers.utils import logging as hf_logging
 
     os.makedirs(out_dir, exist_ok=True)
     bpe = Tokenizer(models.BPE(unk_token=None))
@@ -88,7 +89,13 @@ def build_tiny_model(out_dir: str, vocab_size: int = 512, seed: int = 0, hidden_
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(config)
-    model.save_pretrained(out_dir, safe_serialization=True)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a one-shard bar says nothing on the demo's console
+    try:
+        model.save_pretrained(out_dir, safe_serialization=True)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
     with open(marker, "w") as f:
         json.dump({"built_by": "alpagasus_ray.tiny_model", "seed": seed, "note": "smoke-scale stand-in"}, f)
     return out_dir
