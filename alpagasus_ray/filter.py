@@ -15,7 +15,9 @@ import logging
 import os
 import shutil
 import tempfile
+import textwrap
 from collections import Counter
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -26,7 +28,7 @@ from alpagasus_ray import plots, selection
 from alpagasus_ray.config import Config, FilterConfig
 from alpagasus_ray.prompts import SCORE_MAX, SCORE_MIN
 from alpagasus_ray.layout import RunDir, is_local, open_filesystem
-from alpagasus_ray.rated import RatedStore, best_per_id
+from alpagasus_ray.rated import RATED_SCHEMA, SCAN_BATCH_ROWS, RatedStore, best_per_id
 
 log = logging.getLogger(__name__)
 
@@ -41,112 +43,202 @@ class FilterError(ValueError):
 def run_filter(config: Config) -> dict:
     """Select the training rows of `config.run_dir`; returns what selection.json records."""
     f = config.filter
-    store = RatedStore(f.rated_from or config.run_dir)
-    rated = load_rated(store, f.score, None if f.category_field else f.category_keywords)
     if not SCORE_MIN <= f.threshold <= SCORE_MAX and f.mode in ("threshold", "subsample", "balanced"):
         raise FilterError(f"filter.threshold={f.threshold:g} is outside the grader's scale {SCORE_MIN:g}-{SCORE_MAX:g}")
-    statuses = Counter(rated[C.STATUS].to_pylist())
-    categories_all = _categories(rated, config)
-    is_ok = pc.and_(pc.equal(rated[C.STATUS], C.OK), pc.is_valid(rated[f.score])).to_pylist()
-    pool_index = [i for i, ok in enumerate(is_ok) if ok]
-    if not pool_index:
-        raise FilterError(f"no rated row has status ok and a {f.score}: nothing to select from (statuses: {dict(statuses)})")
-    pool = rated.take(pa.array(pool_index))
-    categories = [categories_all[i] for i in pool_index]
-    chosen = _choose(pool, categories, f)
-    selected = _with_text(store, pool.take(pa.array(chosen)), f.score)
+    if f.mode == "balanced" and f.category_floor == 0 and not f.category_quota:
+        raise FilterError("filter.mode=balanced needs filter.category_floor > 0 or a filter.category_quota")
+    k = _resolve_k(f)
+    if f.mode in ("top_k", "random_k", "subsample") and k is None:
+        raise FilterError("this filter.mode needs filter.k (or filter.k_from)")
+    store = RatedStore(f.rated_from or config.run_dir)
+    scan = scan_rated(store, f, _category_reader(config))
+    if not scan.pool:
+        raise FilterError(f"no rated row has status ok and a {f.score}: nothing to select from "
+                          f"(statuses: {dict(scan.statuses)})")
+    candidates = scan.candidates
+    chosen = candidates.take(pa.array(_choose(candidates, scan, f, k), pa.int64()))
+    selected = _with_text(store, chosen)
+    tau = f.threshold if f.mode in ("threshold", "subsample", "balanced") else pc.min(chosen[_SCORE]).as_py()
 
-    per_category = _per_category(categories_all, categories, [categories[i] for i in chosen])
+    kept_categories = Counter(chosen[CATEGORY].to_pylist())
     record = {
         "mode": f.mode,
         "params": {k: v for k, v in f.model_dump().items() if k not in ("compare", "plots")},
-        "k": len(chosen) if f.mode in ("top_k", "random_k", "subsample") else None,
+        "k": chosen.num_rows if f.mode in ("top_k", "random_k", "subsample") else None,
         "seed": f.seed,
         "score": f.score,
-        "rows_rated": rated.num_rows,
-        "by_status": {s: statuses.get(s, 0) for s in C.STATUSES},
-        "not_selectable": rated.num_rows - pool.num_rows,
-        "pool": pool.num_rows,
+        "rows_rated": scan.rows,
+        "by_status": {s: scan.statuses.get(s, 0) for s in C.STATUSES},
+        "not_selectable": scan.rows - scan.pool,
+        "pool": scan.pool,
         "selected": selected.num_rows,
-        "kept_fraction_of_pool": round(selected.num_rows / pool.num_rows, 4),
-        "kept_fraction_of_rated": round(selected.num_rows / rated.num_rows, 4),
-        "min_selected_score": pc.min(selected[f.score]).as_py(),
-        "per_category": per_category,
+        "kept_fraction_of_pool": round(selected.num_rows / scan.pool, 4),
+        "kept_fraction_of_rated": round(selected.num_rows / scan.rows, 4),
+        "min_selected_score": pc.min(chosen[_SCORE]).as_py(),
+        "per_category": _per_category(scan.categories, scan.pool_categories, kept_categories),
         "category_source": f"field:{f.category_field}" if f.category_field else "keywords",
     }
     if f.compare:
         record["compare"] = compare(selected, f.compare)
-    _write_outputs(config.run_dir, selected, record, pool[f.score].to_pylist(), f)
+    kept_at_tau = scan.at_threshold if tau == f.threshold else _pool_rows_at_or_above(store, f.score, tau)
+    _write_outputs(config.run_dir, selected, record, scan.pool_scores, kept_at_tau, f)
     log.info("filter: %s: kept %s of %s ok rows (%.1f%%)", f.mode, f"{selected.num_rows:,}",
-             f"{pool.num_rows:,}", 100 * record["kept_fraction_of_pool"])
+             f"{scan.pool:,}", 100 * record["kept_fraction_of_pool"])
     return record
 
 
-def load_rated(store: RatedStore, score: str = C.SCORE, keywords: list[str] | None = None) -> pa.Table:
-    """What selection needs of every rated row (id, status, attempts, scores, and the keyword
-    category when `keywords` are given), one row per id in id order; the text stays on disk.
+_SCORE = "_score"  # the score the filter selects on (filter.score), in the candidates
 
-    A streaming scan: each batch's text is read, categorized and dropped.
+
+@dataclass
+class RatedScan:
+    """What one streaming pass over the rated parts leaves: counts, and the rows the mode may choose."""
+
+    rows: int  # rated rows, one per id
+    statuses: Counter
+    categories: Counter  # rows per category
+    pool: int  # rows that can be selected: status ok and a score
+    pool_categories: Counter
+    pool_scores: Counter  # pool rows per score value (to 0.001), for the pictures
+    at_threshold: int  # pool rows scoring at least filter.threshold
+    # The pool rows the mode may choose, in id order (id, _score, score_expected, category):
+    # those at or above the threshold (threshold, subsample), the best k (top_k), or the whole pool
+    # (random_k, balanced, which draw from or rank all of it).
+    candidates: pa.Table
+
+
+def scan_rated(store: RatedStore, f: FilterConfig, category_of) -> RatedScan:
+    """One pass over the rated parts, a batch at a time. The filter's memory is the rows the mode
+    may choose and the rows not ok (few: they are how an id rated twice is found), not the run.
+
+    An id has two rows only after a re-ask or retry was killed before it removed the rows it
+    replaced; the better row counts (ok, parse_failed, request_failed, invalid_input, then the
+    most attempts), as `rated.best_per_id` has it. Only rows not ok are ever replaced.
     """
-    path = store.uri
     parts = store.parts()
     if not parts:
-        raise FilterError(f"{path}: no rated rows; run `alpagasus rate` first")
-    schema = pq.read_schema(parts[0], filesystem=store.fs)
-    missing = [c for c in (*REQUIRED, score) if c not in schema.names]
+        raise FilterError(f"{store.uri}: no rated rows; run `alpagasus rate` first")
+    names = pq.read_schema(parts[0], filesystem=store.fs).names
+    missing = [c for c in (*REQUIRED, f.score) if c not in names]
     if missing:
-        raise FilterError(f"{path}: the rated rows lack column(s) {', '.join(missing)}")
-    light = list(dict.fromkeys([C.ID, C.STATUS, C.ATTEMPTS, C.SCORE, C.SCORE_EXPECTED, score]))
-    text = [C.INSTRUCTION, C.INPUT, C.OUTPUT] if keywords is not None else []
-    tables = []
-    for batch in store.batches(light + text):
+        raise FilterError(f"{store.uri}: the rated rows lack column(s) {', '.join(missing)}")
+    light = list(dict.fromkeys([C.ID, C.STATUS, C.ATTEMPTS, C.SCORE_EXPECTED, f.score]))
+    rows, statuses, categories = 0, Counter(), Counter()
+    pool, pool_categories, pool_scores, at_threshold = 0, Counter(), Counter(), 0
+    not_ok, candidates = [], []
+    top = _CANDIDATES_OF_MODE[f.mode]
+    for batch in store.batches(light + category_of.columns, parts=parts):
         table = pa.Table.from_batches([batch])
-        if keywords is not None:
-            rows = zip(*(table[c].to_pylist() for c in text))
-            category = [selection.keyword_category("\n".join(r), keywords) for r in rows]
-            table = table.select(light).append_column(CATEGORY, pa.array(category, pa.string()))
-        tables.append(table)
-    return best_per_id(pa.concat_tables(tables))
+        table = table.select(light).append_column(_SCORE, table[f.score]).append_column(CATEGORY, category_of(table))
+        rows += table.num_rows
+        statuses.update(_counts(table[C.STATUS]))
+        categories.update(_counts(table[CATEGORY]))
+        ok = pc.equal(table[C.STATUS], C.OK)
+        not_ok.append(table.filter(pc.invert(ok)).select([C.ID, C.STATUS, C.ATTEMPTS, CATEGORY]))
+        selectable = table.filter(pc.and_(ok, pc.is_valid(table[_SCORE])))
+        selectable = selectable.select([C.ID, _SCORE, C.SCORE_EXPECTED, CATEGORY])
+        pool += selectable.num_rows
+        pool_categories.update(_counts(selectable[CATEGORY]))
+        pool_scores.update(_counts(pc.round(selectable[_SCORE], 3)))
+        at_threshold += pc.sum(pc.greater_equal(selectable[_SCORE], f.threshold)).as_py() or 0
+        candidates = top(candidates + [selectable], f)
+    not_ok = pa.concat_tables(not_ok)
+    standing = _standing(store, not_ok)
+    rows -= not_ok.num_rows - standing.num_rows
+    statuses.subtract(_counts(not_ok[C.STATUS]))
+    statuses.update(_counts(standing[C.STATUS]))
+    categories.subtract(_counts(not_ok[CATEGORY]))
+    categories.update(_counts(standing[CATEGORY]))
+    candidates = pa.concat_tables(candidates).sort_by([(C.ID, "ascending")])
+    if pc.count_distinct(candidates[C.ID]).as_py() != candidates.num_rows:
+        counts = pc.value_counts(candidates[C.ID])
+        rid = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
+        raise FilterError(f"{store.uri}: id {rid!r} has two rows rated ok; a rating writes one per id, "
+                          "so the parts were changed by hand or mixed from two runs")
+    return RatedScan(rows, +statuses, +categories, pool, pool_categories, pool_scores, at_threshold, candidates)
 
 
-def _with_text(store: RatedStore, chosen: pa.Table, score: str) -> pa.Table:
-    """The chosen rows with their text, read back for their ids only, in the order chosen."""
-    ids = chosen[C.ID].to_pylist()
-    found = {}
-    for batch in store.batches([C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT], pc.field(C.ID).isin(ids)):
-        for row in batch.to_pylist():
-            found.setdefault(row[C.ID], row)
-    rows = [found[i] for i in ids]
-    return pa.table({
-        C.INSTRUCTION: [r[C.INSTRUCTION] for r in rows], C.INPUT: [r[C.INPUT] for r in rows],
-        C.OUTPUT: [r[C.OUTPUT] for r in rows], C.ID: ids, score: chosen[score],
-    })
+def _standing(store: RatedStore, not_ok: pa.Table) -> pa.Table:
+    """Of the rows not ok, those no better row of their id replaces (see `scan_rated`)."""
+    if not not_ok.num_rows:
+        return not_ok
+    rated_ok = [b.column(0) for b in store.batches(
+        [C.ID], (pc.field(C.STATUS) == C.OK) & pc.field(C.ID).isin(pc.unique(not_ok[C.ID])))]
+    best = best_per_id(not_ok)
+    return best.filter(pc.invert(pc.is_in(best[C.ID], value_set=pa.chunked_array(rated_ok, pa.string()).combine_chunks())))
 
 
-def _choose(pool: pa.Table, categories: list[str], f: FilterConfig) -> list[int]:
-    scores = pool[f.score].to_pylist()
-    expected = pool[C.SCORE_EXPECTED].to_pylist() if C.SCORE_EXPECTED in pool.column_names else [None] * len(scores)
-    ids = pool[C.ID].to_pylist()
-    k = _resolve_k(f)
-    if f.mode == "threshold":
-        chosen = selection.threshold(scores, f.threshold)
+def _counts(values) -> Counter:
+    return Counter({item["values"]: item["counts"] for item in pc.value_counts(values).to_pylist()})
+
+
+def _at_or_above(tables: list[pa.Table], f: FilterConfig) -> list[pa.Table]:
+    """The rows scoring at least `filter.threshold`: the last batch's, beside those held."""
+    return [*tables[:-1], tables[-1].filter(pc.greater_equal(tables[-1][_SCORE], f.threshold))]
+
+
+def _all(tables: list[pa.Table], f: FilterConfig) -> list[pa.Table]:
+    """The whole pool (random_k draws by position in it; balanced ranks it per category)."""
+    return tables
+
+
+def _best_k(tables: list[pa.Table], f: FilterConfig) -> list[pa.Table]:
+    """The best `filter.k` rows so far (by `selection.rank_order`), cut once they pile up."""
+    held = sum(t.num_rows for t in tables)
+    if f.k is None or held <= max(2 * f.k, SCAN_BATCH_ROWS):
+        return tables
+    table = pa.concat_tables(tables)
+    expected = pc.fill_null(table[C.SCORE_EXPECTED], float("-inf"))  # a row without one ranks after those with
+    ranked = pa.table({"s": table[_SCORE], "e": expected, "i": table[C.ID]})
+    order = pc.sort_indices(ranked, sort_keys=[("s", "descending"), ("e", "descending"), ("i", "ascending")])
+    return [table.take(order.slice(0, f.k))]
+
+
+_CANDIDATES_OF_MODE = {"threshold": _at_or_above, "subsample": _at_or_above, "top_k": _best_k,
+                       "random_k": _all, "balanced": _all}
+
+
+def _pool_rows_at_or_above(store: RatedStore, score: str, tau: float) -> int:
+    return sum(b.num_rows for b in store.batches([C.ID], (pc.field(C.STATUS) == C.OK) & (pc.field(score) >= tau)))
+
+
+def _with_text(store: RatedStore, chosen: pa.Table) -> pa.Table:
+    """The chosen rows with their text, read back for their ids only, in the order chosen
+    (instruction, input, output, id, score: the columns of selected.json)."""
+    ids = chosen[C.ID].combine_chunks()
+    found = pa.Table.from_batches(
+        list(store.batches([C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT], pc.field(C.ID).isin(ids))),
+        schema=pa.schema([RATED_SCHEMA.field(n) for n in (C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT)]))
+    where = pc.index_in(ids, value_set=found[C.ID].combine_chunks())  # an id twice has the same text
+    if where.null_count:
+        raise RuntimeError(f"{store.uri}: {where.null_count} chosen rows vanished from the parts while reading")
+    rows = found.take(where)
+    return pa.table({C.INSTRUCTION: rows[C.INSTRUCTION], C.INPUT: rows[C.INPUT], C.OUTPUT: rows[C.OUTPUT],
+                     C.ID: ids, C.SCORE: chosen[_SCORE]})
+
+
+def _choose(candidates: pa.Table, scan: RatedScan, f: FilterConfig, k: int | None) -> list[int]:
+    """Rows of `candidates` to keep, in id order: the same rows as the rules of `selection` give
+    over the whole pool."""
+    scores = candidates[_SCORE].to_pylist()
+    n = len(scores)
+    if f.mode == "threshold":  # the candidates are the rows at or above it
+        chosen = list(range(n))
+    elif f.mode == "subsample":  # drawn by position from the threshold rows, as over the pool
+        chosen = selection.random_k(range(n), _check_k(k, n, f"the rows scoring >= {f.threshold:g}"), f.seed)
     elif f.mode == "top_k":
-        chosen = selection.top_k(scores, expected, ids, _check_k(k, len(scores), "the ok rows"))
+        chosen = selection.top_k(scores, candidates[C.SCORE_EXPECTED].to_pylist(), candidates[C.ID].to_pylist(),
+                                 _check_k(k, scan.pool, "the ok rows"))
     elif f.mode == "random_k":
-        chosen = selection.random_k(range(len(scores)), _check_k(k, len(scores), "the ok rows"), f.seed)
-    elif f.mode == "subsample":
-        kept = selection.threshold(scores, f.threshold)
-        chosen = selection.random_k(kept, _check_k(k, len(kept), f"the rows scoring >= {f.threshold:g}"), f.seed)
+        chosen = selection.random_k(range(n), _check_k(k, n, "the ok rows"), f.seed)
     else:  # balanced
-        if f.category_floor == 0 and not f.category_quota:
-            raise FilterError("filter.mode=balanced needs filter.category_floor > 0 or a filter.category_quota")
+        categories = candidates[CATEGORY].to_pylist()
         unknown = set(f.category_quota) - set(categories)
         if unknown:
             raise FilterError(f"filter.category_quota names categories with no ok row: {sorted(unknown)}")
-        chosen = selection.with_category_floor(
-            selection.threshold(scores, f.threshold), selection.rank_order(scores, expected, ids),
-            categories, f.category_floor, f.category_quota,
-        )
+        order = selection.rank_order(scores, candidates[C.SCORE_EXPECTED].to_pylist(), candidates[C.ID].to_pylist())
+        chosen = selection.with_category_floor(selection.threshold(scores, f.threshold), order, categories,
+                                               f.category_floor, f.category_quota)
     if not chosen:
         raise FilterError(f"filter.mode={f.mode} selects no row (e.g. no ok row scores >= {f.threshold:g})")
     return chosen
@@ -171,25 +263,47 @@ def _check_k(k: int | None, available: int, what: str) -> int:
     return k
 
 
-def _categories(rated: pa.Table, config: Config) -> list[str]:
-    """Each rated row's category: from an input field joined by id, or by keyword rules."""
+class _KeywordCategory:
+    """A rated row's category by the keyword rules (the paper's App. E), from its text."""
+
+    columns = [C.INSTRUCTION, C.INPUT, C.OUTPUT]
+
+    def __init__(self, keywords: dict[str, list[str]]):
+        self.keywords = keywords
+
+    def __call__(self, table: pa.Table) -> pa.Array:
+        rows = zip(*(table[c].to_pylist() for c in self.columns))
+        return pa.array([selection.keyword_category("\n".join(r), self.keywords) for r in rows], pa.string())
+
+
+class _FieldCategory:
+    """A rated row's category from a field of the input rows, joined by id (held for every input
+    row: a field such as Dolly's category is for inputs of that size)."""
+
+    columns: list[str] = []
+
+    def __init__(self, config: Config):
+        from alpagasus_ray.data import read_rows
+
+        field = config.filter.category_field
+        source = read_rows(config.data, extra_fields=(field,)).table
+        self.by_id = dict(zip(source[C.ID].to_pylist(), source[field].to_pylist()))
+        if not any(v is not None for v in self.by_id.values()):
+            raise FilterError(f"filter.category_field={field!r}: no row of {config.data.path} has it")
+
+    def __call__(self, table: pa.Table) -> pa.Array:
+        return pa.array([self.by_id.get(i) or "(none)" for i in table[C.ID].to_pylist()], pa.string())
+
+
+def _category_reader(config: Config):
     f = config.filter
-    if f.category_field is None:
-        return rated[CATEGORY].to_pylist()
-    from alpagasus_ray.data import read_rows
-
-    source = read_rows(config.data, extra_fields=(f.category_field,)).table
-    by_id = dict(zip(source[C.ID].to_pylist(), source[f.category_field].to_pylist()))
-    if not any(v is not None for v in by_id.values()):
-        raise FilterError(f"filter.category_field={f.category_field!r}: no row of {config.data.path} has it")
-    return [by_id.get(i) or "(none)" for i in rated[C.ID].to_pylist()]
+    return _FieldCategory(config) if f.category_field else _KeywordCategory(f.category_keywords)
 
 
-def _per_category(all_rows: list[str], pool: list[str], kept: list[str]) -> dict[str, dict]:
-    rows, ok, selected = Counter(all_rows), Counter(pool), Counter(kept)
+def _per_category(rows: Counter, ok: Counter, kept: Counter) -> dict[str, dict]:
     return {
-        c: {"rows": rows[c], "ok": ok[c], "kept": selected[c],
-            "kept_fraction": round(selected[c] / rows[c], 4), "filter_ratio": round(1 - selected[c] / rows[c], 4)}
+        c: {"rows": rows[c], "ok": ok[c], "kept": kept[c],
+            "kept_fraction": round(kept[c] / rows[c], 4), "filter_ratio": round(1 - kept[c] / rows[c], 4)}
         for c in sorted(rows)
     }
 
@@ -219,12 +333,13 @@ def _read_selection(path: str) -> list[dict]:
     return rows
 
 
-def _write_outputs(run_dir: str, selected: pa.Table, record: dict, pool_scores: list[float], f: FilterConfig) -> None:
+def _write_outputs(run_dir: str, selected: pa.Table, record: dict, pool_scores: Counter, kept_at_tau: int,
+                   f: FilterConfig) -> None:
     """Write every output into a temporary directory, then move them in place together. A run
     directory on an object store gets them copied, selection.json (the record) last."""
     if not is_local(run_dir):
         with tempfile.TemporaryDirectory(prefix="alpagasus-filter-") as local:
-            _write_outputs(local, selected, record, pool_scores, f)
+            _write_outputs(local, selected, record, pool_scores, kept_at_tau, f)
             fs, root = open_filesystem(run_dir)
             staged = RunDir(local)
             names = [*(os.path.join("plots", n) for n in sorted(os.listdir(staged.plots)) if f.plots),
@@ -232,21 +347,15 @@ def _write_outputs(run_dir: str, selected: pa.Table, record: dict, pool_scores: 
                      os.path.basename(staged.selection)]
             for name in names:
                 with open(os.path.join(local, name), "rb") as src, fs.open_output_stream(f"{root}/{name}") as dst:
-                    dst.write(src.read())
+                    shutil.copyfileobj(src, dst)
         return
     os.makedirs(run_dir, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".filter-", dir=run_dir)
     staged, final = RunDir(tmp), RunDir(run_dir)  # written in a directory of the same layout, then moved
     try:
-        rows = selected.select([C.INSTRUCTION, C.INPUT, C.OUTPUT, C.ID, f.score]).to_pylist()
-        if f.score != C.SCORE:
-            rows = [{**{k: v for k, v in r.items() if k != f.score}, C.SCORE: r[f.score]} for r in rows]
-        with open(staged.selected_json, "w", encoding="utf-8") as fh:
-            json.dump(rows, fh, ensure_ascii=False, indent=1)
-        with open(staged.selected_jsonl, "w", encoding="utf-8") as fh:
-            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        write_selected(selected, staged.selected_json, staged.selected_jsonl)
         if f.plots:
-            _plot(staged.plots, record, pool_scores, f)
+            _plot(staged.plots, record, pool_scores, kept_at_tau, f)
         with open(staged.selection, "w") as fh:
             json.dump(record, fh, indent=2)
         for name in ("selected_json", "selected_jsonl", "selection"):
@@ -259,12 +368,37 @@ def _write_outputs(run_dir: str, selected: pa.Table, record: dict, pool_scores: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _plot(out: str, record: dict, pool_scores: list[float], f: FilterConfig) -> None:
+WRITE_ROWS = 4096  # rows turned into Python objects at a time while writing
+
+
+def write_selected(selected: pa.Table, json_path: str, jsonl_path: str) -> None:
+    """`selected` as a JSON array (indented by one, as `json.dump(rows, indent=1)` writes it) and
+    as JSON lines, a slice of rows at a time.
+
+    >>> import tempfile; d = tempfile.mkdtemp()
+    >>> rows = [{"instruction": "Say \\"hi\\"\\n", "input": "", "output": "héllo", "id": "a", "score": 4.5},
+    ...         {"instruction": "b", "input": "c", "output": "d", "id": "b", "score": 5.0}]
+    >>> write_selected(pa.Table.from_pylist(rows), f"{d}/s.json", f"{d}/s.jsonl")
+    >>> open(f"{d}/s.json", encoding="utf-8").read() == json.dumps(rows, ensure_ascii=False, indent=1)
+    True
+    >>> [json.loads(line) for line in open(f"{d}/s.jsonl", encoding="utf-8")] == rows
+    True
+    """
+    with open(json_path, "w", encoding="utf-8") as array, open(jsonl_path, "w", encoding="utf-8") as lines:
+        array.write("[")
+        for start in range(0, selected.num_rows, WRITE_ROWS):
+            for i, row in enumerate(selected.slice(start, WRITE_ROWS).to_pylist()):
+                array.write(",\n" if start + i else "\n")
+                array.write(textwrap.indent(json.dumps(row, ensure_ascii=False, indent=1), " "))
+                lines.write(json.dumps(row, ensure_ascii=False) + "\n")
+        array.write("\n]" if selected.num_rows else "]")
+
+
+def _plot(out: str, record: dict, pool_scores: Counter, kept_at_tau: int, f: FilterConfig) -> None:
     tau = f.threshold if f.mode in ("threshold", "subsample", "balanced") else record["min_selected_score"]
-    kept_at_tau = sum(s >= tau for s in pool_scores)
     label = "logprob-weighted score" if f.score == C.SCORE_EXPECTED else "score"
     plots.score_histogram(pool_scores, tau, os.path.join(out, "score_histogram.png"),
-                          f"{label} of {len(pool_scores):,} rated rows")
+                          f"{label} of {record['pool']:,} rated rows")
     plots.tau_curve(pool_scores, tau, kept_at_tau, os.path.join(out, "tau_curve.png"),
                     f"rows kept by threshold ({label})")
     plots.category_kept(record["per_category"], record["kept_fraction_of_rated"],

@@ -4,9 +4,9 @@ of an evaluation (win/tie/lose as in the paper's Fig. 6, per category, against t
 from __future__ import annotations
 
 import bisect
+import itertools
 import os
 from collections import Counter
-from typing import Sequence
 
 import matplotlib
 
@@ -17,18 +17,18 @@ from matplotlib.ticker import StrMethodFormatter  # noqa: E402
 _THOUSANDS = StrMethodFormatter("{x:,.0f}")
 
 
-def score_histogram(scores: Sequence[float], tau: float | None, path: str, title: str) -> None:
-    """Rows per score (the paper's Fig. 5), with the chosen threshold marked."""
+def score_histogram(counts: Counter, tau: float | None, path: str, title: str) -> None:
+    """Rows per score (the paper's Fig. 5; `counts`: rows per score value), with the chosen
+    threshold marked."""
     fig, ax = plt.subplots(figsize=(7, 4))
-    if all(s * 2 == round(s * 2) for s in scores):  # the grader's 0.5 steps: one bar per value
-        counts = Counter(scores)
-        values = sorted(counts)
+    values = sorted(counts)
+    if all(v * 2 == round(v * 2) for v in values):  # the grader's 0.5 steps: one bar per value
         bars = ax.bar([f"{v:g}" for v in values], [counts[v] for v in values], color="#4C72B0")
         ax.bar_label(bars, fmt="{:,.0f}", fontsize=8)
         if tau is not None:
             ax.axvline(sum(v < tau for v in values) - 0.5, color="#C44E52", linestyle="--", label=f"tau = {tau:g}")
     else:
-        ax.hist(scores, bins=50, range=(0, 5), color="#4C72B0")
+        ax.hist(values, weights=[counts[v] for v in values], bins=50, range=(0, 5), color="#4C72B0")
         if tau is not None:
             ax.axvline(tau, color="#C44E52", linestyle="--", label=f"tau = {tau:g}")
     ax.set_xlabel("score")
@@ -40,15 +40,17 @@ def score_histogram(scores: Sequence[float], tau: float | None, path: str, title
     _save(fig, path)
 
 
-def tau_curve(scores: Sequence[float], tau: float | None, kept: int, path: str, title: str) -> None:
-    """Rows kept by `score >= tau` for every tau, with the chosen point marked."""
+def tau_curve(counts: Counter, tau: float | None, kept: int, path: str, title: str) -> None:
+    """Rows kept by `score >= tau` for every tau (`counts`: rows per score value), with the chosen
+    point marked (`kept` rows at `tau`)."""
     # rows >= tau is constant on each interval (previous score value, next score value].
-    ordered = sorted(scores)
-    values = sorted(set(ordered))
+    values = sorted(counts)
+    at_or_above = list(itertools.accumulate(counts[v] for v in reversed(values)))[::-1]
     taus = [0.0, *values] + ([5.0] if values[-1] < 5.0 else [])
-    counts = [len(ordered) - bisect.bisect_left(ordered, t) for t in taus]
+    first = [bisect.bisect_left(values, t) for t in taus]  # the first value >= each tau
+    rows = [at_or_above[j] if j < len(values) else 0 for j in first]
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.step(taus, counts, where="pre", color="#4C72B0")
+    ax.step(taus, rows, where="pre", color="#4C72B0")
     if tau is not None:
         ax.axvline(tau, color="#C44E52", linestyle="--")
         ax.plot([tau], [kept], "o", color="#C44E52")

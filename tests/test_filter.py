@@ -12,6 +12,8 @@ import pytest
 from alpagasus_ray import columns as C
 from alpagasus_ray.cli import main
 from alpagasus_ray.config import CODING_KEYWORDS, load_config
+from alpagasus_ray import filter as filter_module
+from alpagasus_ray import rated as rated_module
 from alpagasus_ray.filter import FilterError, run_filter
 
 from rated_fixtures import synthetic_ratings, write_rated
@@ -85,6 +87,46 @@ def test_subsample_draws_k_from_the_threshold_selection(rated_dir, tmp_path):
     record, selected, _ = _run(rated_dir, tmp_path, "filter.mode=subsample", "filter.k=30", "filter.threshold=4.5")
     assert len(selected) == 30 and all(r["score"] >= 4.5 for r in selected)
     assert record["params"]["seed"] == 0 and record["seed"] == 0
+
+
+def test_an_id_rated_twice_counts_once_by_its_better_row_and_top_k_cuts_as_it_streams(tmp_path, monkeypatch):
+    # A re-ask killed after writing its rows and before removing the ones they replace: the failed
+    # rows of 60 ids have a second row, ok with 5.0 or parse_failed again.
+    rows = alpaca_rows(400)
+    ratings = synthetic_ratings(len(rows), seed=4, failed_fraction=0.3)
+    ids = write_rated(str(tmp_path), rows, ratings)
+    failed = [i for i, (status, _, _) in enumerate(ratings) if status != C.OK][:60]
+    again = [(C.OK, 5.0, 5.0) if j % 2 else (C.PARSE_FAILED, None, None) for j in range(len(failed))]
+    write_rated(str(tmp_path), [rows[i] for i in failed], again)
+    truth = dict(zip(ids, ratings))
+    for i, rating in zip(failed, again):
+        if rating[0] == C.OK or ratings[i][0] == C.REQUEST_FAILED:
+            truth[ids[i]] = rating
+    # Candidates of top_k are cut to the best k whenever more than max(2k, 40) pile up.
+    monkeypatch.setattr(filter_module, "SCAN_BATCH_ROWS", 40)
+    monkeypatch.setattr(rated_module, "SCAN_BATCH_ROWS", 50)  # batches of 50 rows
+
+    record = run_filter(load_config(None, [f"run_dir={tmp_path}", "filter.threshold=4.5"]))
+    assert record["rows_rated"] == len(rows)
+    statuses = [status for status, _, _ in truth.values()]
+    assert record["by_status"] == {s: statuses.count(s) for s in C.STATUSES}
+    selected = json.load(open(tmp_path / "selected.json"))
+    assert [r["id"] for r in selected] == sorted(i for i, (st, s, _) in truth.items() if st == C.OK and s >= 4.5)
+    assert sum(r["id"] in {ids[i] for i in failed} for r in selected) == 30  # the re-asked rows that came back ok
+
+    top = run_filter(load_config(None, [f"run_dir={tmp_path}", "filter.mode=top_k", "filter.k=15"]))
+    best = sorted((-s, -e, i) for i, (st, s, e) in truth.items() if st == C.OK)[:15]
+    assert top["selected"] == 15
+    assert [r["id"] for r in json.load(open(tmp_path / "selected.json"))] == sorted(i for *_, i in best)
+
+
+def test_two_ok_rows_of_one_id_stop_the_filter(tmp_path):
+    rows = alpaca_rows(20)
+    write_rated(str(tmp_path), rows, [(C.OK, 4.5, 4.5)] * 20)
+    write_rated(str(tmp_path), rows[:1], [(C.OK, 5.0, 5.0)])  # not something a rating writes
+    with pytest.raises(FilterError, match="has two rows rated ok"):
+        run_filter(load_config(None, [f"run_dir={tmp_path}"]))
+    assert not (tmp_path / "selected.json").exists()
 
 
 def test_category_floor_keeps_a_category_a_plain_threshold_drops(tmp_path):
