@@ -37,6 +37,9 @@ STATUS_FIELDS = pa.schema([
 ])
 STOP, LENGTH = "stop", "length"
 _ROW = "__row__"  # the input row, carried through the vLLM stages as one JSON string
+# What the blocks read ahead of API workers may hold: enough to keep them busy (a block is a batch
+# of tens of KB), not a queue that grows with the input (see `llm_map`).
+API_READ_AHEAD_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,12 @@ def llm_map(rows, task: LLMTask, endpoint: EndpointConfig, *, reask: bool = Fals
         # A block per batch: an actor pool grows with the blocks waiting for it, and a large block
         # (a read yields up to 2,048 rows) would keep one actor busy while the others idle.
         rows = rows.repartition(target_num_rows_per_block=endpoint.batch_size)
+        # Ray keeps an object under 100 KB (such a block) in the memory of the process that owns
+        # it, the driver: blocks read ahead of a slow API would pile up there (+110 MB after
+        # 94k of 520k rows). Capping what this Dataset may hold in the object store bounds it.
+        limits = rows.context.execution_options.resource_limits
+        rows.context.execution_options.resource_limits = limits.copy(
+            object_store_memory=min(limits.object_store_memory, API_READ_AHEAD_BYTES))
         return map_with_api(rows, task, endpoint, progress=progress, sink=sink)
     return _map_with_vllm(rows, task, endpoint, reask=reask, progress=progress, sink=sink)
 
