@@ -51,7 +51,7 @@ def run_filter(config: Config) -> dict:
     if f.mode in ("top_k", "random_k", "subsample") and k is None:
         raise FilterError("this filter.mode needs filter.k (or filter.k_from)")
     store = RatedStore(f.rated_from or config.run_dir)
-    scan = scan_rated(store, f, _category_reader(config))
+    scan = scan_rated(store, f, _category_reader(config), k)
     if not scan.pool:
         raise FilterError(f"no rated row has status ok and a {f.score}: nothing to select from "
                           f"(statuses: {dict(scan.statuses)})")
@@ -107,7 +107,7 @@ class RatedScan:
     candidates: pa.Table
 
 
-def scan_rated(store: RatedStore, f: FilterConfig, category_of) -> RatedScan:
+def scan_rated(store: RatedStore, f: FilterConfig, category_of, k: int | None = None) -> RatedScan:
     """One pass over the rated parts, a batch at a time. The filter's memory is the rows the mode
     may choose and the rows not ok (few: they are how an id rated twice is found), not the run.
 
@@ -141,7 +141,7 @@ def scan_rated(store: RatedStore, f: FilterConfig, category_of) -> RatedScan:
         pool_categories.update(_counts(selectable[CATEGORY]))
         pool_scores.update(_counts(pc.round(selectable[_SCORE], 3)))
         at_threshold += pc.sum(pc.greater_equal(selectable[_SCORE], f.threshold)).as_py() or 0
-        candidates = top(candidates + [selectable], f)
+        candidates = top(candidates + [selectable], f, k)
     not_ok = pa.concat_tables(not_ok)
     standing = _standing(store, not_ok)
     rows -= not_ok.num_rows - standing.num_rows
@@ -172,26 +172,27 @@ def _counts(values) -> Counter:
     return Counter({item["values"]: item["counts"] for item in pc.value_counts(values).to_pylist()})
 
 
-def _at_or_above(tables: list[pa.Table], f: FilterConfig) -> list[pa.Table]:
+def _at_or_above(tables: list[pa.Table], f: FilterConfig, k: int | None) -> list[pa.Table]:
     """The rows scoring at least `filter.threshold`: the last batch's, beside those held."""
     return [*tables[:-1], tables[-1].filter(pc.greater_equal(tables[-1][_SCORE], f.threshold))]
 
 
-def _all(tables: list[pa.Table], f: FilterConfig) -> list[pa.Table]:
+def _all(tables: list[pa.Table], f: FilterConfig, k: int | None) -> list[pa.Table]:
     """The whole pool (random_k draws by position in it; balanced ranks it per category)."""
     return tables
 
 
-def _best_k(tables: list[pa.Table], f: FilterConfig) -> list[pa.Table]:
-    """The best `filter.k` rows so far (by `selection.rank_order`), cut once they pile up."""
+def _best_k(tables: list[pa.Table], f: FilterConfig, k: int | None) -> list[pa.Table]:
+    """The best k rows so far by `selection.rank_order` (k: `filter.k`, or the size of
+    `filter.k_from`), cut once they pile up."""
     held = sum(t.num_rows for t in tables)
-    if f.k is None or held <= max(2 * f.k, SCAN_BATCH_ROWS):
+    if k is None or held <= max(2 * k, SCAN_BATCH_ROWS):
         return tables
     table = pa.concat_tables(tables)
     expected = pc.fill_null(table[C.SCORE_EXPECTED], float("-inf"))  # a row without one ranks after those with
     ranked = pa.table({"s": table[_SCORE], "e": expected, "i": table[C.ID]})
     order = pc.sort_indices(ranked, sort_keys=[("s", "descending"), ("e", "descending"), ("i", "ascending")])
-    return [table.take(order.slice(0, f.k))]
+    return [table.take(order.slice(0, k))]
 
 
 _CANDIDATES_OF_MODE = {"threshold": _at_or_above, "subsample": _at_or_above, "top_k": _best_k,
@@ -255,9 +256,7 @@ def _resolve_k(f: FilterConfig) -> int | None:
     return other["selected"] if isinstance(other, dict) and "selected" in other else len(other)
 
 
-def _check_k(k: int | None, available: int, what: str) -> int:
-    if k is None:
-        raise FilterError("this filter.mode needs filter.k (or filter.k_from)")
+def _check_k(k: int, available: int, what: str) -> int:
     if k > available:
         raise FilterError(f"filter.k={k:,} is more than {what} ({available:,})")
     return k
