@@ -1,6 +1,7 @@
 """The `alpagasus` command: one subcommand per stage.
 
     alpagasus rate --config configs/rate_openai.yaml rate.concurrency=64 [--dry-run]
+    alpagasus rate --config configs/rate_openai_batch.yaml [--detach | --cancel]
     alpagasus filter --config configs/filter_alpagasus_9k.yaml [--compare OTHER.json]
     alpagasus train --config configs/train_llama_7b.yaml
     alpagasus generate --config FILE generate.model=runs/x/model
@@ -11,7 +12,7 @@
 
 Every subcommand takes `--config FILE` and `dotted.key=value` overrides. Exit code 0 means the
 stage finished (for rate: every row has a final status); 2 means bad config or input, with the
-reason on stderr and nothing sent.
+reason on stderr and nothing sent; 3 (rate --detach) means batches are still running.
 """
 
 from __future__ import annotations
@@ -23,6 +24,8 @@ import sys
 from alpagasus_ray import console
 from alpagasus_ray.config import ConfigError, load_config
 from alpagasus_ray.layout import RunDir
+
+RUNNING = 3  # exit code of `rate --detach` while batches run
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,7 +56,13 @@ def _parser() -> argparse.ArgumentParser:
                   "score every row with an LLM grader (vLLM or an OpenAI-compatible API)",
                   "Score every (instruction, input, response) row 0-5 with the AlpaGasus grader prompt. "
                   "Writes <run_dir>/rated/ (Parquet) and <run_dir>/rated_summary.json; rerun to resume.")
-    rate.add_argument("--dry-run", action="store_true", help="count rows and estimate tokens and cost; send nothing")
+    sending = rate.add_mutually_exclusive_group()
+    sending.add_argument("--dry-run", action="store_true", help="count rows and estimate tokens and cost; send nothing")
+    sending.add_argument("--detach", action="store_true",
+                         help="batch backends: exit once every request file is sent (exit code 3 while batches run); "
+                         "rerun the same command to collect")
+    sending.add_argument("--cancel", action="store_true",
+                         help="batch backends: cancel the run's batches and keep what they had answered")
     filt = _stage(sub, "filter", _filter,
                   "select the training rows from the ratings (threshold, top-k, random-k, subsample, balanced)",
                   "Select rows from <run_dir>/rated/ and write <run_dir>/selected.json, selected.jsonl, "
@@ -119,10 +128,15 @@ def _rate(args) -> int:
     from alpagasus_ray.rate import run_rate
 
     config = _load(args, logs=not args.dry_run)
-    summary = run_rate(config, dry_run=args.dry_run)
-    if args.dry_run:
+    summary = run_rate(config, dry_run=args.dry_run, detach=args.detach, cancel=args.cancel)
+    if args.dry_run or args.cancel:
         print(json.dumps(summary, indent=2))
         return 0
+    if "running_batches" in summary:
+        running = summary["running_batches"]
+        print(f"{len(running)} batches still running ({sum(r['rows'] for r in running):,} rows): "
+              "rerun the same command to collect them")
+        return RUNNING
     print(json.dumps(summary["by_status"]))
     print(RunDir(config.run_dir).rated_summary)
     return 0

@@ -22,7 +22,10 @@ OPERATIONAL = frozenset({
     "batch_size", "retry_failed", "price_input_per_million", "price_output_per_million", "num_engines",
     "accelerator_type", "resources_per_worker", "storage_path", "checkpoint_every", "keep_checkpoints",
     "max_failures", "tensorboard", "api_key_env", "cpu_kv_cache_gib", "worker_resources",
+    "batch_max_requests", "batch_max_bytes", "batch_poll_seconds", "batch_poll_max_seconds", "batch_price_factor",
 })
+# Backends that send a whole request file at once (the OpenAI Batch API, or vLLM's batch runner).
+BATCH_BACKENDS = ("openai_batch", "vllm_batch")
 
 
 def pool_size(value: int | tuple[int, int]) -> tuple[int, int]:
@@ -68,7 +71,10 @@ class DataConfig(_Strict):
 class EndpointConfig(_Strict):
     """A model to call, and how: shared by the rating, generation and judging stages."""
 
-    backend: Literal["vllm", "openai"] = Field("openai", description="vllm: Ray Data LLM on GPUs (or CPU); openai: any OpenAI-compatible API.")
+    backend: Literal["vllm", "openai", "openai_batch", "vllm_batch"] = Field(
+        "openai", description="vllm: Ray Data LLM on GPUs (or CPU); openai: any OpenAI-compatible API; "
+        "openai_batch: OpenAI's Batch API (or a provider's), at its batch price; vllm_batch: the same request "
+        "files run by vLLM's batch runner (`vllm run_batch`) on this machine.")
     model: str = Field("gpt-3.5-turbo", description="Model name at the API, or a model directory / hub id for vllm.")
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://host:8000/v1; None means OpenAI's.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never the key itself).")
@@ -93,6 +99,16 @@ class EndpointConfig(_Strict):
     )
     price_input_per_million: float | None = Field(None, ge=0, description="USD per million prompt tokens, for the cost estimate.")
     price_output_per_million: float | None = Field(None, ge=0, description="USD per million completion tokens, for the cost estimate.")
+    # openai_batch and vllm_batch backends
+    batch_max_requests: int = Field(50_000, gt=0, description="Batch backends: requests per request file (the Batch API's limit: 50,000).")
+    batch_max_bytes: int = Field(200_000_000, gt=0, description="Batch backends: bytes per request file (the Batch API's limit: 200 MB).")
+    batch_completion_window: str = Field("24h", description="openai_batch: the batches' completion window.")
+    batch_poll_seconds: float = Field(10.0, gt=0, description="openai_batch: seconds between the first polls of the batches' states.")
+    batch_poll_max_seconds: float = Field(300.0, gt=0, description="openai_batch: the polls back off (x1.5 each) up to this many seconds apart.")
+    batch_price_factor: float = Field(0.5, ge=0, description="openai_batch: the batch price as a fraction of the prices above (OpenAI: 0.5).")
+    reask: Literal["batch", "sync"] = Field(
+        "batch", description="Batch backends: re-ask a reply with no readable result once, in a small follow-up "
+        "batch, or through the synchronous API (sync, with base_url and the same model).")
     # vllm backend
     num_engines: int | tuple[int, int] = Field(
         1, description="vllm: engine replicas (one per GPU, or per tensor-parallel group): a number, or a range "
@@ -107,10 +123,19 @@ class EndpointConfig(_Strict):
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vllm.LLM engine arguments.")
 
     def cost(self, tokens_in: int, tokens_out: int) -> float | None:
-        """USD for these tokens at the configured prices; None when no prices are set."""
+        """USD for these tokens at the configured prices (the batch price for openai_batch); None
+        when no prices are set or the backend is not a paid API.
+
+        >>> EndpointConfig(backend="openai_batch", price_input_per_million=2.0, price_output_per_million=8.0).cost(10**6, 10**6)
+        5.0
+        """
         if self.price_input_per_million is None or self.price_output_per_million is None:
             return None
-        return round((tokens_in * self.price_input_per_million + tokens_out * self.price_output_per_million) / 1e6, 6)
+        if self.backend not in ("openai", "openai_batch"):
+            return None
+        factor = self.batch_price_factor if self.backend == "openai_batch" else 1.0
+        usd = (tokens_in * self.price_input_per_million + tokens_out * self.price_output_per_million) / 1e6
+        return round(usd * factor, 6)
 
     @model_validator(mode="after")
     def _check(self) -> "EndpointConfig":

@@ -64,8 +64,7 @@ def run_judge(config: Config) -> dict:
     base_dir, base = _answers_dir(config.run_dir, baseline, "judge.baseline")
     if cand == base:
         raise ConfigError(f"judge.candidate and judge.baseline are both called {cand!r}; give them different names")
-    if cfg.backend == "openai":
-        require_key(cfg, "judge")
+    require_key(cfg, "judge")
     judge = f"{cfg.backend}:{cfg.model}"
     test_sets = cfg.test_sets or sorted(_answered_sets(cand_dir) & _answered_sets(base_dir))
     if not test_sets:
@@ -101,9 +100,9 @@ def run_judge(config: Config) -> dict:
             append_by_test_set(files, [_record(by_key[r["key"]], r, meta) for r in results])
 
         rows = [{k: t[k] for k in ("key", "question", "first", "second")} for t in to_send]
-        price = cfg.cost if cfg.backend == "openai" else None
+        price = cfg.cost
         with watch("judge", total=len(rows), cost=price) as progress:
-            ask_all(rows, VerdictTask(cfg), cfg, save, progress)
+            ask_all(rows, VerdictTask(cfg), cfg, save, progress, batch_dir=os.path.join(out_dir, "batches"))
     counts, tokens = Counter(), Counter()
     for ts, f in files.items():
         records = f.read()
@@ -114,7 +113,7 @@ def run_judge(config: Config) -> dict:
     record = {"candidate": cand, "baseline": base, "candidate_answers": cand_dir, "baseline_answers": base_dir,
               "test_sets": test_sets, "judgments_by_status": dict(counts), "sent_this_run": len(to_send),
               "tokens_in": tokens[C.TOKENS_IN], "tokens_out": tokens[C.TOKENS_OUT],
-              "cost_usd": cfg.cost(tokens[C.TOKENS_IN], tokens[C.TOKENS_OUT]) if cfg.backend == "openai" else None,
+              "cost_usd": cfg.cost(tokens[C.TOKENS_IN], tokens[C.TOKENS_OUT]),
               "wall_seconds": round(time.time() - started, 2), "config": config_for_record(config)["judge"], **meta}
     with open(os.path.join(out_dir, JUDGE_FILE), "w") as f:
         json.dump(record, f, indent=2)

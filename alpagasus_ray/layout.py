@@ -4,6 +4,7 @@
       rated/                         rated rows, Parquet parts                  rate
       rated_summary.json             counts, tokens, cost, score histogram      rate
       rate_config.json               the config the rating ran with             rate
+      batches/                       request files and their batches' records   rate (batch backends)
       selected.json, .jsonl          the training rows (Alpaca format)          filter
       selection.json                 what was selected, how and the counts      filter
       plots/                         PNGs                                       filter, report
@@ -11,7 +12,7 @@
       train_log.jsonl                metrics per step                           train
       checkpoints/, tensorboard/     (default places)                           train
       answers/<name>/<set>.jsonl     a model's answers, + generation.json       generate
-      judgments/<pair>/<set>.jsonl   verdicts, + judge.json                     judge
+      judgments/<pair>/<set>.jsonl   verdicts, + judge.json (+ batches/)        judge
       report.json, report.md                                                    report
       stages/<stage>.json            stage fingerprints                         run
       run_config.json                the config of the last `alpagasus run`     run
@@ -66,6 +67,10 @@ class RunDir:
     @property
     def rate_config(self) -> str:
         return self._("rate_config.json")
+
+    @property
+    def batches(self) -> str:
+        return self._("batches")
 
     # filter
     @property

@@ -5,7 +5,9 @@
 In the spirit of `ray.data.llm.build_processor(config, preprocess, postprocess)`: a stage supplies
 an `LLMTask`, which says what request a row makes (`request`) and how a reply is read (`read`); the
 endpoint config says where it goes. Either backend serves it: vLLM engines through `ray.data.llm`,
-or the API actor pool of `backends.openai_api` under the endpoint's concurrency and limits.
+or the API actor pool of `backends.openai_api` under the endpoint's concurrency and limits. The
+batch backends (`backends.batches`: the OpenAI Batch API, vLLM's batch runner) send request files
+instead of a stream of requests; they read replies with the same task and give the same columns.
 
 Every result row holds the input row's columns, the task's `fields`, and the layer's own columns:
 `status` (ok, parse_failed, request_failed), `attempts`, `error`, `tokens_in`, `tokens_out`. A reply
@@ -24,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from alpagasus_ray import columns as C
-from alpagasus_ray.config import EndpointConfig
+from alpagasus_ray.config import BATCH_BACKENDS, EndpointConfig
 
 # Asks per row: a reply that cannot be read is asked once more, then kept as parse_failed.
 MAX_ASKS = 2
@@ -96,6 +98,8 @@ def llm_map(rows, task: LLMTask, endpoint: EndpointConfig, *, reask: bool = Fals
     Saving where the batch finishes, rather than in a later Ray Data stage, is what bounds what a
     kill loses to the batches partly done.
     """
+    if endpoint.backend in BATCH_BACKENDS:  # request files, not a stream of requests
+        raise ValueError(f"backend {endpoint.backend} sends request files: use backends.batches, not llm_map")
     if endpoint.backend == "openai":
         from alpagasus_ray.backends.openai_api import map_with_api
 
@@ -113,7 +117,7 @@ def llm_map(rows, task: LLMTask, endpoint: EndpointConfig, *, reask: bool = Fals
             object_store_memory=min(limits.object_store_memory, API_OBJECT_STORE_BYTES))
         context.target_max_block_size = min(context.target_max_block_size or API_READ_BLOCK_BYTES,
                                             API_READ_BLOCK_BYTES)
-        return map_with_api(rows, task, endpoint, progress=progress, sink=sink)
+        return map_with_api(rows, task, endpoint, progress=progress, sink=sink, reask=reask)
     return _map_with_vllm(rows, task, endpoint, reask=reask, progress=progress, sink=sink)
 
 
@@ -194,12 +198,21 @@ def _engine_result(task: LLMTask, row: dict, out: dict, attempts: int, max_model
     return read_reply(task, row, reply, attempts, tokens_in, tokens_out)
 
 
-def ask_all(rows: list[dict], task: LLMTask, endpoint: EndpointConfig, save, progress=None) -> None:
+def ask_all(rows: list[dict], task: LLMTask, endpoint: EndpointConfig, save, progress=None,
+            batch_dir: str | None = None) -> None:
     """For small stages (hundreds of rows, as generate and judge have): ask every row through the
     layer and hand each finished batch to `save` (a list of rows, each with its result) as it
     arrives, so a killed job keeps what was saved. Rows whose reply could not be read are asked
-    once more (the vLLM second pass; an API has asked again already)."""
+    once more (the vLLM second pass; an API has asked again already). A batch backend writes
+    its request files and their records under `batch_dir`, and the rows need a unique `key`."""
     import ray
+
+    if endpoint.backend in BATCH_BACKENDS:
+        from alpagasus_ray.backends.batches import BatchStore, ask_in_batches
+
+        if batch_dir is None:
+            raise ValueError(f"backend {endpoint.backend} needs a directory for its request files")
+        return ask_in_batches(rows, task, endpoint, BatchStore(batch_dir), save, progress)
 
     names = list(rows[0]) if rows else []
     for reask in (False, True):

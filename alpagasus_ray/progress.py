@@ -80,6 +80,10 @@ class _Reporter:
     def add(self, results: pa.Table):
         self.actor.add.remote(batch_counts(results))
 
+    def add_counts(self, counts: dict):
+        """Counts found some other way (e.g. a batch's own counts of the rows it has answered)."""
+        self.actor.add.remote(counts)
+
 
 @contextlib.contextmanager
 def watch(stage: str, total: int, cost: Callable[[int, int], float | None] | None = None, done: int = 0):

@@ -30,7 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from alpagasus_ray import columns as C
-from alpagasus_ray.config import Config, ConfigError, RateConfig, config_for_record
+from alpagasus_ray.backends.openai_api import require_key
+from alpagasus_ray.config import BATCH_BACKENDS, Config, ConfigError, RateConfig, config_for_record
 from alpagasus_ray.data import INVALID_REASON, InputError, InputScan, input_dataset, scan_input
 from alpagasus_ray.layout import RunDir, open_filesystem
 from alpagasus_ray.llm_map import Reply, Request, llm_map
@@ -49,6 +50,8 @@ SENT_COLUMNS = [C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT, C.SOURCE]
 # Ray resources of the light steps around the LLM (filters, writes). Ray Data's own filter and
 # projection tasks take a whole CPU, which a vLLM engine on a two-core node leaves no room for.
 LIGHT = {"num_cpus": 0.1}
+# Bytes of a rating request line besides the prompt's text: custom_id, url, model, sampling fields.
+REQUEST_LINE_OVERHEAD = 300
 
 
 class RatingTask:
@@ -80,8 +83,13 @@ class RatingTask:
         return {C.SCORE: parsed.score, C.SCORE_EXPECTED: expected, C.REVIEW: parsed.review}, None
 
 
-def run_rate(config: Config, dry_run: bool = False) -> dict:
+def run_rate(config: Config, dry_run: bool = False, detach: bool = False, cancel: bool = False) -> dict:
     """Rate every row of `config.data` into `config.run_dir`; returns the summary.
+
+    With a batch backend (openai_batch, vllm_batch; see `rate_batch`): `detach` returns once every
+    request file is sent, with `running_batches` in place of the summary (rerun the same command to
+    collect them); `cancel` cancels the run's batches that have not ended and collects what they had
+    answered.
 
     Raises:
         InputError: the input cannot be read, or holds no row that can be rated (nothing was sent).
@@ -89,7 +97,16 @@ def run_rate(config: Config, dry_run: bool = False) -> dict:
     """
     started = time.time()
     cfg = config.rate
+    if (detach or cancel) and cfg.backend not in BATCH_BACKENDS:
+        raise ConfigError(f"--detach and --cancel are for the batch backends ({', '.join(BATCH_BACKENDS)}), "
+                          f"not rate.backend={cfg.backend}")
+    if not dry_run:
+        require_key(cfg, "rate")
     ensure_ray()
+    if cancel:
+        from alpagasus_ray.rate_batch import cancel_batches
+
+        return cancel_batches(config)
     scan = scan_input(config.data)
     if scan.valid == 0:  # e.g. plain text, or the wrong field names: a stop, not a run
         raise InputError(f"{', '.join(scan.files)}: no row can be rated ({scan.rows:,} rows, none valid), e.g. "
@@ -112,16 +129,29 @@ def run_rate(config: Config, dry_run: bool = False) -> dict:
     run = RunDir(config.run_dir)
     _write_json(run.rate_config, config_for_record(config))
     meta = {C.GRADER: grader, C.DIMENSION: cfg.dimension, C.PROMPT_VERSION: PROMPT_VERSION}
-    price = cfg.cost if cfg.backend == "openai" else None
-    with watch("rate", total=scan.rows, cost=price, done=rated_before) as progress:
-        _rate_new_rows(config, scan, store, meta, progress)
-        if cfg.retry_failed:
-            _ask_again(store, cfg, meta, progress, store.ids_to_ask_again(retry_failed=True, reask=False), reask=False)
-        if cfg.backend == "vllm":  # an API re-asks inside the request
-            _ask_again(store, cfg, meta, progress, store.ids_to_ask_again(retry_failed=False, reask=True), reask=True)
+    running = []
+    with watch("rate", total=scan.rows, cost=cfg.cost, done=rated_before) as progress:
+        if cfg.backend in BATCH_BACKENDS:  # the retries and re-asks are rounds of batches
+            from alpagasus_ray.rate_batch import rate_in_batches
+
+            running = rate_in_batches(config, scan, store, meta, progress, detach=detach)
+        else:
+            _rate_new_rows(config, scan, store, meta, progress)
+            if cfg.retry_failed:
+                _ask_again(store, cfg, meta, progress, store.ids_to_ask_again(retry_failed=True, reask=False),
+                           reask=False)
+            if cfg.backend == "vllm":  # an API re-asks inside the request
+                _ask_again(store, cfg, meta, progress, store.ids_to_ask_again(retry_failed=False, reask=True),
+                           reask=True)
+    if running:
+        return {"running_batches": [{"batch_id": r.batch_id, "status": r.status, "rows": r.rows} for r in running]}
     counts = progress.final
     sent = counts.get("rows", 0) - counts.get(C.INVALID_INPUT, 0)
     summary = _summarize(scan, store, cfg, time.time() - started, sent)
+    if cfg.backend in BATCH_BACKENDS:
+        from alpagasus_ray.rate_batch import batch_summary
+
+        summary["batches"] = batch_summary(config)
     _write_json(run.rated_summary, summary)
     return summary
 
@@ -218,7 +248,7 @@ def _dry_run_report(scan: InputScan, cfg: RateConfig, before: dict) -> dict:
     fixed = len(RATING_SYSTEM) + len(RATING_USER.format(dimension=cfg.dimension))
     text_chars = scan.text_chars * to_send / scan.valid if scan.valid else 0
     prompt_tokens = math.ceil((text_chars + fixed * to_send) / CHARS_PER_TOKEN)
-    return {
+    report = {
         "rows_in": scan.rows,
         "invalid_input": scan.invalid,
         "to_send": to_send,
@@ -226,6 +256,15 @@ def _dry_run_report(scan: InputScan, cfg: RateConfig, before: dict) -> dict:
         "completion_tokens_at_most": to_send * cfg.max_tokens,
         "cost_usd_at_most": cfg.cost(prompt_tokens, to_send * cfg.max_tokens),
     }
+    if cfg.backend in BATCH_BACKENDS:
+        # A request line is the prompt's text as JSON plus the body's other fields.
+        request_bytes = text_chars + (fixed + REQUEST_LINE_OVERHEAD) * to_send
+        report["request_files"] = max(math.ceil(to_send / cfg.batch_max_requests),
+                                      math.ceil(request_bytes / cfg.batch_max_bytes))
+        report["request_bytes_estimate"] = math.ceil(request_bytes)
+        report["cost_usd_at_most_synchronous"] = cfg.model_copy(update={"backend": "openai"}).cost(
+            prompt_tokens, to_send * cfg.max_tokens)
+    return report
 
 
 def _summarize(scan: InputScan, store: RatedStore, cfg: RateConfig, seconds: float, sent: int) -> dict:
@@ -255,7 +294,7 @@ def _summarize(scan: InputScan, store: RatedStore, cfg: RateConfig, seconds: flo
         "prompt_version": PROMPT_VERSION,
         "tokens_in": tokens[C.TOKENS_IN],
         "tokens_out": tokens[C.TOKENS_OUT],
-        "cost_usd": cfg.cost(tokens[C.TOKENS_IN], tokens[C.TOKENS_OUT]) if cfg.backend == "openai" else None,
+        "cost_usd": cfg.cost(tokens[C.TOKENS_IN], tokens[C.TOKENS_OUT]),
         "wall_seconds": round(seconds, 2),
         "rows_sent_this_run": sent,
         "score_histogram": {f"{k:g}": v for k, v in sorted(scores.items())},

@@ -31,6 +31,9 @@ RATED_SCHEMA = pa.schema([
     (C.SOURCE, pa.string()),
 ])
 SCAN_BATCH_ROWS = 65_536
+# Rows of the small parts gathered into one batch by `RatedStore.batches`: few batches per run,
+# each small enough that gathering it costs little (its text, when read, a few MB).
+COALESCE_ROWS = 8_192
 # Parts scanned together: a pyarrow scan keeps some state per file until it ends, about 48 KB for
 # each of the run's small parts (8,125 parts at 520k rows: +390 MB); a few hundred at a time bound it.
 SCAN_PARTS = 256
@@ -60,6 +63,14 @@ class RatedStore:
             if os.path.basename(f.path).startswith(".tmp-"):
                 self.fs.delete_file(f.path)
 
+    def remove_parts(self, prefix: str) -> int:
+        """Delete the parts whose names start with `prefix-` (e.g. what an interrupted
+        collection of one batch wrote, before it is collected again). Returns how many."""
+        doomed = [p for p in self.parts() if os.path.basename(p).startswith(f"{prefix}-")]
+        for path in doomed:
+            self.fs.delete_file(path)
+        return len(doomed)
+
     def write(self, table: pa.Table, prefix: str = "part") -> str:
         """Save `table` as a new part; readers never see a half-written file. Returns its path."""
         self.fs.create_dir(self.path, recursive=True)
@@ -74,12 +85,24 @@ class RatedStore:
         return final
 
     def batches(self, columns: list[str], filter=None, parts: list[str] | None = None) -> Iterator[pa.RecordBatch]:
-        """The rows of the parts (all, or `parts`), a batch at a time, with only `columns`."""
+        """The rows of the parts (all, or `parts`), with only `columns`, in batches of about
+        `COALESCE_ROWS` rows: a scan yields a batch per part at least, and the parts are as small
+        as a batch of requests (64 rows); a caller that keeps something of every batch would hold
+        thousands of tiny tables (a few KB each besides their rows: +100 MB at 520k rows)."""
         parts = self.parts() if parts is None else parts
+        held, rows = [], 0
         for start in range(0, len(parts), SCAN_PARTS):
             dataset = pds.dataset(parts[start:start + SCAN_PARTS], schema=RATED_SCHEMA, format="parquet",
                                   filesystem=self.fs)
-            yield from dataset.to_batches(columns=columns, filter=filter, batch_size=SCAN_BATCH_ROWS)
+            for batch in dataset.to_batches(columns=columns, filter=filter, batch_size=SCAN_BATCH_ROWS):
+                if batch.num_rows:
+                    held.append(batch)
+                    rows += batch.num_rows
+                if rows >= COALESCE_ROWS:
+                    yield _one_batch(held)
+                    held, rows = [], 0
+        if held:
+            yield _one_batch(held)
 
     def read(self) -> pa.Table:
         """Every rated row in memory, one per id, in id order: for small runs and tests."""
@@ -140,6 +163,10 @@ class RatedStore:
         return removed
 
 
+def _one_batch(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
+    return pa.Table.from_batches(batches).combine_chunks().to_batches()[0] if len(batches) > 1 else batches[0]
+
+
 def ask_again_filter(retry_failed: bool, reask: bool) -> pc.Expression | None:
     """The rows a pass asks again: request failures (`retry_failed`), first unreadable replies
     (`reask`), or both; None for neither."""
@@ -183,20 +210,24 @@ class PartWriter:
             self._store.write(self.to_rated(batch))
 
 
-def done_ids(run_dir: str):
-    """An ObjectRef to the sorted ids already written under `<run_dir>/rated/`, made by a Ray task
-    (the ids never reach the driver); None when nothing is written yet."""
+def done_ids(run_dir: str, also: tuple[str, list[str]] | None = None):
+    """An ObjectRef to the sorted ids already written under `<run_dir>/rated/` (and in the Parquet
+    files `also` = (filesystem URI, paths in it), e.g. rows sent in batches still running), made by
+    a Ray task (the ids never reach the driver); None when there are none."""
     import ray
 
-    if not RatedStore(run_dir).parts():
+    if not RatedStore(run_dir).parts() and not (also and also[1]):
         return None
-    return ray.remote(_sorted_ids).options(num_cpus=0.5).remote(run_dir)
+    return ray.remote(_sorted_ids).options(num_cpus=0.5).remote(run_dir, also)
 
 
-def _sorted_ids(run_dir: str):
+def _sorted_ids(run_dir: str, also: tuple[str, list[str]] | None = None):
     import numpy as np
 
     chunks = [b.column(0) for b in RatedStore(run_dir).batches([C.ID])]
+    if also and also[1]:
+        fs, _ = open_filesystem(also[0])
+        chunks += [b.column(0) for b in pds.dataset(also[1], format="parquet", filesystem=fs).to_batches(columns=[C.ID])]
     ids = pa.chunked_array(chunks, pa.string()).to_numpy().astype(str) if chunks else np.array([], dtype=str)
     return np.sort(ids)
 

@@ -3,6 +3,7 @@
     python scripts/bench_scale.py dry-run [--sizes 52002 520020 2600100]
     python scripts/bench_scale.py rate [--sizes 52002 520020] [--latency 0.01] [--concurrency 64]
     python scripts/bench_scale.py filter --run-dirs RUN_52K RUN_520K   (again, on the rate runs' directories)
+    python scripts/bench_scale.py batch [--sizes 52002 520020]   (rate.backend=openai_batch, instant batches)
 
 Builds copies of the Alpaca 52k set (a suffix per copy, so every row is new) as JSONL files under
 a temporary directory, and runs `alpagasus rate` (with --dry-run, or against a local fake
@@ -113,6 +114,38 @@ def rate_and_filter(sizes: list[int], work: str, latency: float, concurrency: in
               f"filter RSS x{filt[0] / base[2][0]:.2f}, wall x{filt[1] / base[2][1]:.2f}")
 
 
+def batch_rate(sizes: list[int], work: str) -> None:
+    """The openai_batch backend against the fake Batch API with instant batches: the dry run's
+    request files and cost beside the synchronous estimate, then a whole rating (write the request
+    files, upload, create, poll, collect) with the collector's own rows/s."""
+    from fake_batch_server import serve
+
+    prices = ["rate.price_input_per_million=0.15", "rate.price_output_per_million=0.6"]
+    results = []
+    with serve({"batch_seconds": 0, "replies": REPLIES}) as url:
+        for rows in sizes:
+            data = make_input(rows, work)
+            run_dir = f"{work}/batch-{rows}-{time.time():.0f}"
+            common = ["--config", "configs/rate_openai_batch.yaml", f"rate.base_url={url}", f"data.path={data}",
+                      f"run_dir={run_dir}", "rate.batch_poll_seconds=1", "rate.batch_poll_max_seconds=5", *prices]
+            _, _, dry = run_measured(alpagasus("rate", "--dry-run", *common))
+            dry = json.loads(dry[dry.rindex("{\n"):])
+            print(f"dry-run {rows:>9,} rows: {dry['request_files']} request files, "
+                  f"cost at most ${dry['cost_usd_at_most']:,.2f} (synchronous ${dry['cost_usd_at_most_synchronous']:,.2f})",
+                  flush=True)
+            rss, wall, _ = run_measured(alpagasus("rate", *common))
+            with open(f"{run_dir}/rated_summary.json") as f:
+                summary = json.load(f)
+            collected = summary["batches"]["collected_rows_per_second"]
+            results.append((rows, rss, wall))
+            print(f"{rows:>9,} rows: rate RSS {rss:6.0f} MB wall {wall:7.1f} s ({rows / wall:.0f} rows/s), "
+                  f"collector {collected:,.0f} rows/s, {summary['batches']['request_files']} batches, "
+                  f"by status {summary['by_status']}", flush=True)
+    base = results[0]
+    for rows, rss, wall in results[1:]:
+        print(f"batch {rows:,} over {base[0]:,}: RSS x{rss / base[1]:.2f}, wall x{wall / base[2]:.2f}")
+
+
 def filter_measured(run_dir: str) -> tuple[float, float, str]:
     return run_measured(alpagasus("filter", "--config", "configs/filter_alpagasus_9k.yaml", f"run_dir={run_dir}",
                                   "filter.plots=false"))
@@ -129,7 +162,7 @@ def filter_only(run_dirs: list[str]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=["dry-run", "rate", "filter"])
+    parser.add_argument("what", choices=["dry-run", "rate", "filter", "batch"])
     parser.add_argument("--run-dirs", nargs="+", help="filter: rate runs to filter, the smallest first")
     parser.add_argument("--sizes", type=int, nargs="+")
     parser.add_argument("--latency", type=float, default=0.01)
@@ -141,6 +174,8 @@ def main() -> None:
         dry_run(args.sizes or [52_002, 520_020, 2_600_100], args.work)
     elif args.what == "filter":
         filter_only(args.run_dirs)
+    elif args.what == "batch":
+        batch_rate(args.sizes or [52_002, 520_020], args.work)
     else:
         rate_and_filter(args.sizes or [52_002, 520_020], args.work, args.latency, args.concurrency)
 

@@ -61,7 +61,7 @@ import sys
 import time
 import urllib.request
 import zlib
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from aiohttp import web
 
@@ -232,6 +232,18 @@ def _error(
     return web.json_response(body, status=status, headers=headers)
 
 
+def retry_after_headers(retry_after: float) -> dict:
+    """The headers of a 429 that asks the client to wait ``retry_after`` seconds."""
+    retry_after = float(retry_after)
+    return {
+        # A fractional Retry-After is nonstandard but the openai client
+        # parses it as a float; it prefers retry-after-ms (which the real
+        # API also sends), so both are given.
+        "Retry-After": f"{retry_after:g}",
+        "retry-after-ms": str(round(retry_after * 1000)),
+    }
+
+
 def _message_text(messages: list) -> str:
     parts = []
     for message in messages:
@@ -295,11 +307,24 @@ class FakeOpenAI:
             stats.by_status[str(status)] += 1
 
     async def _chat(self, request: web.Request, number: int) -> web.Response:
-        config = self.config
         try:
             body = json.loads(await request.read())
+        except ValueError:
+            return _error(400, "Request body must be JSON with 'messages'.", "invalid_request_error")
+        return await self.answer(body, number)
+
+    async def answer(self, body: Any, number: int, wait: bool = True) -> web.Response:
+        """Answer one parsed chat completions request body (the ``number``-th request overall).
+
+        Applies the replies, rules, faults and logprobs of the config, and counts
+        rule and fault hits in the stats (not the request itself).  With
+        ``wait=False`` it skips the ``latency`` and ``"hang"`` sleeps, so it
+        never suspends: the batch server answers its request lines with it.
+        """
+        config = self.config
+        try:
             messages = body["messages"]
-        except (ValueError, KeyError, TypeError):
+        except (KeyError, TypeError):
             return _error(400, "Request body must be JSON with 'messages'.", "invalid_request_error")
         if body.get("stream"):
             return _error(400, "The fake server does not support stream=true.", "invalid_request_error")
@@ -326,26 +351,18 @@ class FakeOpenAI:
             self.stats.by_fault[fault] += 1
             self.stats.fault_times.append([time.time(), fault])
 
-        if config["latency"]:
+        if wait and config["latency"]:
             await asyncio.sleep(config["latency"])
 
         if fault == "429":
-            retry_after = float(config["retry_after"])
-            headers = {
-                # A fractional Retry-After is nonstandard but the openai client
-                # parses it as a float; it prefers retry-after-ms (which the real
-                # API also sends), so both are given.
-                "Retry-After": f"{retry_after:g}",
-                "retry-after-ms": str(round(retry_after * 1000)),
-            }
             return _error(429, f"Rate limit reached for {config['model']} (fake fault).", "requests",
-                          "rate_limit_exceeded", headers)
+                          "rate_limit_exceeded", retry_after_headers(config["retry_after"]))
         if fault == "500":
             return _error(500, "The server had an error while processing your request (fake fault).",
                           "server_error")
         if fault == "garbage":
             return web.Response(body=b'{"choices": [', content_type="application/json")
-        if fault == "hang":
+        if fault == "hang" and wait:
             await asyncio.sleep(float(config["hang_seconds"]))
 
         if fault == "empty":
@@ -393,8 +410,9 @@ class FakeOpenAI:
         return web.Response(text=json.dumps(completion), content_type="application/json")
 
 
-def run_server(config: dict | None, sock: socket.socket) -> None:
-    """Serve on an already listening socket until SIGINT/SIGTERM (blocking)."""
+def run_server(config: dict | None, sock: socket.socket, server_class: type | None = None) -> None:
+    """Serve ``server_class(config)`` (default ``FakeOpenAI``) on an already listening socket
+    until SIGINT/SIGTERM (blocking)."""
     try:  # uvloop roughly doubles the request rate one core sustains
         import uvloop
 
@@ -402,7 +420,7 @@ def run_server(config: dict | None, sock: socket.socket) -> None:
     except ImportError:
         loop = asyncio.new_event_loop()
     web.run_app(
-        FakeOpenAI(config).app(),
+        (server_class or FakeOpenAI)(config).app(),
         sock=sock,
         loop=loop,
         access_log=None,
@@ -437,12 +455,20 @@ def reset(base_url: str) -> None:
 
 
 @contextlib.contextmanager
-def serve(config: dict | None = None, *, startup_timeout: float = 30.0) -> Iterator[str]:
+def serve(
+    config: dict | None = None,
+    *,
+    startup_timeout: float = 30.0,
+    script: str = __file__,
+    validate: Callable[[dict | None], dict] = validate_config,
+) -> Iterator[str]:
     """Run the server in a subprocess; yield its base URL ``http://127.0.0.1:PORT/v1``.
 
-    The server is terminated when the block exits.
+    The server is terminated when the block exits.  ``script`` is the file the
+    child runs (another fake server module with a ``main()`` taking ``--fd`` and
+    ``--config-json``) and ``validate`` its config check.
     """
-    config_json = json.dumps(validate_config(config))  # bad configs fail here, not in the child
+    config_json = json.dumps(validate(config))  # bad configs fail here, not in the child
     # Binding here and handing the socket to the child avoids both a
     # pick-a-free-port race and parsing the child's output for its port.
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -451,7 +477,7 @@ def serve(config: dict | None = None, *, startup_timeout: float = 30.0) -> Itera
         sock.listen(1024)
         port = sock.getsockname()[1]
         proc = subprocess.Popen(
-            [sys.executable, __file__, "--fd", str(sock.fileno()), "--config-json", config_json],
+            [sys.executable, script, "--fd", str(sock.fileno()), "--config-json", config_json],
             pass_fds=(sock.fileno(),),
         )
     finally:
@@ -490,9 +516,14 @@ def _wait_ready(proc: subprocess.Popen, base_url: str, deadline: float) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(
+    argv: list[str] | None = None,
+    *,
+    server_class: type | None = None,
+    description: str = "Fake OpenAI-compatible chat completions server.",
+) -> None:
     """Command line entry point: ``python tests/fake_openai_server.py [--port N] [--config-json JSON]``."""
-    parser = argparse.ArgumentParser(description="Fake OpenAI-compatible chat completions server.")
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000, help="0 picks a free port")
     parser.add_argument("--config-json", default="{}", help="behaviour config as a JSON object")
@@ -513,7 +544,7 @@ def main(argv: list[str] | None = None) -> None:
         sock.listen(1024)
         host, port = sock.getsockname()[:2]
         print(f"fake OpenAI server listening on http://{host}:{port}/v1", flush=True)
-    run_server(config, sock)
+    run_server(config, sock, server_class)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def test_unknown_keys_and_wrong_types_name_the_key(tmp_path):
         load_config(str(path))
     with pytest.raises(ConfigError, match=r"rate.concurrency: Input should be greater than 0"):
         load_config(None, ["rate.concurrency=0"])
-    with pytest.raises(ConfigError, match=r"rate.backend: Input should be 'vllm' or 'openai'"):
+    with pytest.raises(ConfigError, match=r"rate.backend: Input should be 'vllm', 'openai'"):
         load_config(None, ["rate.backend=claude"])
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(None, ["rate.concurrency"])

@@ -24,24 +24,27 @@ import pyarrow as pa
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import ConfigError, EndpointConfig, api_key, pool_size
-from alpagasus_ray.llm_map import MAX_ASKS, Reply, result_row, with_results
+from alpagasus_ray.llm_map import MAX_ASKS, REASK_TEMPERATURE, Reply, result_row, with_results
 from alpagasus_ray.prompts import estimate_tokens
 from alpagasus_ray.ratelimit import SharedLimiter
 
 
 def require_key(endpoint: EndpointConfig, section: str) -> None:
     """OpenAI's own endpoint needs a key in the environment; fail before anything is sent."""
+    if endpoint.backend not in ("openai", "openai_batch"):
+        return
     if endpoint.base_url is None and not os.environ.get(endpoint.api_key_env):
         raise ConfigError(
-            f"{section}.backend=openai with OpenAI's endpoint needs an API key in ${endpoint.api_key_env}; "
+            f"{section}.backend={endpoint.backend} with OpenAI's endpoint needs an API key in ${endpoint.api_key_env}; "
             f"set it in the environment (never in a config), or set {section}.base_url to a server without auth"
         )
 
 
-def map_with_api(rows, task, endpoint: EndpointConfig, progress=None, sink=None):
+def map_with_api(rows, task, endpoint: EndpointConfig, progress=None, sink=None, reask: bool = False):
     """`rows` mapped through `task` (an `llm_map.LLMTask`) by `_ApiMapper` actors,
     `endpoint.num_workers` of them, sharing the endpoint's concurrency and one limiter for its
-    requests- and tokens-per-minute limits."""
+    requests- and tokens-per-minute limits. With `reask`, rows whose first reply could not be
+    read elsewhere (e.g. in a batch) are asked once more, sampled, as their second ask."""
     import ray
     from ray.data import ActorPoolStrategy
 
@@ -64,7 +67,7 @@ def map_with_api(rows, task, endpoint: EndpointConfig, progress=None, sink=None)
         batch_size=endpoint.batch_size,
         batch_format="pyarrow",
         fn_constructor_kwargs={"endpoint": endpoint, "slots": slots, "limiter": limiter, "task": task,
-                               "progress": progress, "sink": sink},
+                               "progress": progress, "sink": sink, "reask": reask},
         compute=ActorPoolStrategy(
             min_size=fewest, max_size=most, max_tasks_in_flight_per_actor=queued, max_concurrent_calls_per_actor=calls
         ),
@@ -108,16 +111,17 @@ class ApiWorker:
                 extra_body=self.cfg.extra_body or None,
             )
 
-    async def ask(self, send: Callable[[], Awaitable], read: Callable[[Any], tuple[Any, str | None]]) -> "Asked":
+    async def ask(self, send: Callable[[], Awaitable], read: Callable[[Any], tuple[Any, str | None]],
+                  first: int = 1) -> "Asked":
         """`send()` a request; ask once more when its reply cannot be used.
 
         A reply cannot be used when its body is not JSON or has no choices (the client does not
         retry a 200), or when `read(reply)` returns a problem (e.g. no score in it); `read`
         returns (value, problem). An HTTP error the client has already retried (429, 5xx,
-        timeouts) ends the asking at once.
+        timeouts) ends the asking at once. `first` is the number of this first ask (2 for a re-ask).
         """
         asked = Asked()
-        for attempt in range(1, MAX_ASKS + 1):
+        for attempt in range(first, MAX_ASKS + 1):
             asked.attempts = attempt
             try:
                 reply = await send()
@@ -161,9 +165,13 @@ class _ApiMapper(ApiWorker):
     wait for a slot in the order they came, so a batch's rows go out before the next batch's and
     few batches are partly done at any time."""
 
-    def __init__(self, endpoint: EndpointConfig, slots: int, limiter, task, progress=None, sink=None):
+    def __init__(self, endpoint: EndpointConfig, slots: int, limiter, task, progress=None, sink=None,
+                 reask: bool = False):
+        if reask:  # a greedy re-ask would repeat the reply word for word
+            endpoint = endpoint.model_copy(update={"temperature": REASK_TEMPERATURE})
         super().__init__(endpoint, slots, limiter)
         self.task, self.progress, self.sink = task, progress, sink
+        self.first = MAX_ASKS if reask else 1
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
@@ -184,7 +192,7 @@ class _ApiMapper(ApiWorker):
             fields, problem = task.read(row, Reply(text, positions, reply.choices[0].finish_reason))
             return (fields, problem), problem
 
-        asked = await self.ask(send, read)
+        asked = await self.ask(send, read, self.first)
         if asked.value is None:  # the request failed, or no reply could be read at all
             return result_row(task, None, C.REQUEST_FAILED, asked.attempts, asked.error, asked.tokens_in,
                               asked.tokens_out)

@@ -1,0 +1,576 @@
+"""A fake OpenAI Batch API (Files + Batches) on top of the fake chat server, for tests.
+
+``FakeBatchAPI`` is ``fake_openai_server.FakeOpenAI`` (so ``/v1/chat/completions``,
+``/v1/models``, ``/stats`` and ``/reset`` all still work) plus:
+
+* ``POST /v1/files`` (multipart ``purpose`` = ``"batch"``, ``file``), ``GET /v1/files/{id}``,
+  ``GET /v1/files/{id}/content``, ``DELETE /v1/files/{id}``.  Files live in memory.  An
+  uploaded file is parsed as JSONL at once: every non-empty line must be a JSON object
+  with ``custom_id`` (a string), ``method``, ``url`` and ``body`` (an object).  A file
+  that breaks this is still stored ("processed"), but a batch on it fails validation
+  with ``errors.data[0].line`` naming the first bad line.
+* ``POST /v1/batches``, ``GET /v1/batches/{id}``, ``POST /v1/batches/{id}/cancel``
+  (409 once the batch is finished) and ``GET /v1/batches?limit=&after=`` (newest
+  first, cursor pagination as the ``openai`` client expects).
+
+A batch's status follows a timer from its creation, ``batch_seconds`` long:
+``validating`` for the first 10 %, then ``in_progress`` until 80 %, ``finalizing``
+until 100 %, then its outcome (an ``"expired"`` plan stays ``in_progress`` until the
+end).  The state is worked out whenever a client looks (retrieve, list, cancel), and
+request lines are answered then, once each, in file order: while ``in_progress``
+the first ``floor(total * fraction of in_progress elapsed)`` lines are answered, so
+``request_counts`` grow with time.  Each line's ``body`` is answered by the chat
+server's own logic (``FakeOpenAI.answer`` without its sleeps), so ``reply``,
+``replies``, ``rules`` and their fault scripts, ``fail_every`` and logprobs act on
+batch lines as on chat requests, in the order the lines are answered; batch lines
+also count in ``requests``/``by_status``/``by_rule``/``by_fault`` of ``/stats`` and
+share the request number ``fail_every`` counts.
+
+A line answered with HTTP 200 goes to the output file as ``{"id": "batch_req_N",
+"custom_id", "response": {"status_code": 200, "request_id": "req_N", "body":
+<chat.completion>}, "error": null}`` (a ``"garbage"`` fault's truncated body is put
+there as a string; a ``"hang"`` is answered at once); any other status goes to the
+error file in the same shape with that status and the error JSON as ``body``.  The
+files are written when the batch reaches its outcome; ``output_file_id`` /
+``error_file_id`` stay null when they would be empty.
+
+Outcomes:
+
+``completed``  every line answered; ``request_counts.completed``/``failed`` count the
+               200s and the others.
+``failed``     validation failed: ``failed`` right after ``validating``, with
+               ``errors = {"object": "list", "data": [{"code": "invalid_request",
+               "message", "param": null, "line"}]}``, no files, request_counts all 0.
+               Also the outcome of a batch on an invalid file, an empty file, a line
+               whose ``url`` is not the batch's endpoint or whose ``method`` is not
+               POST, or a repeated ``custom_id``.
+``expired``    at the end time, with only the first ``done`` lines answered (in the
+               output/error files as usual); the rest are in neither file.
+``cancelled``  ``POST .../cancel`` answers ``cancelling`` (``cancelling_at`` set) with
+               the lines answered by then; the next look shows ``cancelled``
+               (``cancelled_at``) with just those lines in the files.
+
+From a test::
+
+    from fake_batch_server import serve, stats
+
+    with serve({"batch_seconds": 0.3, "batches": [{"outcome": "expired", "done": 3}]}) as url:
+        client = openai.OpenAI(base_url=url, api_key="test")
+        f = client.files.create(file=("in.jsonl", jsonl_bytes), purpose="batch")
+        b = client.batches.create(input_file_id=f.id, endpoint="/v1/chat/completions",
+                                  completion_window="24h")
+        ...
+
+By hand: ``python tests/fake_batch_server.py --port 8000 --config-json '{"batch_seconds": 5}'``.
+
+Config keys: every key of ``fake_openai_server`` (``latency`` applies only to chat
+requests, not to batch lines), plus (all optional):
+
+``batch_seconds``  seconds from creation to a batch's outcome (1.0); 0 makes the first
+                   look after the create show the outcome
+``batches``        list of plans, one per created batch in creation order (0-based,
+                   counting only batches actually created); a batch past the end of
+                   the list completes.  A plan is ``{"outcome": "completed" | "failed" |
+                   "expired", "done": N}``; ``done`` (only for "expired", default 0) is
+                   how many lines, the first in file order, are answered before expiry
+``create_faults``  list of fault kinds, "429", "500" or "ok" (none), for the successive
+                   ``POST /v1/batches`` attempts: attempt n (0-based, every POST counts)
+                   gets ``create_faults[n]`` while n < len and creates nothing.  A 429
+                   has code ``token_limit_exceeded`` and the ``Retry-After`` /
+                   ``retry-after-ms`` headers of ``retry_after``
+
+``/stats`` adds: ``files_uploaded``, ``batch_create_attempts``, ``batches_created``,
+``batch_lines`` (request lines of created batches), ``batch_lines_answered``,
+``cancels`` (accepted cancel requests) and ``batches`` ({id: the status a client last
+saw}).  ``POST /reset`` clears those and forgets every file and batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Iterator
+
+from aiohttp import web
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import fake_openai_server  # noqa: E402
+from fake_openai_server import FakeOpenAI, _error, retry_after_headers, validate_config  # noqa: E402
+
+CHAT_ENDPOINT = "/v1/chat/completions"
+OUTCOMES = ("completed", "failed", "expired")
+CREATE_FAULT_KINDS = ("429", "500", "ok")  # "ok": that attempt is served normally
+BATCH_DEFAULTS: dict[str, Any] = {"batch_seconds": 1.0, "batches": [], "create_faults": []}
+PLAN_KEYS = {"outcome", "done"}
+FINISHED = ("completed", "failed", "expired", "cancelled")
+# Fractions of batch_seconds at which validating and in_progress end.
+VALIDATING_END, IN_PROGRESS_END = 0.1, 0.8
+
+
+def validate_batch_config(config: dict | None) -> dict:
+    """Return ``config`` merged over the chat and batch defaults; raise ValueError on bad values."""
+    config = dict(config or {})
+    batch = {**BATCH_DEFAULTS, **{k: config.pop(k) for k in BATCH_DEFAULTS if k in config}}
+    merged = {**validate_config(config), **batch}
+    if float(merged["batch_seconds"]) < 0:
+        raise ValueError("batch_seconds must be >= 0")
+    bad = [f for f in merged["create_faults"] if f not in CREATE_FAULT_KINDS]
+    if bad:
+        raise ValueError(f"unknown create_faults kinds {bad}; known: {CREATE_FAULT_KINDS}")
+    plans = []
+    for plan in merged["batches"]:
+        if not isinstance(plan, dict) or set(plan) - PLAN_KEYS or plan.get("outcome", "completed") not in OUTCOMES:
+            raise ValueError(f"a batch plan is {{'outcome': one of {OUTCOMES}, 'done': N}}: {plan!r}")
+        outcome = plan.get("outcome", "completed")
+        if "done" in plan and outcome != "expired":
+            raise ValueError(f"'done' only goes with outcome 'expired': {plan!r}")
+        done = int(plan.get("done", 0))
+        if done < 0:
+            raise ValueError(f"'done' must be >= 0: {plan!r}")
+        plans.append({"outcome": outcome, "done": done} if outcome == "expired" else {"outcome": outcome})
+    merged["batches"] = plans
+    merged["create_faults"] = list(merged["create_faults"])
+    return merged
+
+
+# --------------------------------------------------------------------------- state
+
+
+class _File:
+    def __init__(self, id_: str, filename: str, purpose: str, data: bytes) -> None:
+        self.id = id_
+        self.filename = filename
+        self.purpose = purpose
+        self.data = data
+        self.created_at = int(time.time())
+        self.requests: list[dict] = []
+        self.invalid: tuple[int, str] | None = None  # (1-based line, message) of the first bad line
+
+    def parse_requests(self) -> None:
+        try:
+            lines = self.data.decode("utf-8").split("\n")
+        except UnicodeDecodeError:
+            self.invalid = (1, "The file is not UTF-8 text.")
+            return
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                request = json.loads(line)
+            except ValueError:
+                self.invalid = (number, f"Line {number} is not valid JSON.")
+                return
+            if not isinstance(request, dict):
+                self.invalid = (number, f"Line {number} is not a JSON object.")
+                return
+            missing = [k for k in ("custom_id", "method", "url", "body") if k not in request]
+            if missing:
+                self.invalid = (number, f"Line {number} is missing {', '.join(missing)}.")
+                return
+            if not isinstance(request["custom_id"], str) or not isinstance(request["body"], dict):
+                self.invalid = (number, f"Line {number}: custom_id must be a string and body an object.")
+                return
+            self.requests.append({**request, "_line": number})
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "object": "file",
+            "bytes": len(self.data),
+            "created_at": self.created_at,
+            "filename": self.filename,
+            "purpose": self.purpose,
+            "status": "processed",
+            "expires_at": None,
+            "status_details": None,
+        }
+
+
+class _Batch:
+    def __init__(self, id_: str, input_file: _File, body: dict, plan: dict, seconds: float) -> None:
+        self.id = id_
+        self.input_file = input_file
+        self.endpoint = body["endpoint"]
+        self.completion_window = body["completion_window"]
+        self.metadata = body.get("metadata")
+        self.plan = plan
+        self.seconds = seconds
+        self.t0 = time.monotonic()
+        self.wall0 = time.time()
+        self.created_at = int(self.wall0)
+        self.status = "validating"
+        self.answered: list[dict] = []  # output/error file rows of the lines answered, in file order
+        self.total = len(input_file.requests)
+        self.times: dict[str, int | None] = dict.fromkeys(
+            ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
+             "cancelling_at", "cancelled_at"))
+        self.errors: dict | None = None
+        self.output_file_id: str | None = None
+        self.error_file_id: str | None = None
+
+    def at(self, fraction: float) -> int:
+        return int(self.wall0 + fraction * self.seconds)
+
+    def counts(self) -> dict:
+        if self.status == "failed":
+            return {"total": 0, "completed": 0, "failed": 0}
+        ok = sum(1 for a in self.answered if a["response"]["status_code"] == 200)
+        return {"total": self.total, "completed": ok, "failed": len(self.answered) - ok}
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id,
+            "object": "batch",
+            "endpoint": self.endpoint,
+            "errors": self.errors,
+            "input_file_id": self.input_file.id,
+            "completion_window": self.completion_window,
+            "status": self.status,
+            "output_file_id": self.output_file_id,
+            "error_file_id": self.error_file_id,
+            "created_at": self.created_at,
+            "expires_at": self.created_at + 24 * 3600,
+            **self.times,
+            "request_counts": self.counts(),
+            "metadata": self.metadata,
+        }
+
+
+def _validation_error(batch: _Batch) -> tuple[int, str] | None:
+    """(line, message) of why ``batch`` fails validation, or None."""
+    if batch.plan.get("outcome") == "failed":
+        return 1, "The batch failed validation (fake fault)."
+    if batch.input_file.invalid is not None:
+        return batch.input_file.invalid
+    if not batch.input_file.requests:
+        return 1, "The input file has no requests."
+    seen: set[str] = set()
+    for request in batch.input_file.requests:
+        line = request["_line"]
+        if request["url"] != batch.endpoint:
+            return line, f"Line {line}: url {request['url']!r} does not match the batch endpoint {batch.endpoint!r}."
+        if str(request["method"]).upper() != "POST":
+            return line, f"Line {line}: method must be POST."
+        if request["custom_id"] in seen:
+            return line, f"Line {line}: custom_id {request['custom_id']!r} is repeated."
+        seen.add(request["custom_id"])
+    return None
+
+
+# --------------------------------------------------------------------------- server
+
+
+class FakeBatchAPI(FakeOpenAI):
+    """The fake chat server plus in-memory Files and Batches endpoints."""
+
+    def __init__(self, config: dict | None = None) -> None:
+        # Not super().__init__: its validate_config rejects the batch keys.
+        self.config = validate_batch_config(config)
+        self.reset()
+
+    def reset(self) -> None:
+        super().reset()
+        self.files: dict[str, _File] = {}
+        self.batch_objects: dict[str, _Batch] = {}  # in creation order
+        self.file_counter = 0
+        self.batch_counter = 0
+        self.line_counter = 0
+        self.files_uploaded = 0
+        self.batch_create_attempts = 0
+        self.batch_lines = 0
+        self.batch_lines_answered = 0
+        self.cancels = 0
+
+    def app(self) -> web.Application:
+        app = super().app()
+        app.middlewares.append(self._note_key)
+        app.router.add_post("/v1/files", self.upload_file)
+        app.router.add_get("/v1/files/{file_id}", self.get_file)
+        app.router.add_delete("/v1/files/{file_id}", self.delete_file)
+        app.router.add_get("/v1/files/{file_id}/content", self.get_file_content)
+        app.router.add_post("/v1/batches", self.create_batch)
+        app.router.add_get("/v1/batches", self.list_batches)
+        app.router.add_get("/v1/batches/{batch_id}", self.get_batch)
+        app.router.add_post("/v1/batches/{batch_id}/cancel", self.cancel_batch)
+        return app
+
+    async def get_stats(self, request: web.Request) -> web.Response:
+        return web.json_response({
+            **self.stats.to_json(),
+            "files_uploaded": self.files_uploaded,
+            "batch_create_attempts": self.batch_create_attempts,
+            "batches_created": len(self.batch_objects),
+            "batch_lines": self.batch_lines,
+            "batch_lines_answered": self.batch_lines_answered,
+            "cancels": self.cancels,
+            "batches": {b.id: b.status for b in self.batch_objects.values()},
+        })
+
+    # ----------------------------------------------------------------- files
+
+    def _new_file(self, filename: str, purpose: str, data: bytes) -> _File:
+        self.file_counter += 1
+        file = _File(f"file-{self.file_counter}", filename, purpose, data)
+        self.files[file.id] = file
+        return file
+
+    def _file_or_404(self, request: web.Request) -> _File | web.Response:
+        file_id = request.match_info["file_id"]
+        file = self.files.get(file_id)
+        if file is None:
+            return _error(404, f"No such File object: {file_id}", "invalid_request_error")
+        return file
+
+    async def upload_file(self, request: web.Request) -> web.Response:
+        try:
+            form = await request.post()
+        except ValueError:
+            return _error(400, "Expected a multipart/form-data body.", "invalid_request_error")
+        purpose = form.get("purpose")
+        upload = form.get("file")
+        if purpose != "batch":
+            return _error(400, f"The fake server only takes purpose 'batch', not {purpose!r}.",
+                          "invalid_request_error", "invalid_value")
+        if not isinstance(upload, web.FileField):
+            return _error(400, "Missing the 'file' part.", "invalid_request_error")
+        file = self._new_file(upload.filename or "upload.jsonl", "batch", upload.file.read())
+        file.parse_requests()
+        self.files_uploaded += 1
+        return web.json_response(file.to_json())
+
+    async def get_file(self, request: web.Request) -> web.Response:
+        file = self._file_or_404(request)
+        return file if isinstance(file, web.Response) else web.json_response(file.to_json())
+
+    async def delete_file(self, request: web.Request) -> web.Response:
+        file = self._file_or_404(request)
+        if isinstance(file, web.Response):
+            return file
+        del self.files[file.id]
+        return web.json_response({"id": file.id, "object": "file", "deleted": True})
+
+    async def get_file_content(self, request: web.Request) -> web.Response:
+        file = self._file_or_404(request)
+        if isinstance(file, web.Response):
+            return file
+        return web.Response(body=file.data, content_type="application/octet-stream")
+
+    # ----------------------------------------------------------------- batches
+
+    def _batch_or_404(self, request: web.Request) -> _Batch | web.Response:
+        batch_id = request.match_info["batch_id"]
+        batch = self.batch_objects.get(batch_id)
+        if batch is None:
+            return _error(404, f"No such Batch object: {batch_id}", "invalid_request_error")
+        return batch
+
+    @web.middleware
+    async def _note_key(self, request: web.Request, handler):
+        """The Authorization header of every files and batches call, in the stats' `authorization`
+        (chat requests note theirs themselves), so a test can prove which key a client sent."""
+        authorization = request.headers.get("Authorization")
+        if authorization and request.path.startswith(("/v1/files", "/v1/batches")):
+            self.stats.authorization.add(authorization)
+        return await handler(request)
+
+    async def create_batch(self, request: web.Request) -> web.Response:
+        config = self.config
+        attempt = self.batch_create_attempts
+        self.batch_create_attempts += 1
+        fault = config["create_faults"][attempt] if attempt < len(config["create_faults"]) else None
+        if fault == "429":
+            return _error(429, "Enqueued token limit reached (fake fault).", "tokens",
+                          "token_limit_exceeded", retry_after_headers(config["retry_after"]))
+        if fault == "500":
+            return _error(500, "The server had an error while processing your request (fake fault).",
+                          "server_error")
+        try:
+            body = json.loads(await request.read())
+            input_file_id = body["input_file_id"]
+            endpoint = body["endpoint"]
+            window = body["completion_window"]
+        except (ValueError, KeyError, TypeError):
+            return _error(400, "Body must be JSON with input_file_id, endpoint and completion_window.",
+                          "invalid_request_error")
+        if endpoint != CHAT_ENDPOINT:
+            return _error(400, f"The fake server only supports endpoint {CHAT_ENDPOINT!r}.",
+                          "invalid_request_error", "invalid_value")
+        if window != "24h":
+            return _error(400, "completion_window must be '24h'.", "invalid_request_error", "invalid_value")
+        file = self.files.get(input_file_id)
+        if file is None:
+            return _error(404, f"No such File object: {input_file_id}", "invalid_request_error")
+        if file.purpose != "batch":
+            return _error(400, f"File {input_file_id} does not have purpose 'batch'.", "invalid_request_error")
+        index = len(self.batch_objects)
+        plans = config["batches"]
+        plan = plans[index] if index < len(plans) else {"outcome": "completed"}
+        self.batch_counter += 1
+        batch = _Batch(f"batch_{self.batch_counter}", file, body, plan, float(config["batch_seconds"]))
+        self.batch_objects[batch.id] = batch
+        self.batch_lines += batch.total
+        return web.json_response(batch.to_json())
+
+    async def get_batch(self, request: web.Request) -> web.Response:
+        batch = self._batch_or_404(request)
+        if isinstance(batch, web.Response):
+            return batch
+        await self._advance(batch)
+        return web.json_response(batch.to_json())
+
+    async def list_batches(self, request: web.Request) -> web.Response:
+        try:
+            limit = int(request.query.get("limit", 20))
+        except ValueError:
+            return _error(400, "limit must be an integer.", "invalid_request_error")
+        if not 1 <= limit <= 100:
+            return _error(400, "limit must be between 1 and 100.", "invalid_request_error")
+        newest_first = list(reversed(self.batch_objects.values()))
+        after = request.query.get("after")
+        if after is not None:
+            ids = [b.id for b in newest_first]
+            newest_first = newest_first[ids.index(after) + 1:] if after in ids else []
+        page = newest_first[:limit]
+        for batch in page:
+            await self._advance(batch)
+        return web.json_response({
+            "object": "list",
+            "data": [b.to_json() for b in page],
+            "first_id": page[0].id if page else None,
+            "last_id": page[-1].id if page else None,
+            "has_more": len(newest_first) > limit,
+        })
+
+    async def cancel_batch(self, request: web.Request) -> web.Response:
+        batch = self._batch_or_404(request)
+        if isinstance(batch, web.Response):
+            return batch
+        if batch.status != "cancelling":  # a second cancel returns it unchanged
+            await self._advance(batch)  # answers the lines due by now
+            if batch.status in FINISHED:
+                return _error(409, f"Cannot cancel a batch with status {batch.status!r}.",
+                              "invalid_request_error")
+            batch.status = "cancelling"
+            batch.times["cancelling_at"] = int(time.time())
+            self.cancels += 1
+        return web.json_response(batch.to_json())
+
+    async def _advance(self, batch: _Batch) -> None:
+        """Bring ``batch`` to the state its timer has reached, answering the lines due."""
+        if batch.status in FINISHED:
+            return
+        if batch.status == "cancelling":  # cancelled from the first look after the cancel
+            self._finish(batch, "cancelled", "cancelled_at", int(time.time()))
+            return
+        seconds = batch.seconds
+        elapsed = time.monotonic() - batch.t0
+        if elapsed < VALIDATING_END * seconds:
+            return
+        problem = _validation_error(batch)
+        if problem is not None:
+            line, message = problem
+            error = {"code": "invalid_request", "message": message, "param": None, "line": line}
+            batch.errors = {"object": "list", "data": [error]}
+            self._finish(batch, "failed", "failed_at", batch.at(VALIDATING_END))
+            return
+        batch.times["in_progress_at"] = batch.at(VALIDATING_END)
+        expired = batch.plan.get("outcome") == "expired"
+        limit = min(batch.plan["done"], batch.total) if expired else batch.total
+        if elapsed < IN_PROGRESS_END * seconds:
+            fraction = (elapsed - VALIDATING_END * seconds) / ((IN_PROGRESS_END - VALIDATING_END) * seconds)
+            await self._answer_upto(batch, min(limit, math.floor(batch.total * fraction)))
+            batch.status = "in_progress"
+            return
+        await self._answer_upto(batch, limit)
+        if elapsed < seconds:
+            if not expired:
+                batch.status = "finalizing"
+                batch.times["finalizing_at"] = batch.at(IN_PROGRESS_END)
+            else:
+                batch.status = "in_progress"
+            return
+        if expired:
+            self._finish(batch, "expired", "expired_at", batch.at(1.0))
+        else:
+            batch.times["finalizing_at"] = batch.at(IN_PROGRESS_END)
+            self._finish(batch, "completed", "completed_at", batch.at(1.0))
+
+    async def _answer_upto(self, batch: _Batch, n: int) -> None:
+        # answer(wait=False) never suspends, so two looks at one batch cannot interleave here.
+        while len(batch.answered) < n:
+            request = batch.input_file.requests[len(batch.answered)]
+            batch.answered.append(await self._answer_line(request))
+
+    async def _answer_line(self, request: dict) -> dict:
+        stats = self.stats
+        number = stats.arrive(None)
+        status = 500
+        try:
+            try:
+                response = await self.answer(request["body"], number, wait=False)
+                status = response.status
+                raw = response.body
+                try:
+                    body: Any = json.loads(raw)
+                except ValueError:
+                    body = raw.decode("utf-8", "replace")
+            except Exception as exc:  # a malformed body the chat logic trips over
+                status = 500
+                body = {"error": {"message": f"The fake server failed on this request: {exc!r}",
+                                  "type": "server_error", "param": None, "code": None}}
+        finally:
+            stats.in_flight -= 1
+            stats.by_status[str(status)] += 1
+        self.line_counter += 1
+        self.batch_lines_answered += 1
+        return {
+            "id": f"batch_req_{self.line_counter}",
+            "custom_id": request["custom_id"],
+            "response": {"status_code": status, "request_id": f"req_{self.line_counter}", "body": body},
+            "error": None,
+        }
+
+    def _finish(self, batch: _Batch, status: str, time_key: str, when: int) -> None:
+        batch.status = status
+        batch.times[time_key] = when
+        if status == "failed":
+            return
+        ok = [a for a in batch.answered if a["response"]["status_code"] == 200]
+        bad = [a for a in batch.answered if a["response"]["status_code"] != 200]
+        if ok:
+            batch.output_file_id = self._output_file(f"{batch.id}_output.jsonl", ok).id
+        if bad:
+            batch.error_file_id = self._output_file(f"{batch.id}_error.jsonl", bad).id
+
+    def _output_file(self, filename: str, rows: list[dict]) -> _File:
+        data = "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")
+        return self._new_file(filename, "batch_output", data)
+
+
+# --------------------------------------------------------------------------- client-side helpers
+
+stats = fake_openai_server.stats
+reset = fake_openai_server.reset
+
+
+@contextlib.contextmanager
+def serve(config: dict | None = None, *, startup_timeout: float = 30.0) -> Iterator[str]:
+    """Run the batch server in a subprocess; yield its base URL ``http://127.0.0.1:PORT/v1``."""
+    with fake_openai_server.serve(config, startup_timeout=startup_timeout, script=os.path.abspath(__file__),
+                                  validate=validate_batch_config) as base_url:
+        yield base_url
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Command line entry point: ``python tests/fake_batch_server.py [--port N] [--config-json JSON]``."""
+    fake_openai_server.main(argv, server_class=FakeBatchAPI,
+                            description="Fake OpenAI Batch API (files, batches) and chat completions server.")
+
+
+if __name__ == "__main__":
+    main()

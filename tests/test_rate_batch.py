@@ -1,0 +1,171 @@
+"""The rating stage through batch backends: a real local fake of OpenAI's Batch API (files and
+batches endpoints, batches that move through their states on a timer), and vLLM's own batch runner."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pyarrow.parquet as pq
+import pytest
+
+from alpagasus_ray.backends.batches import BatchStore
+from alpagasus_ray.config import load_config
+from alpagasus_ray.prompts import SCORE_CHOICES
+from alpagasus_ray.rate import run_rate
+from alpagasus_ray.rated import RatedStore
+
+from fake_batch_server import serve, stats
+
+
+def _write_rows(path, n, extra=()):
+    rows = [{"instruction": f"ROW-{i:03d} Say hello.", "input": "", "output": "Hello."} for i in range(n)]
+    path.write_text("\n".join(json.dumps(r) for r in [*rows, *extra]) + "\n")
+    return path
+
+
+def _overrides(tmp_path, url, data, *extra):
+    return [f"run_dir={tmp_path / 'run'}", f"data.path={data}", "rate.backend=openai_batch", f"rate.base_url={url}",
+            "rate.model=fake", "rate.max_retries=2", "rate.batch_poll_seconds=0.1", "rate.batch_poll_max_seconds=0.3",
+            "rate.price_input_per_million=2", "rate.price_output_per_million=8", *extra]
+
+
+def _statuses(run_dir):
+    rated = pq.read_table(os.path.join(run_dir, "rated")).to_pylist()
+    return {r["instruction"][:7]: (r["status"], r["score"], r["attempts"]) for r in rated}, rated
+
+
+def test_each_way_a_batch_ends_gives_exact_statuses_then_retry_failed_resends_only_failures(tmp_path, ray_local):
+    """Four request files of 3 rows: one completes with a row failing (error file) and one reply
+    without a score (asked again in a follow-up batch); one expires with 1 of 3 rows done; one
+    fails validation; one completes after a 429 when it is created. Then `retry_failed`."""
+    data = _write_rows(tmp_path / "rows.jsonl", 12, extra=[{"instruction": "BROKEN row without output"}])
+    rules = [{"match": "ROW-001", "faults": ["500"]},
+             {"match": "ROW-002", "reply": ["I cannot decide.", "3\nPartly right."]},
+             {"match": "BROKEN"}]
+    plans = [{"outcome": "completed"}, {"outcome": "expired", "done": 1}, {"outcome": "failed"}]
+    with serve({"rules": rules, "batch_seconds": 0.3, "batches": plans, "create_faults": ["ok"] * 3 + ["429"],
+                "retry_after": 0.2}) as url:
+        summary = run_rate(load_config(None, _overrides(tmp_path, url, data, "rate.batch_max_requests=3")))
+        first = stats(url)
+        rows, rated = _statuses(tmp_path / "run")
+        again = run_rate(load_config(None, _overrides(tmp_path, url, data, "rate.batch_max_requests=3",
+                                                        "rate.retry_failed=true")))
+        second = stats(url)
+    assert summary["rows_in"] == summary["rows_out"] == len(rated) == 13
+    expect = {  # marker: (status, score, attempts)
+        "ROW-000": ("ok", 4.5, 1), "ROW-001": ("request_failed", None, 1), "ROW-002": ("ok", 3.0, 2),
+        "ROW-003": ("ok", 4.5, 1), "ROW-004": ("request_failed", None, 1), "ROW-005": ("request_failed", None, 1),
+        "ROW-006": ("request_failed", None, 1), "ROW-007": ("request_failed", None, 1),
+        "ROW-008": ("request_failed", None, 1), "ROW-009": ("ok", 4.5, 1), "ROW-010": ("ok", 4.5, 1),
+        "ROW-011": ("ok", 4.5, 1), "BROKEN ": ("invalid_input", None, 0),
+    }
+    assert rows == expect
+    errors = {r["instruction"][:7]: r["error"] for r in rated}
+    assert errors["ROW-001"].startswith("batch line 500") and "fake fault" in errors["ROW-001"]
+    assert all("the batch expired before this row was answered" in errors[m] for m in ("ROW-004", "ROW-005"))
+    assert all("the batch failed: invalid_request" in errors[m] for m in ("ROW-006", "ROW-007", "ROW-008"))
+    assert summary["by_status"] == {"ok": 6, "parse_failed": 0, "request_failed": 6, "invalid_input": 1}
+    # 4 request files and one re-ask file; the 429'd create was retried by the client, not resent.
+    assert first["files_uploaded"] == 5 and first["batches_created"] == 5 and first["batch_create_attempts"] == 6
+    assert first["batch_lines"] == 12 + 1
+    assert summary["batches"]["request_files"] == 5
+    assert summary["cost_usd"] == pytest.approx(
+        (summary["tokens_in"] * 2 + summary["tokens_out"] * 8) / 1e6 * 0.5, abs=1e-6)
+    assert summary["tokens_in"] > 0
+
+    # retry_failed: the 6 failed rows go out again in one new batch; nothing else is sent.
+    assert again["by_status"] == {"ok": 12, "parse_failed": 0, "request_failed": 0, "invalid_input": 1}
+    assert second["batches_created"] - first["batches_created"] == 2  # 3 + 3 rows in files of 3
+    assert second["batch_lines"] - first["batch_lines"] == 6
+    rerated = pq.read_table(tmp_path / "run" / "rated")
+    assert rerated.num_rows == 13 and len(set(rerated["id"].to_pylist())) == 13
+
+
+def test_detach_cancel_and_dry_run(tmp_path, ray_local):
+    """--detach returns with the batches running; --cancel stops them and keeps what they answered;
+    a dry run counts request files and prices them at the batch price."""
+    data = _write_rows(tmp_path / "rows.jsonl", 8)
+    with serve({"batch_seconds": 30}) as url:
+        dry = run_rate(load_config(None, _overrides(tmp_path, url, data, "rate.batch_max_requests=3")), dry_run=True)
+        assert dry["request_files"] == 3 and dry["to_send"] == 8
+        assert dry["cost_usd_at_most"] == pytest.approx(dry["cost_usd_at_most_synchronous"] / 2, abs=1e-6)
+        assert stats(url)["files_uploaded"] == 0
+
+        config = load_config(None, _overrides(tmp_path, url, data, "rate.batch_max_requests=3"))
+        detached = run_rate(config, detach=True)
+        assert [b["status"] for b in detached["running_batches"]] == ["validating"] * 3
+        assert stats(url)["batches_created"] == 3
+        cancelled = run_rate(config, cancel=True)
+        seen = stats(url)
+    assert cancelled["cancelled"] == 3 and seen["cancels"] == 3
+    assert set(seen["batches"].values()) == {"cancelled"}
+    assert cancelled["by_status"]["request_failed"] == 8  # cancelled while validating: nothing answered
+    rows, rated = _statuses(tmp_path / "run")
+    assert len(rated) == 8 and all("cancelled before this row was answered" in r["error"] for r in rated)
+
+
+def test_kill_minus_nine_while_waiting_then_rerun_collects_the_same_batches(tmp_path, reap_ray_orphans):
+    """The driver is killed -9 after it sent every request file and before the batches end; a
+    batch it had created without recording it (as a kill between the two would leave) is found
+    and adopted. The rerun submits nothing; the key is in no file it wrote."""
+    import psutil
+
+    key = "sk-test-" + "B4TCH" * 6
+    data = _write_rows(tmp_path / "rows.jsonl", 9)
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "OPENAI_API_KEY": key}
+    with serve({"batch_seconds": 6}) as url:
+        command = [sys.executable, "-m", "alpagasus_ray.cli", "rate", "--config", "configs/rate_openai_batch.yaml",
+                   *_overrides(tmp_path, url, data, "rate.batch_max_requests=4")]
+        log1 = tmp_path / "first.log"
+        with open(log1, "w") as out:
+            driver = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+            store = BatchStore(str(run_dir / "batches"))
+            while len([r for r in store.records() if r.batch_id]) < 3:
+                assert driver.poll() is None, log1.read_text()[-3000:]
+                time.sleep(0.1)
+            psutil.Process(driver.pid).send_signal(signal.SIGKILL)
+            driver.wait()
+        assert stats(url)["batches_created"] == 3
+        assert not RatedStore(str(run_dir)).parts()  # killed before any batch ended
+        forgotten = store.records()[1]  # as if killed between the create and the record's save
+        forgotten.batch_id, forgotten.status = None, "written"
+        store.save(forgotten)
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        seen = stats(url)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert seen["files_uploaded"] == 3 and seen["batches_created"] == 3 and seen["batch_lines"] == 9
+    rated = pq.read_table(run_dir / "rated")
+    assert rated.num_rows == 9 and set(rated["status"].to_pylist()) == {"ok"}
+    assert seen["authorization"] == [f"Bearer {key}"]
+    written = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert written and not any(key.encode() in p.read_bytes() for p in written)
+    assert key not in log1.read_text() + second.stdout + second.stderr
+
+
+@pytest.mark.slow
+def test_vllm_run_batch_executes_the_request_files_and_the_collector_reads_them(tmp_path, tiny_model, ray_local):
+    """rate.backend=vllm_batch: vLLM's own batch runner (`python -m vllm.entrypoints.openai.run_batch`)
+    runs the request files as written for the Batch API; a row too long for the model comes back
+    in its output as an error line."""
+    rows = json.load(open("alpagasus_ray/sample/alpaca_sample.json"))[:6]
+    rows.append({"id": "too-long", "instruction": "Summarize.", "input": "", "output": "word " * 3000})
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows))
+    config = load_config(None, [
+        f"run_dir={tmp_path / 'run'}", f"data.path={data}", "rate.backend=vllm_batch", f"rate.model={tiny_model}",
+        "rate.use_gpu=false", "rate.max_model_len=2048", "rate.max_tokens=4",
+        "rate.extra_body={structured_outputs: {choice: [" + ", ".join(f'"{s}"' for s in SCORE_CHOICES) + "]}}",
+    ])
+    summary = run_rate(config)
+    rated = {r["id"]: r for r in pq.read_table(tmp_path / "run" / "rated").to_pylist()}
+    assert summary["rows_in"] == summary["rows_out"] == len(rated) == 7
+    assert summary["by_status"] == {"ok": 6, "parse_failed": 0, "request_failed": 1, "invalid_input": 0}
+    failed = rated.pop("too-long")
+    assert failed["error"].startswith("batch line 400") and "context length" in failed["error"].lower()
+    for row in rated.values():
+        assert f"{row['score']:g}" in SCORE_CHOICES and row["attempts"] == 1 and row["tokens_in"] > 100
+    assert summary["batches"]["by_status"] == {"completed": 1} and summary["cost_usd"] is None
