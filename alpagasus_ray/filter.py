@@ -10,6 +10,7 @@ checked before anything is written, and the files appear together at the end.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -18,6 +19,7 @@ import tempfile
 import textwrap
 from collections import Counter
 from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -57,7 +59,7 @@ def run_filter(config: Config) -> dict:
                           f"(statuses: {dict(scan.statuses)})")
     candidates = scan.candidates
     chosen = candidates.take(pa.array(_choose(candidates, scan, f, k), pa.int64()))
-    selected = _with_text(store, chosen)
+    selected = functools.partial(_with_text, store, chosen)  # the rows to write, a range at a time
     tau = f.threshold if f.mode in ("threshold", "subsample", "balanced") else pc.min(chosen[_SCORE]).as_py()
 
     kept_categories = Counter(chosen[CATEGORY].to_pylist())
@@ -71,18 +73,18 @@ def run_filter(config: Config) -> dict:
         "by_status": {s: scan.statuses.get(s, 0) for s in C.STATUSES},
         "not_selectable": scan.rows - scan.pool,
         "pool": scan.pool,
-        "selected": selected.num_rows,
-        "kept_fraction_of_pool": round(selected.num_rows / scan.pool, 4),
-        "kept_fraction_of_rated": round(selected.num_rows / scan.rows, 4),
+        "selected": chosen.num_rows,
+        "kept_fraction_of_pool": round(chosen.num_rows / scan.pool, 4),
+        "kept_fraction_of_rated": round(chosen.num_rows / scan.rows, 4),
         "min_selected_score": pc.min(chosen[_SCORE]).as_py(),
         "per_category": _per_category(scan.categories, scan.pool_categories, kept_categories),
         "category_source": f"field:{f.category_field}" if f.category_field else "keywords",
     }
     if f.compare:
-        record["compare"] = compare(selected, f.compare)
+        record["compare"] = compare(pa.concat_tables(selected()), f.compare)
     kept_at_tau = scan.at_threshold if tau == f.threshold else _pool_rows_at_or_above(store, f.score, tau)
     _write_outputs(config.run_dir, selected, record, scan.pool_scores, kept_at_tau, f)
-    log.info("filter: %s: kept %s of %s ok rows (%.1f%%)", f.mode, f"{selected.num_rows:,}",
+    log.info("filter: %s: kept %s of %s ok rows (%.1f%%)", f.mode, f"{chosen.num_rows:,}",
              f"{scan.pool:,}", 100 * record["kept_fraction_of_pool"])
     return record
 
@@ -203,19 +205,46 @@ def _pool_rows_at_or_above(store: RatedStore, score: str, tau: float) -> int:
     return sum(b.num_rows for b in store.batches([C.ID], (pc.field(C.STATUS) == C.OK) & (pc.field(score) >= tau)))
 
 
-def _with_text(store: RatedStore, chosen: pa.Table) -> pa.Table:
-    """The chosen rows with their text, read back for their ids only, in the order chosen
-    (instruction, input, output, id, score: the columns of selected.json)."""
+# Chosen rows whose text is gathered at a time when the selection is written.
+RANGE_ROWS = 16_384
+_POSITION = "_position"
+
+
+def _with_text(store: RatedStore, chosen: pa.Table) -> Iterator[pa.Table]:
+    """The chosen rows with their text, in the order chosen, `RANGE_ROWS` at a time (columns
+    instruction, input, output, id, score: those of selected.json).
+
+    One scan reads the text of the chosen ids and spreads it into a temporary file per range of
+    positions in the chosen order; then each range is read back and put in order. What is held is
+    the text of one range, not of the whole selection (a fifth of 520k rows: about 100 MB).
+    """
     ids = chosen[C.ID].combine_chunks()
-    found = pa.Table.from_batches(
-        list(store.batches([C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT], pc.field(C.ID).isin(ids))),
-        schema=pa.schema([RATED_SCHEMA.field(n) for n in (C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT)]))
-    where = pc.index_in(ids, value_set=found[C.ID].combine_chunks())  # an id twice has the same text
-    if where.null_count:
-        raise RuntimeError(f"{store.uri}: {where.null_count} chosen rows vanished from the parts while reading")
-    rows = found.take(where)
-    return pa.table({C.INSTRUCTION: rows[C.INSTRUCTION], C.INPUT: rows[C.INPUT], C.OUTPUT: rows[C.OUTPUT],
-                     C.ID: ids, C.SCORE: chosen[_SCORE]})
+    text = [RATED_SCHEMA.field(n) for n in (C.INSTRUCTION, C.INPUT, C.OUTPUT)]
+    schema = pa.schema([(_POSITION, pa.int64()), *text])
+    with tempfile.TemporaryDirectory(prefix="alpagasus-selected-") as tmp:
+        writers = {}
+        try:
+            for batch in store.batches([C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT], pc.field(C.ID).isin(ids)):
+                position = pc.index_in(batch.column(0), value_set=ids).cast(pa.int64())
+                found = pa.Table.from_arrays([position, *batch.columns[1:]], schema=schema)
+                ranges = pc.divide(position, RANGE_ROWS)
+                for r in pc.unique(ranges).to_pylist():
+                    if r not in writers:
+                        writers[r] = pa.ipc.new_stream(os.path.join(tmp, f"{r}.arrow"), schema)
+                    writers[r].write_table(found.filter(pc.equal(ranges, r)))
+        finally:
+            for writer in writers.values():
+                writer.close()
+        for r, start in enumerate(range(0, len(ids), RANGE_ROWS)):
+            count = min(RANGE_ROWS, len(ids) - start)
+            found = pa.ipc.open_stream(os.path.join(tmp, f"{r}.arrow")).read_all() if r in writers else schema.empty_table()
+            # an id in two parts (a killed re-ask) has the same text twice: the first is taken
+            where = pc.index_in(pa.array(range(start, start + count), pa.int64()), value_set=found[_POSITION])
+            if where.null_count:
+                raise RuntimeError(f"{store.uri}: {where.null_count} chosen rows vanished from the parts while reading")
+            rows = found.take(where)
+            yield pa.table({C.INSTRUCTION: rows[C.INSTRUCTION], C.INPUT: rows[C.INPUT], C.OUTPUT: rows[C.OUTPUT],
+                            C.ID: ids.slice(start, count), C.SCORE: chosen[_SCORE].slice(start, count)})
 
 
 def _choose(candidates: pa.Table, scan: RatedScan, f: FilterConfig, k: int | None) -> list[int]:
@@ -332,10 +361,11 @@ def _read_selection(path: str) -> list[dict]:
     return rows
 
 
-def _write_outputs(run_dir: str, selected: pa.Table, record: dict, pool_scores: Counter, kept_at_tau: int,
-                   f: FilterConfig) -> None:
+def _write_outputs(run_dir: str, selected: Callable[[], Iterable[pa.Table]], record: dict, pool_scores: Counter,
+                   kept_at_tau: int, f: FilterConfig) -> None:
     """Write every output into a temporary directory, then move them in place together. A run
-    directory on an object store gets them copied, selection.json (the record) last."""
+    directory on an object store gets them copied, selection.json (the record) last.
+    `selected()` gives the selected rows, a slice at a time."""
     if not is_local(run_dir):
         with tempfile.TemporaryDirectory(prefix="alpagasus-filter-") as local:
             _write_outputs(local, selected, record, pool_scores, kept_at_tau, f)
@@ -352,7 +382,7 @@ def _write_outputs(run_dir: str, selected: pa.Table, record: dict, pool_scores: 
     tmp = tempfile.mkdtemp(prefix=".filter-", dir=run_dir)
     staged, final = RunDir(tmp), RunDir(run_dir)  # written in a directory of the same layout, then moved
     try:
-        write_selected(selected, staged.selected_json, staged.selected_jsonl)
+        write_selected(selected(), staged.selected_json, staged.selected_jsonl)
         if f.plots:
             _plot(staged.plots, record, pool_scores, kept_at_tau, f)
         with open(staged.selection, "w") as fh:
@@ -370,14 +400,14 @@ def _write_outputs(run_dir: str, selected: pa.Table, record: dict, pool_scores: 
 WRITE_ROWS = 4096  # rows turned into Python objects at a time while writing
 
 
-def write_selected(selected: pa.Table, json_path: str, jsonl_path: str) -> None:
-    """`selected` as a JSON array (indented by one, as `json.dump(rows, indent=1)` writes it) and
-    as JSON lines, a slice of rows at a time.
+def write_selected(selected: Iterable[pa.Table], json_path: str, jsonl_path: str) -> None:
+    """The rows of the tables `selected` as a JSON array (indented by one, as
+    `json.dump(rows, indent=1)` writes it) and as JSON lines, a slice of rows at a time.
 
     >>> import tempfile; d = tempfile.mkdtemp()
     >>> rows = [{"instruction": "Say \\"hi\\"\\n", "input": "", "output": "héllo", "id": "a", "score": 4.5},
     ...         {"instruction": "b", "input": "c", "output": "d", "id": "b", "score": 5.0}]
-    >>> write_selected(pa.Table.from_pylist(rows), f"{d}/s.json", f"{d}/s.jsonl")
+    >>> write_selected([pa.Table.from_pylist(rows[:1]), pa.Table.from_pylist(rows[1:])], f"{d}/s.json", f"{d}/s.jsonl")
     >>> open(f"{d}/s.json", encoding="utf-8").read() == json.dumps(rows, ensure_ascii=False, indent=1)
     True
     >>> [json.loads(line) for line in open(f"{d}/s.jsonl", encoding="utf-8")] == rows
@@ -385,12 +415,15 @@ def write_selected(selected: pa.Table, json_path: str, jsonl_path: str) -> None:
     """
     with open(json_path, "w", encoding="utf-8") as array, open(jsonl_path, "w", encoding="utf-8") as lines:
         array.write("[")
-        for start in range(0, selected.num_rows, WRITE_ROWS):
-            for i, row in enumerate(selected.slice(start, WRITE_ROWS).to_pylist()):
-                array.write(",\n" if start + i else "\n")
-                array.write(textwrap.indent(json.dumps(row, ensure_ascii=False, indent=1), " "))
-                lines.write(json.dumps(row, ensure_ascii=False) + "\n")
-        array.write("\n]" if selected.num_rows else "]")
+        written = 0
+        for table in selected:
+            for start in range(0, table.num_rows, WRITE_ROWS):
+                for row in table.slice(start, WRITE_ROWS).to_pylist():
+                    array.write(",\n" if written else "\n")
+                    array.write(textwrap.indent(json.dumps(row, ensure_ascii=False, indent=1), " "))
+                    lines.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    written += 1
+        array.write("\n]" if written else "]")
 
 
 def _plot(out: str, record: dict, pool_scores: Counter, kept_at_tau: int, f: FilterConfig) -> None:
