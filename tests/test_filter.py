@@ -105,6 +105,8 @@ def test_an_id_rated_twice_counts_once_by_its_better_row_and_top_k_cuts_as_it_st
     # Candidates of top_k are cut to the best k whenever more than max(2k, 40) pile up.
     monkeypatch.setattr(filter_module, "SCAN_BATCH_ROWS", 40)
     monkeypatch.setattr(rated_module, "SCAN_BATCH_ROWS", 50)  # batches of 50 rows
+    monkeypatch.setattr(rated_module, "COALESCE_ROWS", 50)
+    monkeypatch.setattr(filter_module, "RANGE_ROWS", 7)  # the selected rows' text gathered 7 rows at a time
 
     record = run_filter(load_config(None, [f"run_dir={tmp_path}", "filter.threshold=4.5"]))
     assert record["rows_rated"] == len(rows)
@@ -113,6 +115,8 @@ def test_an_id_rated_twice_counts_once_by_its_better_row_and_top_k_cuts_as_it_st
     selected = json.load(open(tmp_path / "selected.json"))
     assert [r["id"] for r in selected] == sorted(i for i, (st, s, _) in truth.items() if st == C.OK and s >= 4.5)
     assert sum(r["id"] in {ids[i] for i in failed} for r in selected) == 30  # the re-asked rows that came back ok
+    text = {i: (r["instruction"], r.get("input", ""), r["output"]) for i, r in zip(ids, rows)}
+    assert all((r["instruction"], r["input"], r["output"]) == text[r["id"]] for r in selected)
 
     top = run_filter(load_config(None, [f"run_dir={tmp_path}", "filter.mode=top_k", "filter.k=15"]))
     best = sorted((-s, -e, i) for i, (st, s, e) in truth.items() if st == C.OK)[:15]
