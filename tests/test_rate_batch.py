@@ -107,6 +107,20 @@ def test_detach_cancel_and_dry_run(tmp_path, ray_local):
     assert len(rated) == 8 and all("cancelled before this row was answered" in r["error"] for r in rated)
 
 
+def test_reask_sync_asks_an_unreadable_reply_again_through_the_synchronous_api(tmp_path, ray_local):
+    data = _write_rows(tmp_path / "rows.jsonl", 3)
+    rules = [{"match": "ROW-001", "reply": ["I cannot decide.", "3\nPartly right."]}]
+    with serve({"rules": rules, "batch_seconds": 0.2}) as url:
+        summary = run_rate(load_config(None, _overrides(tmp_path, url, data, "rate.reask=sync")))
+        seen = stats(url)
+    rows, _ = _statuses(tmp_path / "run")
+    assert rows == {"ROW-000": ("ok", 4.5, 1), "ROW-001": ("ok", 3.0, 2), "ROW-002": ("ok", 4.5, 1)}
+    assert summary["rows_out"] == 3
+    # One batch of 3 lines; the re-ask went to the chat endpoint, once.
+    assert seen["batches_created"] == 1 and seen["batch_lines"] == 3
+    assert seen["requests"] - seen["batch_lines_answered"] == 1
+
+
 def test_kill_minus_nine_while_waiting_then_rerun_collects_the_same_batches(tmp_path, reap_ray_orphans):
     """The driver is killed -9 after it sent every request file and before the batches end; a
     batch it had created without recording it (as a kill between the two would leave) is found
