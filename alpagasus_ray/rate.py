@@ -128,7 +128,7 @@ def run_rate(config: Config, dry_run: bool = False, detach: bool = False, cancel
 
     run = RunDir(config.run_dir)
     _write_json(run.rate_config, config_for_record(config))
-    meta = {C.GRADER: grader, C.DIMENSION: cfg.dimension, C.PROMPT_VERSION: PROMPT_VERSION}
+    meta = rating_meta(cfg)
     running = []
     with watch("rate", total=scan.rows, cost=cfg.cost, done=rated_before) as progress:
         if cfg.backend in BATCH_BACKENDS:  # the retries and re-asks are rounds of batches
@@ -167,11 +167,7 @@ def _rate_new_rows(config: Config, scan: InputScan, store: RatedStore, meta: dic
     valid = rows.map_batches(_rows_to_send, batch_format="pyarrow", batch_size=None, **LIGHT)
     rated = llm_map(valid, RatingTask(config.rate), config.rate, progress=progress, sink=sink)
     if scan.invalid:
-        set_aside = rows.map_batches(
-            _set_aside_rows, fn_kwargs={"sink": PartWriter(config.run_dir, functools.partial(_set_aside, meta=meta)),
-                                        "progress": progress},
-            batch_format="pyarrow", batch_size=None, **LIGHT)
-        rated = rated.union(set_aside)
+        rated = rated.union(set_aside_dataset(rows, config.run_dir, meta, progress))
     for _ in rated.iter_batches(batch_size=None):  # one row of counts per batch
         pass
 
@@ -203,6 +199,19 @@ def _rated_rows(batch: pa.Table, meta: dict) -> pa.Table:
     columns = {name: batch[name] for name in batch.column_names}
     columns.update({k: pa.array([v] * n, pa.string()) for k, v in meta.items()})
     return pa.table({f.name: columns[f.name] for f in RATED_SCHEMA}, schema=RATED_SCHEMA)
+
+
+def rating_meta(cfg: RateConfig) -> dict:
+    """What every rated row records of the rating that made it (a run directory never mixes them)."""
+    return {C.GRADER: f"{cfg.backend}:{cfg.model}", C.DIMENSION: cfg.dimension, C.PROMPT_VERSION: PROMPT_VERSION}
+
+
+def set_aside_dataset(rows, run_dir: str, meta: dict, progress):
+    """The rows of `rows` that cannot be rated, written as invalid_input parts by the workers
+    (a Dataset of one row of counts per batch)."""
+    sink = PartWriter(run_dir, functools.partial(_set_aside, meta=meta))
+    return rows.map_batches(_set_aside_rows, fn_kwargs={"sink": sink, "progress": progress},
+                            batch_format="pyarrow", batch_size=None, **LIGHT)
 
 
 def _set_aside(batch: pa.Table, meta: dict) -> pa.Table:

@@ -46,7 +46,7 @@ def rate_in_batches(config: Config, scan: InputScan, store: RatedStore, meta: di
                     detach: bool = False) -> list[BatchRecord]:
     """Rate the rows of `config.data` not yet rated, through request files (see the module
     docstring). Returns the records of the batches still running: none unless `detach`."""
-    from alpagasus_ray.rate import LIGHT, RatingTask, SENT_COLUMNS, _ask_again, _rows_to_send, _set_aside_rows
+    from alpagasus_ray.rate import LIGHT, RatingTask, SENT_COLUMNS, _ask_again, _rows_to_send, set_aside_dataset
 
     cfg = config.rate
     batches = BatchStore(RunDir(config.run_dir).batches)
@@ -62,10 +62,7 @@ def rate_in_batches(config: Config, scan: InputScan, store: RatedStore, meta: di
     if done is not None:
         rows = rows.map_batches(skip_done, fn_kwargs={"done": [done]}, batch_format="pyarrow", batch_size=None, **LIGHT)
     if scan.invalid:
-        set_aside = rows.map_batches(
-            _set_aside_rows, fn_kwargs={"sink": _set_aside_writer(config.run_dir, meta), "progress": progress},
-            batch_format="pyarrow", batch_size=None, **LIGHT)
-        for _ in set_aside.iter_batches(batch_size=None):
+        for _ in set_aside_dataset(rows, config.run_dir, meta, progress).iter_batches(batch_size=None):
             pass
     requests = rows.map_batches(_rows_to_send, batch_format="pyarrow", batch_size=None, **LIGHT).map_batches(
         add_requests, fn_kwargs={"task": task, "endpoint": cfg, "attempts": 1}, batch_format="pyarrow",
@@ -108,13 +105,13 @@ def rate_in_batches(config: Config, scan: InputScan, store: RatedStore, meta: di
 def cancel_batches(config: Config) -> dict:
     """Cancel the run's batches that have not ended, wait for them to stop, and collect what they
     had answered (the rest: request_failed, `rate.retry_failed=true` sends them again)."""
-    from alpagasus_ray.rate import RatingTask
+    from alpagasus_ray.rate import RatingTask, rating_meta
 
     cfg = config.rate
     batches = BatchStore(RunDir(config.run_dir).batches)
     client = batch_client(cfg, batches)
     store = RatedStore(config.run_dir)
-    meta = _meta(cfg)
+    meta = rating_meta(cfg)
     open_records = [r for r in batches.records() if not r.collected]
     for record in open_records:
         if record.batch_id is None:  # written, never sent: nothing to cancel at the API
@@ -138,19 +135,6 @@ def batch_summary(config: Config) -> dict:
     return {"request_files": len(records), "by_status": dict(Counter(r.status for r in records)),
             "batch_ids": [r.batch_id for r in records if r.batch_id],
             "collected_rows_per_second": round(sum(r.rows for r in timed) / seconds, 1) if seconds else None}
-
-
-def _meta(cfg) -> dict:
-    from alpagasus_ray.prompts import PROMPT_VERSION
-
-    return {C.GRADER: f"{cfg.backend}:{cfg.model}", C.DIMENSION: cfg.dimension, C.PROMPT_VERSION: PROMPT_VERSION}
-
-
-def _set_aside_writer(run_dir: str, meta: dict):
-    from alpagasus_ray.rate import _set_aside
-    from alpagasus_ray.rated import PartWriter
-
-    return PartWriter(run_dir, functools.partial(_set_aside, meta=meta))
 
 
 def _collect(client, batches: BatchStore, store: RatedStore, task, meta: dict, progress, record: BatchRecord) -> None:

@@ -440,6 +440,7 @@ def ask_in_batches(rows: list[dict], task, endpoint: EndpointConfig, store: Batc
         table = add_requests(pa.Table.from_pylist(new), task, endpoint, 1, id_column)
         write_requests(store, [table], endpoint, "first", 1, id_column)
     again: list[dict] = []
+    names = set(rows[0]) if rows else set()
 
     def save_chunk(table: pa.Table) -> None:
         save(table.to_pylist())
@@ -448,7 +449,6 @@ def ask_in_batches(rows: list[dict], task, endpoint: EndpointConfig, store: Batc
         unread = table.filter(needs_reask(table))
         again.extend(unread.select([n for n in unread.column_names if n in names]).to_pylist())
 
-    names = set(rows[0]) if rows else set()
     for round in ("first", "reask"):
         records = [r for r in store.records() if not r.collected]
         for record in records:
