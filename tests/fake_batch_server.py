@@ -4,8 +4,10 @@
 ``/v1/models``, ``/stats`` and ``/reset`` all still work) plus:
 
 * ``POST /v1/files`` (multipart ``purpose`` = ``"batch"``, ``file``), ``GET /v1/files/{id}``,
-  ``GET /v1/files/{id}/content``, ``DELETE /v1/files/{id}``.  Files live in memory.  An
-  uploaded file is parsed as JSONL at once: every non-empty line must be a JSON object
+  ``GET /v1/files/{id}/content``, ``DELETE /v1/files/{id}``.  Files live on disk, in a
+  temporary directory the server removes when it stops, and are streamed in and out, so
+  request files of 100 MB and more cost the server no memory.  An uploaded file is
+  checked line by line at once: every non-empty line must be a JSON object
   with ``custom_id`` (a string), ``method``, ``url`` and ``body`` (an object).  A file
   that breaks this is still stored ("processed"), but a batch on it fails validation
   with ``errors.data[0].line`` naming the first bad line.
@@ -30,9 +32,10 @@ A line answered with HTTP 200 goes to the output file as ``{"id": "batch_req_N",
 "custom_id", "response": {"status_code": 200, "request_id": "req_N", "body":
 <chat.completion>}, "error": null}`` (a ``"garbage"`` fault's truncated body is put
 there as a string; a ``"hang"`` is answered at once); any other status goes to the
-error file in the same shape with that status and the error JSON as ``body``.  The
-files are written when the batch reaches its outcome; ``output_file_id`` /
-``error_file_id`` stay null when they would be empty.
+error file in the same shape with that status and the error JSON as ``body``.  Lines
+are written to those files as they are answered (and read from the input file as they
+are needed); the files get their ids when the batch reaches its outcome, and
+``output_file_id`` / ``error_file_id`` stay null when they would be empty.
 
 Outcomes:
 
@@ -91,7 +94,9 @@ import contextlib
 import json
 import math
 import os
+import shutil
 import sys
+import tempfile
 import time
 from typing import Any, Iterator
 
@@ -142,46 +147,72 @@ def validate_batch_config(config: dict | None) -> dict:
 
 
 class _File:
-    def __init__(self, id_: str, filename: str, purpose: str, data: bytes) -> None:
+    """A file on disk in the server's directory (a request file may be 200 MB: it is never held
+    in memory, nor are the requests parsed from it)."""
+
+    def __init__(self, id_: str, filename: str, purpose: str, path: str) -> None:
         self.id = id_
         self.filename = filename
         self.purpose = purpose
-        self.data = data
+        self.path = path
+        self.bytes = os.path.getsize(path)
         self.created_at = int(time.time())
-        self.requests: list[dict] = []
+        self.requests = 0  # request lines (valid ones, up to the first bad line)
         self.invalid: tuple[int, str] | None = None  # (1-based line, message) of the first bad line
+        # (line, message) of the first line a chat-completions batch rejects: another url, a method
+        # other than POST, a repeated custom_id.
+        self.rejected: tuple[int, str] | None = None
 
-    def parse_requests(self) -> None:
-        try:
-            lines = self.data.decode("utf-8").split("\n")
-        except UnicodeDecodeError:
-            self.invalid = (1, "The file is not UTF-8 text.")
-            return
-        for number, line in enumerate(lines, 1):
-            if not line.strip():
-                continue
-            try:
-                request = json.loads(line)
-            except ValueError:
-                self.invalid = (number, f"Line {number} is not valid JSON.")
-                return
-            if not isinstance(request, dict):
-                self.invalid = (number, f"Line {number} is not a JSON object.")
-                return
-            missing = [k for k in ("custom_id", "method", "url", "body") if k not in request]
-            if missing:
-                self.invalid = (number, f"Line {number} is missing {', '.join(missing)}.")
-                return
-            if not isinstance(request["custom_id"], str) or not isinstance(request["body"], dict):
-                self.invalid = (number, f"Line {number}: custom_id must be a string and body an object.")
-                return
-            self.requests.append({**request, "_line": number})
+    def check_requests(self) -> None:
+        """One pass over the lines: count the requests and note the first bad or rejected line."""
+        seen: set[str] = set()
+        with open(self.path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError:
+                    self.invalid = (number, f"Line {number} is not UTF-8 text.")
+                    return
+                if not line.strip():
+                    continue
+                try:
+                    request = json.loads(line)
+                except ValueError:
+                    self.invalid = (number, f"Line {number} is not valid JSON.")
+                    return
+                if not isinstance(request, dict):
+                    self.invalid = (number, f"Line {number} is not a JSON object.")
+                    return
+                missing = [k for k in ("custom_id", "method", "url", "body") if k not in request]
+                if missing:
+                    self.invalid = (number, f"Line {number} is missing {', '.join(missing)}.")
+                    return
+                if not isinstance(request["custom_id"], str) or not isinstance(request["body"], dict):
+                    self.invalid = (number, f"Line {number}: custom_id must be a string and body an object.")
+                    return
+                self.requests += 1
+                if self.rejected is None:
+                    if request["url"] != CHAT_ENDPOINT:
+                        self.rejected = (number, f"Line {number}: url {request['url']!r} does not match the "
+                                                 f"batch endpoint {CHAT_ENDPOINT!r}.")
+                    elif str(request["method"]).upper() != "POST":
+                        self.rejected = (number, f"Line {number}: method must be POST.")
+                    elif request["custom_id"] in seen:
+                        self.rejected = (number, f"Line {number}: custom_id {request['custom_id']!r} is repeated.")
+                    seen.add(request["custom_id"])
+
+    def each_request(self) -> Iterator[dict]:
+        """The request lines in file order, read as they are asked for."""
+        with open(self.path, "rb") as f:
+            for raw in f:
+                if raw.strip():
+                    yield json.loads(raw)
 
     def to_json(self) -> dict:
         return {
             "id": self.id,
             "object": "file",
-            "bytes": len(self.data),
+            "bytes": self.bytes,
             "created_at": self.created_at,
             "filename": self.filename,
             "purpose": self.purpose,
@@ -192,7 +223,7 @@ class _File:
 
 
 class _Batch:
-    def __init__(self, id_: str, input_file: _File, body: dict, plan: dict, seconds: float) -> None:
+    def __init__(self, id_: str, input_file: _File, body: dict, plan: dict, seconds: float, directory: str) -> None:
         self.id = id_
         self.input_file = input_file
         self.endpoint = body["endpoint"]
@@ -204,8 +235,12 @@ class _Batch:
         self.wall0 = time.time()
         self.created_at = int(self.wall0)
         self.status = "validating"
-        self.answered: list[dict] = []  # output/error file rows of the lines answered, in file order
-        self.total = len(input_file.requests)
+        self.total = input_file.requests
+        # The lines answered so far go straight to the output file (HTTP 200) or the error file.
+        self.pending = input_file.each_request()
+        self.paths = {ok: os.path.join(directory, f"{id_}_{'output' if ok else 'error'}.jsonl") for ok in (True, False)}
+        self.written = {True: open(self.paths[True], "w"), False: open(self.paths[False], "w")}
+        self.answered = {True: 0, False: 0}
         self.times: dict[str, int | None] = dict.fromkeys(
             ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
              "cancelling_at", "cancelled_at"))
@@ -213,14 +248,17 @@ class _Batch:
         self.output_file_id: str | None = None
         self.error_file_id: str | None = None
 
+    @property
+    def lines_answered(self) -> int:
+        return self.answered[True] + self.answered[False]
+
     def at(self, fraction: float) -> int:
         return int(self.wall0 + fraction * self.seconds)
 
     def counts(self) -> dict:
         if self.status == "failed":
             return {"total": 0, "completed": 0, "failed": 0}
-        ok = sum(1 for a in self.answered if a["response"]["status_code"] == 200)
-        return {"total": self.total, "completed": ok, "failed": len(self.answered) - ok}
+        return {"total": self.total, "completed": self.answered[True], "failed": self.answered[False]}
 
     def to_json(self) -> dict:
         return {
@@ -245,21 +283,12 @@ def _validation_error(batch: _Batch) -> tuple[int, str] | None:
     """(line, message) of why ``batch`` fails validation, or None."""
     if batch.plan.get("outcome") == "failed":
         return 1, "The batch failed validation (fake fault)."
-    if batch.input_file.invalid is not None:
-        return batch.input_file.invalid
-    if not batch.input_file.requests:
+    file = batch.input_file
+    if file.invalid is not None:
+        return file.invalid
+    if not file.requests:
         return 1, "The input file has no requests."
-    seen: set[str] = set()
-    for request in batch.input_file.requests:
-        line = request["_line"]
-        if request["url"] != batch.endpoint:
-            return line, f"Line {line}: url {request['url']!r} does not match the batch endpoint {batch.endpoint!r}."
-        if str(request["method"]).upper() != "POST":
-            return line, f"Line {line}: method must be POST."
-        if request["custom_id"] in seen:
-            return line, f"Line {line}: custom_id {request['custom_id']!r} is repeated."
-        seen.add(request["custom_id"])
-    return None
+    return file.rejected
 
 
 # --------------------------------------------------------------------------- server
@@ -271,10 +300,13 @@ class FakeBatchAPI(FakeOpenAI):
     def __init__(self, config: dict | None = None) -> None:
         # Not super().__init__: its validate_config rejects the batch keys.
         self.config = validate_batch_config(config)
+        self.directory = tempfile.mkdtemp(prefix="fake-batch-api-")  # every file, removed at exit
         self.reset()
 
     def reset(self) -> None:
         super().reset()
+        for name in os.listdir(self.directory):  # a batch still reading its input keeps its open file
+            os.remove(os.path.join(self.directory, name))
         self.files: dict[str, _File] = {}
         self.batch_objects: dict[str, _Batch] = {}  # in creation order
         self.file_counter = 0
@@ -289,6 +321,7 @@ class FakeBatchAPI(FakeOpenAI):
     def app(self) -> web.Application:
         app = super().app()
         app.middlewares.append(self._note_key)
+        app.on_cleanup.append(self._remove_directory)
         app.router.add_post("/v1/files", self.upload_file)
         app.router.add_get("/v1/files/{file_id}", self.get_file)
         app.router.add_delete("/v1/files/{file_id}", self.delete_file)
@@ -311,11 +344,15 @@ class FakeBatchAPI(FakeOpenAI):
             "batches": {b.id: b.status for b in self.batch_objects.values()},
         })
 
+    async def _remove_directory(self, app: web.Application) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
     # ----------------------------------------------------------------- files
 
-    def _new_file(self, filename: str, purpose: str, data: bytes) -> _File:
+    def _new_file(self, filename: str, purpose: str, path: str) -> _File:
+        """Register the file at ``path`` (in the server's directory) under a new id."""
         self.file_counter += 1
-        file = _File(f"file-{self.file_counter}", filename, purpose, data)
+        file = _File(f"file-{self.file_counter}", filename, purpose, path)
         self.files[file.id] = file
         return file
 
@@ -328,18 +365,32 @@ class FakeBatchAPI(FakeOpenAI):
 
     async def upload_file(self, request: web.Request) -> web.Response:
         try:
-            form = await request.post()
-        except ValueError:
+            parts = await request.multipart()
+        except (ValueError, AssertionError):
             return _error(400, "Expected a multipart/form-data body.", "invalid_request_error")
-        purpose = form.get("purpose")
-        upload = form.get("file")
-        if purpose != "batch":
-            return _error(400, f"The fake server only takes purpose 'batch', not {purpose!r}.",
-                          "invalid_request_error", "invalid_value")
-        if not isinstance(upload, web.FileField):
-            return _error(400, "Missing the 'file' part.", "invalid_request_error")
-        file = self._new_file(upload.filename or "upload.jsonl", "batch", upload.file.read())
-        file.parse_requests()
+        purpose, filename, path = None, None, None
+        try:
+            while (part := await parts.next()) is not None:
+                if part.name == "purpose":
+                    purpose = await part.text()
+                elif part.name == "file":  # streamed to disk a chunk at a time
+                    filename = part.filename or "upload.jsonl"
+                    path = os.path.join(self.directory, f"upload-{self.file_counter + 1}-{time.time_ns()}")
+                    with open(path, "wb") as f:
+                        while chunk := await part.read_chunk():
+                            f.write(chunk)
+            if purpose != "batch":
+                return _error(400, f"The fake server only takes purpose 'batch', not {purpose!r}.",
+                              "invalid_request_error", "invalid_value")
+            if path is None:
+                return _error(400, "Missing the 'file' part.", "invalid_request_error")
+        except BaseException:
+            if path is not None:
+                os.remove(path)
+            raise
+        file = self._new_file(filename, "batch", path)
+        path = None
+        file.check_requests()
         self.files_uploaded += 1
         return web.json_response(file.to_json())
 
@@ -352,13 +403,14 @@ class FakeBatchAPI(FakeOpenAI):
         if isinstance(file, web.Response):
             return file
         del self.files[file.id]
+        os.remove(file.path)  # a batch still reading it keeps its open file
         return web.json_response({"id": file.id, "object": "file", "deleted": True})
 
     async def get_file_content(self, request: web.Request) -> web.Response:
         file = self._file_or_404(request)
         if isinstance(file, web.Response):
             return file
-        return web.Response(body=file.data, content_type="application/octet-stream")
+        return web.FileResponse(file.path, headers={"Content-Type": "application/octet-stream"})
 
     # ----------------------------------------------------------------- batches
 
@@ -411,7 +463,7 @@ class FakeBatchAPI(FakeOpenAI):
         plans = config["batches"]
         plan = plans[index] if index < len(plans) else {"outcome": "completed"}
         self.batch_counter += 1
-        batch = _Batch(f"batch_{self.batch_counter}", file, body, plan, float(config["batch_seconds"]))
+        batch = _Batch(f"batch_{self.batch_counter}", file, body, plan, float(config["batch_seconds"]), self.directory)
         self.batch_objects[batch.id] = batch
         self.batch_lines += batch.total
         return web.json_response(batch.to_json())
@@ -502,9 +554,11 @@ class FakeBatchAPI(FakeOpenAI):
 
     async def _answer_upto(self, batch: _Batch, n: int) -> None:
         # answer(wait=False) never suspends, so two looks at one batch cannot interleave here.
-        while len(batch.answered) < n:
-            request = batch.input_file.requests[len(batch.answered)]
-            batch.answered.append(await self._answer_line(request))
+        while batch.lines_answered < n:
+            row = await self._answer_line(next(batch.pending))
+            ok = row["response"]["status_code"] == 200
+            batch.written[ok].write(json.dumps(row) + "\n")
+            batch.answered[ok] += 1
 
     async def _answer_line(self, request: dict) -> dict:
         stats = self.stats
@@ -538,18 +592,18 @@ class FakeBatchAPI(FakeOpenAI):
     def _finish(self, batch: _Batch, status: str, time_key: str, when: int) -> None:
         batch.status = status
         batch.times[time_key] = when
-        if status == "failed":
-            return
-        ok = [a for a in batch.answered if a["response"]["status_code"] == 200]
-        bad = [a for a in batch.answered if a["response"]["status_code"] != 200]
-        if ok:
-            batch.output_file_id = self._output_file(f"{batch.id}_output.jsonl", ok).id
-        if bad:
-            batch.error_file_id = self._output_file(f"{batch.id}_error.jsonl", bad).id
-
-    def _output_file(self, filename: str, rows: list[dict]) -> _File:
-        data = "".join(json.dumps(row) + "\n" for row in rows).encode("utf-8")
-        return self._new_file(filename, "batch_output", data)
+        batch.pending.close()
+        for ok, written in batch.written.items():
+            written.close()
+            path = batch.paths[ok]
+            if status == "failed" or not batch.answered[ok]:  # an empty file gets no id
+                os.remove(path)
+                continue
+            file = self._new_file(os.path.basename(path), "batch_output", path)
+            if ok:
+                batch.output_file_id = file.id
+            else:
+                batch.error_file_id = file.id
 
 
 # --------------------------------------------------------------------------- client-side helpers
