@@ -79,7 +79,7 @@ class EndpointConfig(_Strict):
     base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://host:8000/v1; None means OpenAI's.")
     api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never the key itself).")
     temperature: float = Field(0.0, ge=0.0, description="Sampling temperature.")
-    batch_size: int = Field(64, gt=0, description="Rows per Ray Data block; also the unit saved to disk as it finishes.")
+    batch_size: int = Field(64, gt=0, description="Rows per batch, the unit saved to disk as it finishes (the API path sends blocks of 4 batches to each worker).")
     retry_failed: bool = Field(False, description="On a rerun, send rows that ended request_failed again.")
     # openai backend
     concurrency: int = Field(16, gt=0, description="Requests in flight at once, across all workers together.")

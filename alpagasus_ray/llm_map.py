@@ -44,6 +44,11 @@ _ROW = "__row__"  # the input row, carried through the vLLM stages as one JSON s
 # running (-40% rows/s), at 256 MB the batches waiting for it stay near 22 MB.
 API_OBJECT_STORE_BYTES = 256 * 2**20
 API_READ_BLOCK_BYTES = 4 * 2**20
+# Batches per block on the API path. An async actor runs up to 4 batches of a block at once (Ray
+# Data's RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY), and each block is a task that the
+# driver's core worker follows: it kept about 15 KB of native memory for each task it had run
+# (+120 MB over a 520k-row rating in blocks of one batch; flat in blocks of four).
+API_BATCHES_PER_BLOCK = 4
 
 
 @dataclass(frozen=True)
@@ -103,9 +108,10 @@ def llm_map(rows, task: LLMTask, endpoint: EndpointConfig, *, reask: bool = Fals
     if endpoint.backend == "openai":
         from alpagasus_ray.backends.openai_api import map_with_api
 
-        # A block per batch: an actor pool grows with the blocks waiting for it, and a large block
-        # (a read yields up to 2,048 rows) would keep one actor busy while the others idle.
-        rows = rows.repartition(target_num_rows_per_block=endpoint.batch_size)
+        # Blocks of a few batches: an actor pool grows with the blocks waiting for it, and a large
+        # block (a read yields up to 2,048 rows) would keep one actor busy while the others idle;
+        # each batch is still saved as soon as it finishes.
+        rows = rows.repartition(target_num_rows_per_block=endpoint.batch_size * API_BATCHES_PER_BLOCK)
         # Ray keeps an object under 100 KB (such a block) in the memory of the process that owns
         # it, the driver: blocks read ahead of a slow API piled up there (+110 MB after 94k of
         # 520k rows), and a read block (up to 128 MiB by default) is cut into batches all at

@@ -24,7 +24,7 @@ import pyarrow as pa
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import ConfigError, EndpointConfig, api_key, pool_size
-from alpagasus_ray.llm_map import MAX_ASKS, REASK_TEMPERATURE, Reply, result_row, with_results
+from alpagasus_ray.llm_map import API_BATCHES_PER_BLOCK, MAX_ASKS, REASK_TEMPERATURE, Reply, result_row, with_results
 from alpagasus_ray.prompts import estimate_tokens
 from alpagasus_ray.ratelimit import SharedLimiter
 
@@ -57,8 +57,9 @@ def map_with_api(rows, task, endpoint: EndpointConfig, progress=None, sink=None,
         )
     fewest, most = pool_size(endpoint.num_workers)
     slots = endpoint.concurrency // most  # the concurrency holds with the pool at its largest
-    # Enough blocks per actor that a full batch is waiting whenever one finishes.
-    calls = 2 * math.ceil(slots / endpoint.batch_size) + 1
+    # Enough blocks per actor that a full batch is waiting whenever one finishes (the batches of
+    # a block run at once, their rows queued for the slots in order).
+    calls = math.ceil(slots / (endpoint.batch_size * API_BATCHES_PER_BLOCK)) + 1
     # An autoscaling pool grows when its actors hold more blocks than they run at once (Ray Data
     # adds actors at 1.75 blocks queued or running per call slot): let blocks queue up to twice that.
     queued = 2 * calls if most > fewest else calls
