@@ -183,3 +183,37 @@ def test_vllm_run_batch_executes_the_request_files_and_the_collector_reads_them(
     for row in rated.values():
         assert f"{row['score']:g}" in SCORE_CHOICES and row["attempts"] == 1 and row["tokens_in"] > 100
     assert summary["batches"]["by_status"] == {"completed": 1} and summary["cost_usd"] is None
+
+
+def test_a_line_is_read_only_as_far_as_it_is_unambiguous():
+    """`line_result` on single lines, no server: a reply with its logprobs, a body that is not a
+    completion, an error line."""
+    from alpagasus_ray.backends.batches import line_result
+    from alpagasus_ray.rate import RatingTask
+
+    task = RatingTask(load_config(None, ["rate.backend=openai_batch", "rate.model=fake"]).rate)
+    row = {"id": "r1", "instruction": "Say hello.", "input": "", "output": "Hello."}
+    top = [{"token": "4", "logprob": -0.1, "bytes": [52]}, {"token": "5", "logprob": -2.4, "bytes": [53]}]
+    body = {"id": "c1", "object": "chat.completion", "model": "fake", "created": 0,
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": "4\nMostly right."},
+                         "logprobs": {"content": [{"token": "4", "logprob": -0.1, "bytes": [52], "top_logprobs": top}]}}],
+            "usage": {"prompt_tokens": 120, "completion_tokens": 5, "total_tokens": 125}}
+
+    def line(body, status=200, error=None):
+        return {"custom_id": "r1", "response": {"status_code": status, "body": body}, "error": error}
+
+    ok = line_result(task, row, line(body), 1)
+    assert (ok["status"], ok["score"], ok["tokens_in"], ok["tokens_out"]) == ("ok", 4.0, 120, 5)
+    assert 4.0 < ok["score_expected"] < 4.2  # from the two alternatives' probabilities
+    no_message = {**body, "choices": [{"index": 0, "finish_reason": "stop"}]}
+    for unreadable in ('{"id": "c1", "choi', no_message, {**body, "choices": "4"}):
+        failed = line_result(task, row, line(unreadable), 1)
+        assert failed["status"] == "request_failed" and failed["error"].startswith("unreadable response body"), failed
+        assert failed["score"] is None
+    no_choices = line_result(task, row, line({**body, "choices": []}), 2)
+    assert (no_choices["status"], no_choices["error"], no_choices["attempts"]) == (
+        "request_failed", "a response with no choices", 2)
+    error = {"error": {"type": "invalid_request_error", "message": "too long"}}
+    failed = line_result(task, row, line(error, status=400), 1)
+    assert failed["status"] == "request_failed" and failed["error"] == "batch line 400: invalid_request_error too long"
