@@ -46,6 +46,26 @@ def is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
 
 
+# A file being written under this prefix is not whole yet (a kill may leave one; readers skip it).
+STAGING_PREFIX = ".tmp-"
+
+
+def staging_path(fs: pafs.FileSystem, path: str) -> str:
+    """Where to write `path` so that readers see it whole or not at all (then `publish` it): a
+    temporary name beside it on a local disk; `path` itself on an object store, which shows an
+    object only once it is closed."""
+    if not isinstance(fs, pafs.LocalFileSystem):
+        return path
+    directory, name = os.path.split(path)
+    return os.path.join(directory, STAGING_PREFIX + name)
+
+
+def publish(fs: pafs.FileSystem, path: str) -> None:
+    """Give the whole file written at `staging_path(fs, path)` its name."""
+    if isinstance(fs, pafs.LocalFileSystem):
+        os.replace(staging_path(fs, path), path)
+
+
 class RunDir:
     """The paths of one run directory."""
 

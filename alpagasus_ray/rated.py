@@ -20,7 +20,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from alpagasus_ray import columns as C
-from alpagasus_ray.layout import RunDir, open_filesystem
+from alpagasus_ray.layout import STAGING_PREFIX, RunDir, open_filesystem, publish, staging_path
 from alpagasus_ray.llm_map import MAX_ASKS
 
 RATED_SCHEMA = pa.schema([
@@ -60,7 +60,7 @@ class RatedStore:
         """Delete the temporary files of parts a kill interrupted."""
         found = self.fs.get_file_info(pafs.FileSelector(self.path, recursive=False, allow_not_found=True))
         for f in found:
-            if os.path.basename(f.path).startswith(".tmp-"):
+            if os.path.basename(f.path).startswith(STAGING_PREFIX):
                 self.fs.delete_file(f.path)
 
     def remove_parts(self, prefix: str) -> int:
@@ -76,12 +76,8 @@ class RatedStore:
         self.fs.create_dir(self.path, recursive=True)
         name = f"{prefix}-{uuid.uuid4().hex[:12]}.parquet"
         final = f"{self.path}/{name}"
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            tmp = f"{self.path}/.tmp-{name}"
-            pq.write_table(table, tmp)
-            os.replace(tmp, final)
-        else:  # an object store makes an object visible only once it is whole
-            pq.write_table(table, final, filesystem=self.fs)
+        pq.write_table(table, staging_path(self.fs, final), filesystem=self.fs)
+        publish(self.fs, final)
         return final
 
     def batches(self, columns: list[str], filter=None, parts: list[str] | None = None) -> Iterator[pa.RecordBatch]:

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ValidationError
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import EndpointConfig, api_key
-from alpagasus_ray.layout import is_local, open_filesystem
+from alpagasus_ray.layout import STAGING_PREFIX, is_local, open_filesystem, publish, staging_path
 from alpagasus_ray.llm_map import (
     REASK_TEMPERATURE, Reply, needs_reask, read_reply as read_task_reply, result_row, with_results,
 )
@@ -126,7 +126,7 @@ class BatchStore:
         found = self.fs.get_file_info(pafs.FileSelector(self.path, allow_not_found=True))
         for f in found:
             base = os.path.basename(f.path)
-            if base.startswith(".tmp-") or (base.split(".")[0] not in recorded and not base.endswith(".json")):
+            if base.startswith(STAGING_PREFIX) or (base.split(".")[0] not in recorded and not base.endswith(".json")):
                 self.fs.delete_file(f.path)
 
     def rows(self, record: BatchRecord, columns: list[str] | None = None) -> pa.Table:
@@ -135,14 +135,9 @@ class BatchStore:
     def _put(self, name: str, data: bytes) -> None:
         self.fs.create_dir(self.path, recursive=True)
         final = self.file(name)
-        if isinstance(self.fs, pafs.LocalFileSystem):
-            tmp = self.file(f".tmp-{name}")
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, final)
-        else:  # an object store shows an object once it is whole
-            with self.fs.open_output_stream(final) as f:
-                f.write(data)
+        with self.fs.open_output_stream(staging_path(self.fs, final)) as f:
+            f.write(data)
+        publish(self.fs, final)
 
 
 def request_body(request, endpoint: EndpointConfig, attempts: int) -> dict:
@@ -183,7 +178,7 @@ def write_requests(store: BatchStore, batches: Iterable[pa.Table], endpoint: End
         requests.close()
         rows.close()
         for suffix in ("requests.jsonl", "rows.parquet"):
-            _commit(store, f"{record.name}.{suffix}")
+            publish(store.fs, store.file(f"{record.name}.{suffix}"))
         store.save(record)
         written.append(record)
         current = None
@@ -206,10 +201,9 @@ def write_requests(store: BatchStore, batches: Iterable[pa.Table], endpoint: End
             if current is None:
                 number = max(numbers + [r.number for r in written], default=0) + 1
                 record = BatchRecord(number=number, round=round, attempts=attempts, rows=0, bytes=0)
-                current = (store.fs.open_output_stream(_staged(store, f"{record.name}.requests.jsonl")),
-                           pq.ParquetWriter(_staged(store, f"{record.name}.rows.parquet"), rows.schema,
-                                            filesystem=store.fs),
-                           record)
+                staged = {s: staging_path(store.fs, store.file(f"{record.name}.{s}")) for s in ("requests.jsonl", "rows.parquet")}
+                current = (store.fs.open_output_stream(staged["requests.jsonl"]),
+                           pq.ParquetWriter(staged["rows.parquet"], rows.schema, filesystem=store.fs), record)
             current[0].write(data)
             current[2].rows += 1
             current[2].bytes += len(data)
@@ -217,17 +211,6 @@ def write_requests(store: BatchStore, batches: Iterable[pa.Table], endpoint: End
             current[1].write_table(rows.slice(start))
     close()
     return written
-
-
-def _staged(store: BatchStore, name: str) -> str:
-    """Where a file is written before it is whole: a temporary name on a local disk (renamed by
-    `_commit`), its own name on an object store (which shows it once it is closed)."""
-    return store.file(f".tmp-{name}" if isinstance(store.fs, pafs.LocalFileSystem) else name)
-
-
-def _commit(store: BatchStore, name: str) -> None:
-    if isinstance(store.fs, pafs.LocalFileSystem):
-        os.replace(store.file(f".tmp-{name}"), store.file(name))
 
 
 # --------------------------------------------------------------------------- running the batches
