@@ -121,10 +121,23 @@ def llm_map(rows, task: LLMTask, endpoint: EndpointConfig, *, reask: bool = Fals
         limits = context.execution_options.resource_limits
         context.execution_options.resource_limits = limits.copy(
             object_store_memory=min(limits.object_store_memory, API_OBJECT_STORE_BYTES))
-        context.target_max_block_size = min(context.target_max_block_size or API_READ_BLOCK_BYTES,
-                                            API_READ_BLOCK_BYTES)
+        small_blocks(rows)
         return map_with_api(rows, task, endpoint, progress=progress, sink=sink, reask=reask)
     return _map_with_vllm(rows, task, endpoint, reask=reask, progress=progress, sink=sink)
+
+
+def small_blocks(rows) -> None:
+    """Cap the blocks of `rows`'s whole pipeline, the read included, at `API_READ_BLOCK_BYTES`
+    (Ray Data's default is 128 MiB: a driver that takes the blocks in would hold that much)."""
+    context = rows.context
+    context.target_max_block_size = min(context.target_max_block_size or API_READ_BLOCK_BYTES, API_READ_BLOCK_BYTES)
+
+
+def run_to_end(results) -> None:
+    """Run a Dataset whose work is done on the workers (the `sink` of `llm_map` writes each batch),
+    without fetching its rows of counts to the driver: it only follows the blocks' references."""
+    for _ in results.iter_internal_ref_bundles():
+        pass
 
 
 def needs_reask(results: pa.Table) -> pa.ChunkedArray:

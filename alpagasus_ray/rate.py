@@ -34,7 +34,7 @@ from alpagasus_ray.backends.openai_api import require_key
 from alpagasus_ray.config import BATCH_BACKENDS, Config, ConfigError, RateConfig, config_for_record
 from alpagasus_ray.data import INVALID_REASON, InputError, InputScan, input_dataset, scan_input
 from alpagasus_ray.layout import RunDir, open_filesystem
-from alpagasus_ray.llm_map import Reply, Request, llm_map
+from alpagasus_ray.llm_map import Reply, Request, llm_map, run_to_end
 from alpagasus_ray.progress import watch
 from alpagasus_ray.prompts import (
     CHARS_PER_TOKEN, PROMPT_VERSION, RATING_SYSTEM, RATING_USER, SCORE_CHOICES, expected_score, parse_score,
@@ -168,8 +168,7 @@ def _rate_new_rows(config: Config, scan: InputScan, store: RatedStore, meta: dic
     rated = llm_map(valid, RatingTask(config.rate), config.rate, progress=progress, sink=sink)
     if scan.invalid:
         rated = rated.union(set_aside_dataset(rows, config.run_dir, meta, progress))
-    for _ in rated.iter_batches(batch_size=None):  # one row of counts per batch
-        pass
+    run_to_end(rated)
 
 
 def _ask_again(store: RatedStore, cfg: RateConfig, meta: dict, progress, ids: list[str], reask: bool) -> None:
@@ -187,8 +186,7 @@ def _ask_again(store: RatedStore, cfg: RateConfig, meta: dict, progress, ids: li
     table = pa.Table.from_batches(list(store.batches(SENT_COLUMNS, wanted)), schema=pa.schema([RATED_SCHEMA.field(n) for n in SENT_COLUMNS]))
     rows = ray.data.from_arrow([table.slice(i, cfg.batch_size) for i in range(0, table.num_rows, cfg.batch_size)])
     sink = PartWriter(store.run_dir, functools.partial(_rated_rows, meta=meta))
-    for _ in llm_map(rows, RatingTask(cfg), cfg, reask=reask, progress=progress, sink=sink).iter_batches(batch_size=None):
-        pass
+    run_to_end(llm_map(rows, RatingTask(cfg), cfg, reask=reask, progress=progress, sink=sink))
     replaced = ask_again_filter(retry_failed=not reask, reask=reask)
     store.drop_rows(ids, replaced, keep_parts=set(store.parts()) - set(old_parts))
 

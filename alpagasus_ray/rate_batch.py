@@ -36,6 +36,7 @@ from alpagasus_ray.backends.batches import (
 from alpagasus_ray.config import Config
 from alpagasus_ray.data import InputScan, input_dataset
 from alpagasus_ray.layout import RunDir
+from alpagasus_ray.llm_map import run_to_end, small_blocks
 from alpagasus_ray.progress import batch_counts
 from alpagasus_ray.rated import RATED_SCHEMA, RatedStore, ask_again_filter, done_ids, skip_done
 
@@ -62,11 +63,11 @@ def rate_in_batches(config: Config, scan: InputScan, store: RatedStore, meta: di
     if done is not None:
         rows = rows.map_batches(skip_done, fn_kwargs={"done": [done]}, batch_format="pyarrow", batch_size=None, **LIGHT)
     if scan.invalid:
-        for _ in set_aside_dataset(rows, config.run_dir, meta, progress).iter_batches(batch_size=None):
-            pass
+        run_to_end(set_aside_dataset(rows, config.run_dir, meta, progress))
     requests = rows.map_batches(_rows_to_send, batch_format="pyarrow", batch_size=None, **LIGHT).map_batches(
         add_requests, fn_kwargs={"task": task, "endpoint": cfg, "attempts": 1}, batch_format="pyarrow",
         batch_size=None, **LIGHT)
+    small_blocks(requests)  # the driver writes the request lines a block at a time
     new = write_requests(batches, requests.iter_batches(batch_size=None, batch_format="pyarrow"), cfg, "first", 1)
     if new:
         log.info("rate: %s rows written into %d request files", f"{sum(r.rows for r in new):,}", len(new))
