@@ -9,7 +9,9 @@ Builds copies of the Alpaca 52k set (a suffix per copy, so every row is new) as 
 a temporary directory, and runs `alpagasus rate` (with --dry-run, or against a local fake
 OpenAI-compatible server at low latency whose scores spread as the paper's do, about a fifth at
 4.5 or above; then `alpagasus filter`) as a subprocess on each, sampling
-the driver's resident memory every 50 ms. Each size runs in a fresh process with its own local Ray.
+the driver's resident memory every 50 ms: its RSS, and its RSS less the pages of Ray's shared
+object store (/dev/shm) it has mapped, which the RSS counts though they are the store's memory.
+Each size runs in a fresh process with its own local Ray.
 Prints each figure and the ratios against the smallest size, measured in the same run.
 """
 
@@ -49,18 +51,38 @@ def make_input(rows: int, out_dir: str) -> str:
     return path
 
 
+def shared_memory_bytes(pid: int) -> int:
+    """Bytes of shared memory (on Linux `RssShmem`: the pages of Ray's object store in /dev/shm)
+    resident in the process, which its RSS counts though they are the object store's."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssShmem:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+PEAKS: dict[str, float] = {}  # the last command's peak RSS without the object store's pages, MB
+
+
 def run_measured(command: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """(peak RSS of the process in MB, wall seconds, output tail) of one command."""
+    """(peak RSS of the process in MB, wall seconds, output tail) of one command. The peak of its
+    RSS less the object store's shared pages goes to `PEAKS["own"]`."""
     started = time.time()
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-        watched, peak = psutil.Process(proc.pid), 0
+        watched, peak, own = psutil.Process(proc.pid), 0, 0
         while proc.poll() is None:
             try:
-                peak = max(peak, watched.memory_info().rss)
+                rss = watched.memory_info().rss
+                peak = max(peak, rss)
+                own = max(own, rss - shared_memory_bytes(proc.pid))
             except psutil.NoSuchProcess:
                 break
             time.sleep(0.05)
+        PEAKS["own"] = own / 2**20
         wall = time.time() - started
         log.seek(0)
         tail = log.read().decode(errors="replace")[-3000:]
@@ -104,13 +126,16 @@ def rate_and_filter(sizes: list[int], work: str, latency: float, concurrency: in
                                           f"rate.base_url={url}", f"data.path={data}", f"run_dir={run_dir}",
                                           f"rate.concurrency={concurrency}", "rate.num_workers=2",
                                           "rate.max_retries=2"))
+            own = PEAKS["own"]
             filt = filter_measured(run_dir)
-            results.append((rows, rate, filt))
-            print(f"{rows:>9,} rows: rate RSS {rate[0]:6.0f} MB wall {rate[1]:7.1f} s ({rows / rate[1]:.0f} rows/s); "
+            results.append((rows, rate, filt, own))
+            print(f"{rows:>9,} rows: rate RSS {rate[0]:6.0f} MB ({own:.0f} MB without the object store's pages) "
+                  f"wall {rate[1]:7.1f} s ({rows / rate[1]:.0f} rows/s); "
                   f"filter RSS {filt[0]:6.0f} MB wall {filt[1]:6.1f} s", flush=True)
     base = results[0]
-    for rows, rate, filt in results[1:]:
-        print(f"{rows:,} over {base[0]:,}: rate RSS x{rate[0] / base[1][0]:.2f}, wall x{rate[1] / base[1][1]:.2f}; "
+    for rows, rate, filt, own in results[1:]:
+        print(f"{rows:,} over {base[0]:,}: rate RSS x{rate[0] / base[1][0]:.2f} (without the object store's pages "
+              f"x{own / base[3]:.2f}), wall x{rate[1] / base[1][1]:.2f}; "
               f"filter RSS x{filt[0] / base[2][0]:.2f}, wall x{filt[1] / base[2][1]:.2f}")
 
 
@@ -134,16 +159,19 @@ def batch_rate(sizes: list[int], work: str) -> None:
                   f"cost at most ${dry['cost_usd_at_most']:,.2f} (synchronous ${dry['cost_usd_at_most_synchronous']:,.2f})",
                   flush=True)
             rss, wall, _ = run_measured(alpagasus("rate", *common))
+            own = PEAKS["own"]
             with open(f"{run_dir}/rated_summary.json") as f:
                 summary = json.load(f)
             collected = summary["batches"]["collected_rows_per_second"]
-            results.append((rows, rss, wall))
-            print(f"{rows:>9,} rows: rate RSS {rss:6.0f} MB wall {wall:7.1f} s ({rows / wall:.0f} rows/s), "
+            results.append((rows, rss, wall, own))
+            print(f"{rows:>9,} rows: rate RSS {rss:6.0f} MB ({own:.0f} MB without the object store's pages) "
+                  f"wall {wall:7.1f} s ({rows / wall:.0f} rows/s), "
                   f"collector {collected:,.0f} rows/s, {summary['batches']['request_files']} batches, "
                   f"by status {summary['by_status']}", flush=True)
     base = results[0]
-    for rows, rss, wall in results[1:]:
-        print(f"batch {rows:,} over {base[0]:,}: RSS x{rss / base[1]:.2f}, wall x{wall / base[2]:.2f}")
+    for rows, rss, wall, own in results[1:]:
+        print(f"batch {rows:,} over {base[0]:,}: RSS x{rss / base[1]:.2f} (without the object store's pages "
+              f"x{own / base[3]:.2f}), wall x{wall / base[2]:.2f}")
 
 
 def filter_measured(run_dir: str) -> tuple[float, float, str]:
