@@ -108,12 +108,8 @@ def llm_map(rows, task: LLMTask, endpoint: EndpointConfig, *, reask: bool = Fals
     if endpoint.backend == "openai":
         from alpagasus_ray.backends.openai_api import map_with_api
 
-        # Blocks of a few batches: an actor pool grows with the blocks waiting for it, and a large
-        # block (a read yields up to 2,048 rows) would keep one actor busy while the others idle;
-        # each batch is still saved as soon as it finishes.
-        rows = rows.repartition(target_num_rows_per_block=endpoint.batch_size * API_BATCHES_PER_BLOCK)
-        # Ray keeps an object under 100 KB (such a block) in the memory of the process that owns
-        # it, the driver: blocks read ahead of a slow API piled up there (+110 MB after 94k of
+        # Ray keeps an object under 100 KB (a block of a few batches) in the memory of the process
+        # that owns it, the driver: blocks read ahead of a slow API piled up there (+110 MB after 94k of
         # 520k rows), and a read block (up to 128 MiB by default) is cut into batches all at
         # once (4,067 at 520k rows). A capped object-store budget and small read blocks bound
         # them. The context is the whole pipeline's, the read included.

@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 import psutil
 
@@ -64,12 +65,15 @@ def shared_memory_bytes(pid: int) -> int:
     return 0
 
 
-PEAKS: dict[str, float] = {}  # the last command's peak RSS without the object store's pages, MB
+class Measured(NamedTuple):
+    rss: float  # peak RSS, MB
+    own: float  # peak of the RSS less the object store's shared pages, MB
+    wall: float  # seconds
+    tail: str  # the end of the output
 
 
-def run_measured(command: list[str], env: dict | None = None) -> tuple[float, float, str]:
-    """(peak RSS of the process in MB, wall seconds, output tail) of one command. The peak of its
-    RSS less the object store's shared pages goes to `PEAKS["own"]`."""
+def run_measured(command: list[str], env: dict | None = None) -> Measured:
+    """The peak memory, wall time and output tail of one command."""
     started = time.time()
     with tempfile.TemporaryFile() as log:
         proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT)
@@ -82,13 +86,12 @@ def run_measured(command: list[str], env: dict | None = None) -> tuple[float, fl
             except psutil.NoSuchProcess:
                 break
             time.sleep(0.05)
-        PEAKS["own"] = own / 2**20
         wall = time.time() - started
         log.seek(0)
         tail = log.read().decode(errors="replace")[-3000:]
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed ({proc.returncode}):\n{tail}")
-    return peak / 2**20, wall, tail
+    return Measured(peak / 2**20, own / 2**20, wall, tail)
 
 
 def alpagasus(*args: str) -> list[str]:
@@ -99,9 +102,9 @@ def dry_run(sizes: list[int], work: str) -> None:
     results = []
     for rows in sizes:
         data = make_input(rows, work)
-        rss, wall, _ = run_measured(alpagasus("rate", "--dry-run", "--config", "configs/rate_openai_compatible.yaml",
-                                              "rate.base_url=http://127.0.0.1:9/v1", f"data.path={data}",
-                                              f"run_dir={work}/dry-{rows}"))
+        rss, _, wall, _ = run_measured(alpagasus("rate", "--dry-run", "--config", "configs/rate_openai_compatible.yaml",
+                                                 "rate.base_url=http://127.0.0.1:9/v1", f"data.path={data}",
+                                                 f"run_dir={work}/dry-{rows}"))
         results.append((rows, rss, wall))
         print(f"dry-run {rows:>9,} rows: driver peak RSS {rss:7.0f} MB, wall {wall:6.1f} s", flush=True)
     base = results[0]
@@ -126,17 +129,16 @@ def rate_and_filter(sizes: list[int], work: str, latency: float, concurrency: in
                                           f"rate.base_url={url}", f"data.path={data}", f"run_dir={run_dir}",
                                           f"rate.concurrency={concurrency}", "rate.num_workers=2",
                                           "rate.max_retries=2"))
-            own = PEAKS["own"]
             filt = filter_measured(run_dir)
-            results.append((rows, rate, filt, own))
-            print(f"{rows:>9,} rows: rate RSS {rate[0]:6.0f} MB ({own:.0f} MB without the object store's pages) "
-                  f"wall {rate[1]:7.1f} s ({rows / rate[1]:.0f} rows/s); "
-                  f"filter RSS {filt[0]:6.0f} MB wall {filt[1]:6.1f} s", flush=True)
-    base = results[0]
-    for rows, rate, filt, own in results[1:]:
-        print(f"{rows:,} over {base[0]:,}: rate RSS x{rate[0] / base[1][0]:.2f} (without the object store's pages "
-              f"x{own / base[3]:.2f}), wall x{rate[1] / base[1][1]:.2f}; "
-              f"filter RSS x{filt[0] / base[2][0]:.2f}, wall x{filt[1] / base[2][1]:.2f}")
+            results.append((rows, rate, filt))
+            print(f"{rows:>9,} rows: rate RSS {rate.rss:6.0f} MB ({rate.own:.0f} MB without the object store's pages) "
+                  f"wall {rate.wall:7.1f} s ({rows / rate.wall:.0f} rows/s); "
+                  f"filter RSS {filt.rss:6.0f} MB wall {filt.wall:6.1f} s", flush=True)
+    _, rate0, filt0 = results[0]
+    for rows, rate, filt in results[1:]:
+        print(f"{rows:,} over {results[0][0]:,}: rate RSS x{rate.rss / rate0.rss:.2f} (without the object store's "
+              f"pages x{rate.own / rate0.own:.2f}), wall x{rate.wall / rate0.wall:.2f}; "
+              f"filter RSS x{filt.rss / filt0.rss:.2f}, wall x{filt.wall / filt0.wall:.2f}")
 
 
 def batch_rate(sizes: list[int], work: str) -> None:
@@ -153,13 +155,12 @@ def batch_rate(sizes: list[int], work: str) -> None:
             run_dir = f"{work}/batch-{rows}-{time.time():.0f}"
             common = ["--config", "configs/rate_openai_batch.yaml", f"rate.base_url={url}", f"data.path={data}",
                       f"run_dir={run_dir}", "rate.batch_poll_seconds=1", "rate.batch_poll_max_seconds=5", *prices]
-            _, _, dry = run_measured(alpagasus("rate", "--dry-run", *common))
+            dry = run_measured(alpagasus("rate", "--dry-run", *common)).tail
             dry = json.loads(dry[dry.rindex("{\n"):])
             print(f"dry-run {rows:>9,} rows: {dry['request_files']} request files, "
                   f"cost at most ${dry['cost_usd_at_most']:,.2f} (synchronous ${dry['cost_usd_at_most_synchronous']:,.2f})",
                   flush=True)
-            rss, wall, _ = run_measured(alpagasus("rate", *common))
-            own = PEAKS["own"]
+            rss, own, wall, _ = run_measured(alpagasus("rate", *common))
             with open(f"{run_dir}/rated_summary.json") as f:
                 summary = json.load(f)
             collected = summary["batches"]["collected_rows_per_second"]
@@ -174,18 +175,18 @@ def batch_rate(sizes: list[int], work: str) -> None:
               f"x{own / base[3]:.2f}), wall x{wall / base[2]:.2f}")
 
 
-def filter_measured(run_dir: str) -> tuple[float, float, str]:
+def filter_measured(run_dir: str) -> Measured:
     return run_measured(alpagasus("filter", "--config", "configs/filter_alpagasus_9k.yaml", f"run_dir={run_dir}",
                                   "filter.plots=false"))
 
 
 def filter_only(run_dirs: list[str]) -> None:
     results = [(run_dir, filter_measured(run_dir)) for run_dir in run_dirs]
-    for run_dir, (rss, wall, tail) in results:
+    for run_dir, (rss, _, wall, tail) in results:
         print(f"filter {run_dir}: RSS {rss:6.0f} MB wall {wall:6.1f} s; {tail.strip().splitlines()[-2]}")
     base = results[0][1]
-    for run_dir, (rss, wall, _) in results[1:]:
-        print(f"filter {run_dir} over the first: RSS x{rss / base[0]:.2f}, wall x{wall / base[1]:.2f}")
+    for run_dir, (rss, _, wall, _) in results[1:]:
+        print(f"filter {run_dir} over the first: RSS x{rss / base.rss:.2f}, wall x{wall / base.wall:.2f}")
 
 
 def main() -> None:

@@ -57,9 +57,14 @@ def map_with_api(rows, task, endpoint: EndpointConfig, progress=None, sink=None,
         )
     fewest, most = pool_size(endpoint.num_workers)
     slots = endpoint.concurrency // most  # the concurrency holds with the pool at its largest
+    # Blocks of a few batches: an actor pool grows with the blocks waiting for it, and a large
+    # block (a read yields up to 2,048 rows) would keep one actor busy while the others idle;
+    # each batch is still saved as soon as it finishes.
+    block_rows = endpoint.batch_size * API_BATCHES_PER_BLOCK
+    rows = rows.repartition(target_num_rows_per_block=block_rows)
     # Enough blocks per actor that a full batch is waiting whenever one finishes (the batches of
     # a block run at once, their rows queued for the slots in order).
-    calls = math.ceil(slots / (endpoint.batch_size * API_BATCHES_PER_BLOCK)) + 1
+    calls = math.ceil(slots / block_rows) + 1
     # An autoscaling pool grows when its actors hold more blocks than they run at once (Ray Data
     # adds actors at 1.75 blocks queued or running per call slot): let blocks queue up to twice that.
     queued = 2 * calls if most > fewest else calls
