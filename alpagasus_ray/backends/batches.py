@@ -459,47 +459,10 @@ def _mark_collected(store: BatchStore, record: BatchRecord) -> None:
     store.save(record)
 
 
-class _TopLogprob(BaseModel):
-    token: str
-    logprob: float
-
-
-class _TokenLogprob(_TopLogprob):
-    top_logprobs: list[_TopLogprob] = []
-
-
-class _Logprobs(BaseModel):
-    content: list[_TokenLogprob] | None = None
-
-
-class _Message(BaseModel):
-    content: str | None = None
-
-
-class _Choice(BaseModel):
-    message: _Message
-    logprobs: _Logprobs | None = None
-    finish_reason: str | None = None
-
-
-class _Usage(BaseModel):
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-
-class LineCompletion(BaseModel):
-    """The part of a chat completion that a result is read from, with the attribute names of
-    `openai`'s `ChatCompletion`. Validating only these fields (not, say, each logprob's list of
-    bytes) reads a line about twice as fast; a body without them is still an unreadable reply."""
-
-    choices: list[_Choice]
-    usage: _Usage | None = None
-
-
 def line_result(task, row: dict, line: dict, attempts: int) -> dict:
     """The result of one line of an output or error file: the task's reading of the reply, or
     request_failed with the API's reason."""
-    from alpagasus_ray.backends.openai_api import read_reply, usage
+    from alpagasus_ray.backends.openai_api import ChatBody, body_problem, read_reply, usage
 
     response = line.get("response") or {}
     status = response.get("status_code")
@@ -507,9 +470,9 @@ def line_result(task, row: dict, line: dict, attempts: int) -> dict:
     if line.get("error") or status != 200:
         return result_row(task, None, C.REQUEST_FAILED, attempts, _reason(status, body, line.get("error")), 0, 0)
     try:
-        completion = LineCompletion.model_validate(body)
+        completion = ChatBody.model_validate(body)
     except ValidationError as e:
-        problem = f"unreadable response body: {str(body)[:200]!r} ({e.error_count()} problems)"
+        problem = f"unreadable response body: {str(body)[:200]!r} ({body_problem(e)})"
         return result_row(task, None, C.REQUEST_FAILED, attempts, problem, 0, 0)
     tokens_in, tokens_out = usage(completion)
     if not completion.choices:

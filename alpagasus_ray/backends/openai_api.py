@@ -4,7 +4,10 @@ actors (`map_with_api`), for every stage.
 Each actor keeps up to `concurrency / num_workers` requests in flight on one event loop (the largest
 number of workers, when `num_workers` is a range [min, max] for an autoscaling pool).
 Retries of 429, 5xx and timeouts are the openai client's own (bounded by `max_retries`,
-honouring Retry-After). Requests-per-minute and tokens-per-minute limits are held by one shared
+honouring Retry-After). A reply is read into `ChatBody` or `TextBody`, only the fields a result
+needs, from the raw body: the client's own typed `ChatCompletion` of a reply with logprobs costs
+the event loop several times more (a bare loop of 64 requests in flight at 1 s reached 0.88 of
+C/L with it, 0.985 without). Requests-per-minute and tokens-per-minute limits are held by one shared
 limiter actor for all workers, which a 429's Retry-After also pauses.
 """
 
@@ -13,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import json
 import math
 import os
 from dataclasses import dataclass
@@ -21,6 +23,7 @@ from typing import Any, Awaitable, Callable
 
 import openai
 import pyarrow as pa
+from pydantic import BaseModel, ValidationError
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import ConfigError, EndpointConfig, api_key, pool_size
@@ -104,25 +107,27 @@ class ApiWorker:
         """One chat completion under the slots and the limiter."""
         prompt = sum(estimate_tokens(m["content"]) for m in messages)
         async with self._turn(prompt + max_tokens):
-            return await self.client.chat.completions.create(
+            raw = await self.client.chat.completions.with_raw_response.create(
                 model=self.cfg.model, messages=messages, max_tokens=max_tokens, temperature=self.cfg.temperature,
                 extra_body=self.cfg.extra_body or None, **extra,
             )
+        return ChatBody.model_validate_json(raw.content)
 
     async def complete(self, prompt: str, max_tokens: int):
         """One plain completion (no chat template) under the slots and the limiter."""
         async with self._turn(estimate_tokens(prompt) + max_tokens):
-            return await self.client.completions.create(
+            raw = await self.client.completions.with_raw_response.create(
                 model=self.cfg.model, prompt=prompt, max_tokens=max_tokens, temperature=self.cfg.temperature,
                 extra_body=self.cfg.extra_body or None,
             )
+        return TextBody.model_validate_json(raw.content)
 
     async def ask(self, send: Callable[[], Awaitable], read: Callable[[Any], tuple[Any, str | None]],
                   first: int = 1) -> "Asked":
         """`send()` a request; ask once more when its reply cannot be used.
 
-        A reply cannot be used when its body is not JSON or has no choices (the client does not
-        retry a 200), or when `read(reply)` returns a problem (e.g. no score in it); `read`
+        A reply cannot be used when its body is not JSON, lacks a field a result is read from, or
+        has no choices (the client does not retry a 200), or when `read(reply)` returns a problem (e.g. no score in it); `read`
         returns (value, problem). An HTTP error the client has already retried (429, 5xx,
         timeouts) ends the asking at once. `first` is the number of this first ask (2 for a re-ask).
         """
@@ -131,8 +136,8 @@ class ApiWorker:
             asked.attempts = attempt
             try:
                 reply = await send()
-            except json.JSONDecodeError as e:
-                asked.value, asked.error = None, f"unreadable response body: {e.msg}"
+            except ValidationError as e:
+                asked.value, asked.error = None, f"unreadable response body: {body_problem(e)}"
                 continue
             except openai.APIError as e:
                 asked.value, asked.error, asked.failed = None, describe_error(e), True
@@ -240,12 +245,76 @@ def retry_after_seconds(headers) -> float | None:
     return None
 
 
-def read_reply(reply) -> tuple[str, list[list[tuple[str, float]]]]:
+class _TopLogprob(BaseModel):
+    token: str
+    logprob: float
+
+
+class _TokenLogprob(_TopLogprob):
+    top_logprobs: list[_TopLogprob] = []
+
+
+class _Logprobs(BaseModel):
+    content: list[_TokenLogprob] | None = None
+
+
+class _Message(BaseModel):
+    content: str | None = None
+
+
+class _ChatChoice(BaseModel):
+    message: _Message
+    logprobs: _Logprobs | None = None
+    finish_reason: str | None = None
+
+
+class _TextChoice(BaseModel):
+    text: str
+    finish_reason: str | None = None
+
+
+class _Usage(BaseModel):
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
+class ChatBody(BaseModel):
+    """The part of a chat completion's body that a result is read from, with the attribute names
+    of `openai`'s `ChatCompletion`. Only these fields are validated (not, say, each logprob's list
+    of bytes); a body without them is an unreadable reply. Also a line of a Batch API output file."""
+
+    choices: list[_ChatChoice]
+    usage: _Usage | None = None
+
+
+class TextBody(BaseModel):
+    """The same for a plain completion (`/v1/completions`)."""
+
+    choices: list[_TextChoice]
+    usage: _Usage | None = None
+
+
+def body_problem(error: ValidationError) -> str:
+    """What is wrong with a body, in a few words: the first problem and how many there are.
+
+    >>> try:
+    ...     ChatBody.model_validate_json(b'{"choices": [{}]}')
+    ... except ValidationError as e:
+    ...     body_problem(e)
+    'choices.0.message: Field required'
+    """
+    first = error.errors()[0]
+    where = ".".join(str(part) for part in first["loc"])
+    more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
+    return f"{where + ': ' if where else ''}{first['msg']}{more}"
+
+
+def read_reply(reply: ChatBody | TextBody) -> tuple[str, list[list[tuple[str, float]]]]:
     """(text, top logprobs per token) of a chat or plain completion that has choices."""
     choice = reply.choices[0]
-    if hasattr(choice, "text"):  # a plain completion
-        return choice.text or "", []
-    text = (choice.message.content if choice.message else None) or ""
+    if isinstance(choice, _TextChoice):
+        return choice.text, []
+    text = choice.message.content or ""
     positions = []
     content = getattr(choice.logprobs, "content", None) if choice.logprobs else None
     for entry in content or []:
