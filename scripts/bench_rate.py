@@ -8,6 +8,12 @@ the real openai client) against a local OpenAI-compatible server that answers ev
 achieved fraction of it, and the same fraction for the AlpaGasus reference pattern
 (asyncio.gather over batches of 5 requests, one batch after another) measured in the same run on
 a slice of the rows, plus the driver's peak memory.
+
+    python scripts/bench_rate.py --client-only [--latency 1.0] [--seconds 40]
+
+measures instead the ceiling of one event loop with no Ray: `concurrency` coroutines sending
+request after request through the openai client for `seconds`, once reading each reply into the
+client's typed ChatCompletion and once into the pipeline's ChatBody from the raw body.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from fake_openai_server import reset, serve, stats  # noqa: E402
 
 from alpagasus_ray.config import load_config  # noqa: E402
+from alpagasus_ray.backends.openai_api import ChatBody  # noqa: E402
 from alpagasus_ray.prompts import rating_messages  # noqa: E402
 from alpagasus_ray.rate import run_rate  # noqa: E402
 
@@ -57,6 +64,45 @@ def reference_pattern(url: str, rows: list[dict], group: int = 5) -> None:
     asyncio.run(run())
 
 
+def client_loop(url: str, rows: list[dict], concurrency: int, seconds: float, top_logprobs: int, raw: bool) -> None:
+    """`concurrency` coroutines on one event loop, each sending request after request for `seconds`."""
+    import openai
+
+    async def run() -> None:
+        client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=3)
+        end = time.monotonic() + seconds
+
+        async def sender(first: int) -> None:
+            for i in range(first, 10**9, concurrency):
+                if time.monotonic() >= end:
+                    return
+                r = rows[i % len(rows)]
+                kwargs = dict(model="fake", max_tokens=256, temperature=0, logprobs=True, top_logprobs=top_logprobs,
+                              messages=rating_messages(r["instruction"], r["input"], r["output"]))
+                if raw:
+                    reply = await client.chat.completions.with_raw_response.create(**kwargs)
+                    ChatBody.model_validate_json(reply.content)
+                else:
+                    await client.chat.completions.create(**kwargs)
+
+        await asyncio.gather(*(sender(k) for k in range(concurrency)))
+        await client.close()
+
+    asyncio.run(run())
+
+
+def client_only(args, ideal: float) -> None:
+    top_logprobs = load_config(None, []).rate.top_logprobs
+    rows = json.load(open(DATA))[:5_000]
+    with serve({"latency": args.latency}) as url:
+        for raw in (False, True):
+            reset(url)
+            client_loop(url, rows, args.concurrency, args.seconds, top_logprobs, raw)
+            rate, _ = server_rate(url)
+            how = "raw body into ChatBody" if raw else "typed ChatCompletion"
+            print(f"client only, {how}: {rate:.1f} req/s, {rate / ideal:.3f} of C/L")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency", type=float, default=0.2, help="server latency L in seconds")
@@ -65,8 +111,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=52_002, help="rows to rate (all 52,002 by default)")
     parser.add_argument("--no-logprobs", action="store_true", help="do not ask for top logprobs")
     parser.add_argument("--reference-rows", type=int, default=500, help="rows for the reference pattern")
+    parser.add_argument("--client-only", action="store_true", help="the openai client on one event loop, no Ray")
+    parser.add_argument("--seconds", type=float, default=40, help="how long each --client-only loop runs")
     args = parser.parse_args()
     ideal = args.concurrency / args.latency
+    if args.client_only:
+        return client_only(args, ideal)
 
     with serve({"latency": args.latency}) as url, tempfile.TemporaryDirectory() as run_dir:
         config = load_config(None, [

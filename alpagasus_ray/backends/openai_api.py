@@ -126,10 +126,11 @@ class ApiWorker:
                   first: int = 1) -> "Asked":
         """`send()` a request; ask once more when its reply cannot be used.
 
-        A reply cannot be used when its body is not JSON, lacks a field a result is read from, or
-        has no choices (the client does not retry a 200), or when `read(reply)` returns a problem (e.g. no score in it); `read`
-        returns (value, problem). An HTTP error the client has already retried (429, 5xx,
-        timeouts) ends the asking at once. `first` is the number of this first ask (2 for a re-ask).
+        A reply cannot be used when its body is not JSON, lacks a field a result is read from or
+        has no choices (the client does not retry a 200), or when `read(reply)` returns a problem
+        (e.g. no score in it); `read` returns (value, problem). An HTTP error the client has
+        already retried (429, 5xx, timeouts) ends the asking at once. `first` is the number of
+        this first ask (2 for a re-ask).
         """
         asked = Asked()
         for attempt in range(first, MAX_ASKS + 1):
