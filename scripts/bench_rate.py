@@ -13,7 +13,8 @@ a slice of the rows, plus the driver's peak memory.
 
 measures instead the ceiling of one event loop with no Ray: `concurrency` coroutines sending
 request after request through the openai client for `seconds`, once reading each reply into the
-client's typed ChatCompletion and once into the pipeline's ChatBody from the raw body.
+client's typed ChatCompletion and once as the pipeline's API actors ask (`ApiWorker.chat`: the
+raw body into ChatBody).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from fake_openai_server import reset, serve, stats  # noqa: E402
 
 from alpagasus_ray.config import load_config  # noqa: E402
-from alpagasus_ray.backends.openai_api import ChatBody  # noqa: E402
+from alpagasus_ray.backends.openai_api import ApiWorker  # noqa: E402
 from alpagasus_ray.prompts import rating_messages  # noqa: E402
 from alpagasus_ray.rate import run_rate  # noqa: E402
 
@@ -64,12 +65,15 @@ def reference_pattern(url: str, rows: list[dict], group: int = 5) -> None:
     asyncio.run(run())
 
 
-def client_loop(url: str, rows: list[dict], concurrency: int, seconds: float, top_logprobs: int, raw: bool) -> None:
-    """`concurrency` coroutines on one event loop, each sending request after request for `seconds`."""
-    import openai
+def client_loop(url: str, rows: list[dict], concurrency: int, seconds: float, raw: bool) -> None:
+    """`concurrency` coroutines on one event loop, each sending request after request for `seconds`:
+    through the client's typed replies, or (`raw`) through the API actors' `ApiWorker.chat`."""
+    endpoint = load_config(None, ["rate.backend=openai", f"rate.base_url={url}", "rate.model=fake"]).rate
+    top_logprobs = endpoint.top_logprobs
 
     async def run() -> None:
-        client = openai.AsyncOpenAI(base_url=url, api_key="bench", max_retries=3)
+        worker = ApiWorker(endpoint, slots=concurrency)  # made on the loop that uses its semaphore
+        client = worker.client
         end = time.monotonic() + seconds
 
         async def sender(first: int) -> None:
@@ -77,13 +81,14 @@ def client_loop(url: str, rows: list[dict], concurrency: int, seconds: float, to
                 if time.monotonic() >= end:
                     return
                 r = rows[i % len(rows)]
-                kwargs = dict(model="fake", max_tokens=256, temperature=0, logprobs=True, top_logprobs=top_logprobs,
-                              messages=rating_messages(r["instruction"], r["input"], r["output"]))
+                messages = rating_messages(r["instruction"], r["input"], r["output"])
                 if raw:
-                    reply = await client.chat.completions.with_raw_response.create(**kwargs)
-                    ChatBody.model_validate_json(reply.content)
+                    await worker.chat(messages, endpoint.max_tokens, logprobs=True, top_logprobs=top_logprobs)
                 else:
-                    await client.chat.completions.create(**kwargs)
+                    await client.chat.completions.create(
+                        model="fake", messages=messages, max_tokens=endpoint.max_tokens, temperature=endpoint.temperature,
+                        logprobs=True, top_logprobs=top_logprobs,
+                    )
 
         await asyncio.gather(*(sender(k) for k in range(concurrency)))
         await client.close()
@@ -92,14 +97,13 @@ def client_loop(url: str, rows: list[dict], concurrency: int, seconds: float, to
 
 
 def client_only(args, ideal: float) -> None:
-    top_logprobs = load_config(None, []).rate.top_logprobs
     rows = json.load(open(DATA))[:5_000]
     with serve({"latency": args.latency}) as url:
         for raw in (False, True):
             reset(url)
-            client_loop(url, rows, args.concurrency, args.seconds, top_logprobs, raw)
+            client_loop(url, rows, args.concurrency, args.seconds, raw)
             rate, _ = server_rate(url)
-            how = "raw body into ChatBody" if raw else "typed ChatCompletion"
+            how = "ApiWorker.chat (raw body into ChatBody)" if raw else "typed ChatCompletion"
             print(f"client only, {how}: {rate:.1f} req/s, {rate / ideal:.3f} of C/L")
 
 

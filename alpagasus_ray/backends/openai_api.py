@@ -146,7 +146,7 @@ class ApiWorker:
             tokens_in, tokens_out = usage(reply)
             asked.tokens_in += tokens_in
             asked.tokens_out += tokens_out
-            if not getattr(reply, "choices", None):
+            if not reply.choices:
                 asked.value, asked.error = None, f"unreadable response: {str(reply)[:200]!r}"
                 continue
             asked.value, asked.error = read(reply)
