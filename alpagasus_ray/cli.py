@@ -23,7 +23,7 @@ import sys
 
 from alpagasus_ray import console
 from alpagasus_ray.config import ConfigError, load_config
-from alpagasus_ray.layout import RunDir
+from alpagasus_ray.store.layout import RunDir
 
 RUNNING = 3  # exit code of `rate --detach` while batches run
 
@@ -37,8 +37,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
     console.setup(args.verbose)
-    from alpagasus_ray.data import InputError
-    from alpagasus_ray.filter import FilterError
+    from alpagasus_ray.errors import InputError
+    from alpagasus_ray.stages.filter import FilterError
 
     try:
         return args.func(args)
@@ -125,7 +125,7 @@ def _stage(sub, name: str, func, help: str, description: str) -> argparse.Argume
 
 
 def _rate(args) -> int:
-    from alpagasus_ray.rate import run_rate
+    from alpagasus_ray.stages.rate import run_rate
 
     config = _load(args, logs=not args.dry_run)
     summary = run_rate(config, dry_run=args.dry_run, detach=args.detach, cancel=args.cancel)
@@ -143,7 +143,7 @@ def _rate(args) -> int:
 
 
 def _filter(args) -> int:
-    from alpagasus_ray.filter import run_filter
+    from alpagasus_ray.stages.filter import run_filter
 
     overrides = [*args.overrides, *([f"filter.compare={args.compare}"] if args.compare else [])]
     config = _load(args, overrides)
@@ -154,7 +154,7 @@ def _filter(args) -> int:
 
 
 def _train(args) -> int:
-    from alpagasus_ray.train import run_train
+    from alpagasus_ray.stages.train import run_train
 
     config = _load(args)
     metrics = run_train(config)
@@ -164,7 +164,7 @@ def _train(args) -> int:
 
 
 def _generate(args) -> int:
-    from alpagasus_ray.generate import run_generate
+    from alpagasus_ray.stages.generate import run_generate
 
     config = _load(args)
     for record in run_generate(config):
@@ -174,7 +174,7 @@ def _generate(args) -> int:
 
 
 def _judge(args) -> int:
-    from alpagasus_ray.judge import pair_name, run_judge
+    from alpagasus_ray.stages.judge import pair_name, run_judge
 
     config = _load(args)
     record = run_judge(config)
@@ -184,7 +184,7 @@ def _judge(args) -> int:
 
 
 def _report(args) -> int:
-    from alpagasus_ray.report import ALL, run_report
+    from alpagasus_ray.stages.report import ALL, run_report
 
     config = _load(args)
     report = run_report(config)

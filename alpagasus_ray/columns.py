@@ -26,3 +26,20 @@ PARSE_FAILED = "parse_failed"
 REQUEST_FAILED = "request_failed"
 INVALID_INPUT = "invalid_input"
 STATUSES = (OK, PARSE_FAILED, REQUEST_FAILED, INVALID_INPUT)
+
+# Asks per row: a reply that cannot be read is asked once more, then kept as parse_failed.
+MAX_ASKS = 2
+
+
+def to_ask_again(retry_failed: bool, reask: bool):
+    """The rows a pass asks again (a pyarrow filter): request failures (`retry_failed`), replies
+    not read on their first ask (`reask`), or both; None for neither."""
+    import pyarrow.compute as pc
+
+    wanted = None
+    if retry_failed:
+        wanted = pc.field(STATUS) == REQUEST_FAILED
+    if reask:
+        first_ask = (pc.field(STATUS) == PARSE_FAILED) & (pc.field(ATTEMPTS) < MAX_ASKS)
+        wanted = first_ask if wanted is None else wanted | first_ask
+    return wanted

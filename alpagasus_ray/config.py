@@ -14,6 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from alpagasus_ray.errors import ConfigError
 
 # Settings that change how fast a stage runs, or where it keeps scratch state, not its result:
 # left out of the fingerprints that decide whether a stage must run again.
@@ -35,10 +36,6 @@ def pool_size(value: int | tuple[int, int]) -> tuple[int, int]:
     ((4, 4), (1, 8))
     """
     return (value, value) if isinstance(value, int) else tuple(value)
-
-
-class ConfigError(ValueError):
-    """A config file or override that cannot be used; the message names the file and the key."""
 
 
 class _Strict(BaseModel):
@@ -258,6 +255,12 @@ class GenerateConfig(EndpointConfig):
     def _renamed_keys(cls, data: Any) -> Any:
         return _renamed(data, "generate", {"max_new_tokens": "max_tokens"})
 
+    @model_validator(mode="after")
+    def _api_needs_model(self) -> "GenerateConfig":
+        if self.backend == "openai" and self.model is None:
+            raise ValueError("generate.backend=openai needs generate.model, the model's name at the API")
+        return self
+
 
 class JudgeConfig(EndpointConfig):
     """The LLM judge that compares two models' answers, in both orders."""
@@ -313,7 +316,7 @@ def load_config(path: str | None, overrides: list[str] = ()) -> Config:
     >>> load_config(None, ["rate.concurency=8"])
     Traceback (most recent call last):
     ...
-    alpagasus_ray.config.ConfigError: <overrides>: rate.concurency: unknown key
+    alpagasus_ray.errors.ConfigError: <overrides>: rate.concurency: unknown key
     """
     raw: dict[str, Any] = {}
     source = "<overrides>"

@@ -98,7 +98,7 @@ def log_to(run_dir: str) -> str:
     """Write the logs of this command under `<run_dir>/logs/` from now on; returns that directory
     (a local one, copied to the run directory at exit when it is on an object store)."""
     global _log_dir, _file_handler, _run_root
-    from alpagasus_ray.layout import RunDir, is_local
+    from alpagasus_ray.store.layout import RunDir, is_local
 
     target = RunDir(run_dir).logs
     local = target if is_local(target) else os.path.join(tempfile.mkdtemp(prefix="alpagasus-logs-"), "logs")
@@ -170,7 +170,7 @@ def _write_worker_lines(data: dict) -> None:
 def _copy_logs(local: str, target: str) -> None:
     import pyarrow.fs as pafs
 
-    from alpagasus_ray.layout import open_filesystem
+    from alpagasus_ray.store.layout import open_filesystem
 
     for handler in (_file_handler, _worker_file):
         if handler is not None:

@@ -23,7 +23,7 @@ DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "demo.yaml")
 def run_demo(run_dir: str, overrides: list[str] = ()) -> str:
     """Run the demo into `run_dir`; returns the path of the report it wrote last."""
     from alpagasus_ray.pipeline import run_pipeline
-    from alpagasus_ray.layout import RunDir
+    from alpagasus_ray.store.layout import RunDir
 
     config = load_config(DEMO_CONFIG, [f"run_dir={run_dir}", *overrides])
     results = run_pipeline(config)

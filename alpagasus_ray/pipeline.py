@@ -23,8 +23,8 @@ import time
 from typing import Callable
 
 from alpagasus_ray.config import OPERATIONAL, Config, ConfigError, config_for_record
-from alpagasus_ray.layout import RunDir
-from alpagasus_ray.records import content_digest, read_json
+from alpagasus_ray.store.layout import RunDir, read_json, write_json
+from alpagasus_ray.store.records import content_digest
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +46,7 @@ def run_pipeline(config: Config, first: str | None = None, only: str | None = No
             raise ConfigError(f"{name} {value}: not a stage; the stages are {', '.join(STAGES)}")
     selected = [only] if only else list(STAGES[STAGES.index(first):] if first else STAGES)
     os.makedirs(config.run_dir, exist_ok=True)
-    with open(RunDir(config.run_dir).run_config, "w") as f:
-        json.dump(config_for_record(config), f, indent=2)
+    write_json(RunDir(config.run_dir).run_config, config_for_record(config))
     previous = _recorded(config.run_dir, STAGES[STAGES.index(selected[0]) - 1]) if selected[0] != STAGES[0] else None
     previous_fp = previous["fingerprint"] if previous else "start"
     results, rerun_rest, started = {}, False, time.time()
@@ -143,11 +142,7 @@ def _recorded(run_dir: str, stage: str) -> dict | None:
 
 
 def _record(run_dir: str, stage: str, record: dict) -> None:
-    path = RunDir(run_dir).stage_record(stage)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(f"{path}.tmp", "w") as f:
-        json.dump(record, f, indent=2, default=str)
-    os.replace(f"{path}.tmp", path)
+    write_json(RunDir(run_dir).stage_record(stage), record)
 
 
 def _one_line(summary) -> str:
@@ -156,7 +151,7 @@ def _one_line(summary) -> str:
 
 
 def _rate(config: Config) -> dict:
-    from alpagasus_ray.rate import run_rate
+    from alpagasus_ray.stages.rate import run_rate
 
     s = run_rate(config)
     return {k: s[k] for k in ("rows_in", "rows_out", "by_status", "tokens_in", "tokens_out", "cost_usd",
@@ -164,28 +159,28 @@ def _rate(config: Config) -> dict:
 
 
 def _filter(config: Config) -> dict:
-    from alpagasus_ray.filter import run_filter
+    from alpagasus_ray.stages.filter import run_filter
 
     r = run_filter(config)
     return {"mode": r["mode"], "selected": r["selected"], "pool": r["pool"]}
 
 
 def _train(config: Config) -> dict:
-    from alpagasus_ray.train import run_train
+    from alpagasus_ray.stages.train import run_train
 
     metrics = run_train(config)
     return {k: metrics.get(k) for k in ("step", "loss", "epoch", "tokens") if k in metrics}
 
 
 def _generate(config: Config) -> dict:
-    from alpagasus_ray.generate import run_generate
+    from alpagasus_ray.stages.generate import run_generate
 
     return {r["name"]: {k: r[k] for k in ("prompts", "by_finish_reason", "tokens_in", "tokens_out", "generated_this_run")}
             for r in run_generate(config)}
 
 
 def _judge(config: Config) -> dict:
-    from alpagasus_ray.judge import run_judge
+    from alpagasus_ray.stages.judge import run_judge
 
     r = run_judge(config)
     return {k: r[k] for k in ("candidate", "baseline", "judge", "judgments_by_status", "sent_this_run", "tokens_in",
@@ -193,7 +188,7 @@ def _judge(config: Config) -> dict:
 
 
 def _report(config: Config) -> dict:
-    from alpagasus_ray.report import ALL, run_report
+    from alpagasus_ray.stages.report import ALL, run_report
 
     report = run_report(config)
     return {"report": RunDir(config.run_dir).report_md,

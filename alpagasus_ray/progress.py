@@ -68,7 +68,7 @@ def start_progress():
 
 
 class _Reporter:
-    """Given to `llm_map` as `progress`: counts a batch on the worker, sends only the numbers."""
+    """Given to the LLM layer as `progress`: counts a batch on the worker, sends only the numbers."""
 
     def __init__(self, actor):
         self.actor = actor

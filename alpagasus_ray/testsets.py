@@ -12,7 +12,7 @@ import json
 import os
 
 from alpagasus_ray.config import TEST_SETS
-from alpagasus_ray.data import InputError
+from alpagasus_ray.errors import InputError
 
 TESTSET_DIR = os.path.join(os.path.dirname(__file__), "testsets")
 

@@ -12,6 +12,8 @@ import json
 import os
 import sys
 
+from alpagasus_ray.errors import InputError
+
 # A chat template in the Llama-2 spirit, short enough for a 256-token model window.
 CHAT_TEMPLATE = (
     "{% for m in messages %}"
@@ -125,6 +127,26 @@ def resolve_model(name: str) -> str:
         return name
     cache = os.environ.get("ALPAGASUS_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "alpagasus_ray"))
     return build_tiny_model(os.path.join(cache, "tiny-llama-v1"))
+
+
+def check_model_dir(model: str) -> None:
+    """Fail early, naming the directory, when a local model does not load (config and tokenizer).
+    A name that is not a local path (a hub id such as org/name) is left to the engine."""
+    if model == BUILTIN_MODEL:
+        return
+    looks_local = os.path.exists(model) or model.startswith(("/", ".", "~")) or model.count("/") > 1
+    if not looks_local:
+        return
+    if not os.path.isdir(model):
+        raise InputError(f"{model}: no such model directory (train first, or set generate.model)")
+    from transformers import AutoConfig, AutoTokenizer
+
+    try:
+        AutoConfig.from_pretrained(model)
+        AutoTokenizer.from_pretrained(model)
+    except Exception as e:  # transformers raises many kinds for a broken directory
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise InputError(f"{model}: the model directory does not load: {first}") from None
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from rated_fixtures import alpaca_rows, synthetic_ratings, write_rated  # noqa: E402
 
 from alpagasus_ray.config import load_config  # noqa: E402
-from alpagasus_ray.filter import run_filter  # noqa: E402
+from alpagasus_ray.stages.filter import run_filter  # noqa: E402
 
 CLAUDE = os.path.join(HERE, "..", "..", "shared", "data", "alpagasus_release", "claude_t45.json")
 MODES = {

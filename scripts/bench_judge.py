@@ -28,8 +28,8 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from fake_openai_server import reset, serve, stats  # noqa: E402
 
 from alpagasus_ray.config import load_config  # noqa: E402
-from alpagasus_ray.judge import run_judge  # noqa: E402
-from alpagasus_ray.judging import judge_messages  # noqa: E402
+from alpagasus_ray.stages.judge import run_judge  # noqa: E402
+from alpagasus_ray.rules.judging import judge_messages  # noqa: E402
 from alpagasus_ray.ray_runtime import ensure_ray  # noqa: E402
 from alpagasus_ray.config import TEST_SETS  # noqa: E402
 from alpagasus_ray.testsets import load_test_set  # noqa: E402

@@ -13,7 +13,7 @@ a slice of the rows, plus the driver's peak memory.
 
 measures instead the ceiling of one event loop with no Ray: `concurrency` coroutines sending
 request after request through the openai client for `seconds`, once reading each reply into the
-client's typed ChatCompletion and once as the pipeline's API actors ask (`ApiWorker.chat`: the
+client's typed ChatCompletion and once as the pipeline's API actors ask (`ApiWorker.send`: the
 raw body into ChatBody).
 """
 
@@ -34,9 +34,10 @@ sys.path.insert(0, os.path.join(HERE, "..", "tests"))
 from fake_openai_server import reset, serve, stats  # noqa: E402
 
 from alpagasus_ray.config import load_config  # noqa: E402
-from alpagasus_ray.backends.openai_api import ApiWorker  # noqa: E402
-from alpagasus_ray.prompts import rating_messages  # noqa: E402
-from alpagasus_ray.rate import run_rate  # noqa: E402
+from alpagasus_ray.llm.engines.api import ApiWorker  # noqa: E402
+from alpagasus_ray.llm.task import Request  # noqa: E402
+from alpagasus_ray.rules.prompts import rating_messages  # noqa: E402
+from alpagasus_ray.stages.rate import run_rate  # noqa: E402
 
 DATA = os.path.join(HERE, "..", "..", "shared", "data", "alpaca_52k_reconstructed.json")
 
@@ -67,7 +68,7 @@ def reference_pattern(url: str, rows: list[dict], group: int = 5) -> None:
 
 def client_loop(url: str, rows: list[dict], concurrency: int, seconds: float, raw: bool) -> None:
     """`concurrency` coroutines on one event loop, each sending request after request for `seconds`:
-    through the client's typed replies, or (`raw`) through the API actors' `ApiWorker.chat`."""
+    through the client's typed replies, or (`raw`) through the API actors' `ApiWorker.send`."""
     endpoint = load_config(None, ["rate.backend=openai", f"rate.base_url={url}", "rate.model=fake"]).rate
     top_logprobs = endpoint.top_logprobs
 
@@ -83,7 +84,7 @@ def client_loop(url: str, rows: list[dict], concurrency: int, seconds: float, ra
                 r = rows[i % len(rows)]
                 messages = rating_messages(r["instruction"], r["input"], r["output"])
                 if raw:
-                    await worker.chat(messages, endpoint.max_tokens, logprobs=True, top_logprobs=top_logprobs)
+                    await worker.send(Request(messages=messages, max_tokens=endpoint.max_tokens, top_logprobs=top_logprobs))
                 else:
                     await client.chat.completions.create(
                         model="fake", messages=messages, max_tokens=endpoint.max_tokens, temperature=endpoint.temperature,
@@ -103,7 +104,7 @@ def client_only(args, ideal: float) -> None:
             reset(url)
             client_loop(url, rows, args.concurrency, args.seconds, raw)
             rate, _ = server_rate(url)
-            how = "ApiWorker.chat (raw body into ChatBody)" if raw else "typed ChatCompletion"
+            how = "ApiWorker.send (raw body into ChatBody)" if raw else "typed ChatCompletion"
             print(f"client only, {how}: {rate:.1f} req/s, {rate / ideal:.3f} of C/L")
 
 

@@ -29,7 +29,7 @@ SHARED = os.path.join(HERE, "..", "..", "shared", "data")
 def bpe_lengths(rows: list[dict], max_length: int) -> list[int]:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-    from alpagasus_ray.recipe import alpaca_prompt
+    from alpagasus_ray.rules.recipe import alpaca_prompt
 
     texts = [alpaca_prompt(r["instruction"], r["input"]) + r["output"] for r in rows]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
@@ -42,7 +42,7 @@ def padding_report(max_length: int = 512, micro_batch: int = 4, workers: int = 4
     """The plan of the paper's 9k run (Table 5: 3 epochs, 128 examples a step, 4 workers x micro-batch 4)
     on the released 9,229-row subset: steps, rows per step and real/computed tokens, packed and not."""
     from alpagasus_ray.config import TrainConfig
-    from alpagasus_ray.train import describe_plan, plan_steps
+    from alpagasus_ray.stages.train import describe_plan, plan_steps
 
     rows = json.load(open(os.path.join(SHARED, "alpagasus_release", "random_9k.json")))
     lengths = bpe_lengths(rows, max_length)
@@ -64,7 +64,7 @@ def plain_loop_tokens_per_s(model_dir: str, examples, plan, micro_batch: int, lr
     import torch
     from transformers import AutoModelForCausalLM
 
-    from alpagasus_ray.recipe import block_causal_mask, collate
+    from alpagasus_ray.rules.recipe import block_causal_mask, collate
 
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32)
@@ -88,8 +88,8 @@ def plain_loop_tokens_per_s(model_dir: str, examples, plan, micro_batch: int, lr
 
 def throughput_report(steps: int, workers: int) -> dict:
     from alpagasus_ray.config import load_config
-    from alpagasus_ray.layout import RunDir
-    from alpagasus_ray.train import _tokenize, plan_steps, run_train
+    from alpagasus_ray.store.layout import RunDir
+    from alpagasus_ray.stages.train import _tokenize, plan_steps, run_train
     from alpagasus_ray.tiny_model import resolve_model
 
     model = resolve_model("builtin:tiny-llama")

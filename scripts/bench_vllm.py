@@ -26,7 +26,7 @@ DATA = os.path.join(HERE, "..", "..", "shared", "data", "alpaca_52k_reconstructe
 def backend_seconds(model: str, rows: int, max_model_len: int, batch_size: int) -> tuple[float, int]:
     """Wall time of `run_rate` with the vllm backend on the first `rows` rows (engine start included)."""
     from alpagasus_ray.config import load_config
-    from alpagasus_ray.rate import run_rate
+    from alpagasus_ray.stages.rate import run_rate
 
     with tempfile.TemporaryDirectory() as run_dir:
         config = load_config(None, [
@@ -43,7 +43,7 @@ def bare_rows_per_s(model: str, rows: int, max_model_len: int) -> float:
     from vllm import LLM, SamplingParams
     from vllm.sampling_params import StructuredOutputsParams
 
-    from alpagasus_ray.prompts import SCORE_CHOICES, rating_messages
+    from alpagasus_ray.rules.prompts import SCORE_CHOICES, rating_messages
 
     data = json.load(open(DATA))[:rows]
     conversations = [rating_messages(r["instruction"], r["input"], r["output"]) for r in data]

@@ -7,9 +7,9 @@ import random
 import pyarrow as pa
 
 from alpagasus_ray import columns as C
-from alpagasus_ray.data import content_id
-from alpagasus_ray.prompts import PROMPT_VERSION
-from alpagasus_ray.rated import RATED_SCHEMA, RatedStore
+from alpagasus_ray.store.inputs import content_id
+from alpagasus_ray.rules.prompts import PROMPT_VERSION
+from alpagasus_ray.store.rated import RATED_SCHEMA, RatedStore
 
 # Roughly the shape of the paper's Fig. 5 for 52k rows (9,229 at >= 4.5, ~39k at >= 4.0).
 PAPER_LIKE = {5.0: 300, 4.5: 8929, 4.0: 30000, 3.5: 5200, 3.0: 3900, 2.5: 1400, 2.0: 1200,

@@ -90,12 +90,12 @@ def test_old_key_names_still_work_with_a_deprecation_message(caplog):
 
 def test_a_programming_error_is_not_reported_as_bad_input(monkeypatch, tmp_path):
     """Exit 2 is for the user's config and input; any other error keeps its traceback."""
-    import alpagasus_ray.filter
+    import alpagasus_ray.stages.filter
 
     def broken(config):
         raise ValueError("a bug, not the user's input")
 
-    monkeypatch.setattr(alpagasus_ray.filter, "run_filter", broken)
+    monkeypatch.setattr(alpagasus_ray.stages.filter, "run_filter", broken)
     with pytest.raises(ValueError, match="a bug"):
         main(["filter", "--config", "/dev/null", f"run_dir={tmp_path}"])
 

@@ -58,7 +58,7 @@ def test_rating_actors_run_on_the_second_node_and_their_parts_are_counted(tmp_pa
 
     probe = subprocess.run([sys.executable, "-c", PROBE, two_nodes], capture_output=True, text=True, timeout=120)
     assert probe.returncode == 0, probe.stderr[-3000:]
-    mappers = [a for a in json.loads(probe.stdout.strip().splitlines()[-1]) if "_ApiMapper" in a["class"]]
+    mappers = [a for a in json.loads(probe.stdout.strip().splitlines()[-1]) if "ApiMapper" in a["class"]]
     assert len(mappers) == 2
     assert all(a["node_resources"].get("rater") == 2 for a in mappers)  # the second node, not the head
 

@@ -7,7 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from alpagasus_ray.config import DataConfig
-from alpagasus_ray.data import INVALID_REASON, InputError, read_rows
+from alpagasus_ray.store.inputs import INVALID_REASON, read_rows
+from alpagasus_ray.errors import InputError
 
 from testdata import DOLLY_400, scale_data
 

@@ -4,10 +4,11 @@ with the tiny model, and against a local server whose chosen replies make the co
 import json
 import shutil
 
+import pyarrow.parquet as pq
 import pytest
 
 from alpagasus_ray.cli import main
-from alpagasus_ray.records import read_jsonl
+from alpagasus_ray.store.records import read_jsonl
 
 from fake_batch_server import serve as serve_batches
 from fake_openai_server import serve, stats
@@ -102,13 +103,18 @@ def test_pair_prompt_and_a_rerun_asks_only_for_missing_judgments(tmp_path, ray_l
     path = run / "judgments" / "cand_vs_base" / "koala.jsonl"
     with serve({"rules": _rules(prompts, first="Assistant A")}) as url:
         assert main(["judge", *_judge_args(run, url, "judge.prompt=pair")]) == 0
-        lines = path.read_text().splitlines(keepends=True)
-        assert len(lines) == 20
-        # A kill mid-write: the last 5 judgments lost, a sixth torn in half.
-        path.write_text("".join(lines[:14]) + lines[14][: len(lines[14]) // 2])
+        assert len(path.read_text().splitlines()) == 20
+        # A kill mid-run: the verdicts are saved a batch at a time (judge.batch_size=16) as parts;
+        # the second batch's part (4 verdicts) is torn mid-write, and the outputs are never written.
+        parts = sorted((path.parent / "parts").glob("part-*.parquet"), key=lambda p: pq.read_metadata(p).num_rows)
+        assert [pq.read_metadata(p).num_rows for p in parts] == [4, 16]
+        torn = parts[0].with_name(".tmp-" + parts[0].name)
+        torn.write_bytes(parts[0].read_bytes()[:100])
+        parts[0].unlink()
+        path.unlink()
         before = stats(url)["requests"]
         assert main(["judge", *_judge_args(run, url, "judge.prompt=pair")]) == 0
-        assert stats(url)["requests"] - before == 6
+        assert stats(url)["requests"] - before == 4 and not torn.exists()
         # The same run with the other prompt would mix verdicts: refused, naming the file.
         assert main(["judge", *_judge_args(run, url, "judge.prompt=vicuna")]) == 2
     judgments = read_jsonl(path)

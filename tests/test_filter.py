@@ -12,9 +12,9 @@ import pytest
 from alpagasus_ray import columns as C
 from alpagasus_ray.cli import main
 from alpagasus_ray.config import CODING_KEYWORDS, load_config
-from alpagasus_ray import filter as filter_module
-from alpagasus_ray import rated as rated_module
-from alpagasus_ray.filter import FilterError, run_filter
+from alpagasus_ray.stages import filter as filter_module
+from alpagasus_ray.store import parts as parts_module
+from alpagasus_ray.stages.filter import FilterError, run_filter
 
 from rated_fixtures import synthetic_ratings, write_rated
 from testdata import DOLLY_400, alpaca_rows
@@ -104,8 +104,8 @@ def test_an_id_rated_twice_counts_once_by_its_better_row_and_top_k_cuts_as_it_st
             truth[ids[i]] = rating
     # Candidates of top_k are cut to the best k whenever more than max(2k, 40) pile up.
     monkeypatch.setattr(filter_module, "SCAN_BATCH_ROWS", 40)
-    monkeypatch.setattr(rated_module, "SCAN_BATCH_ROWS", 50)  # batches of 50 rows
-    monkeypatch.setattr(rated_module, "COALESCE_ROWS", 50)
+    monkeypatch.setattr(parts_module, "SCAN_BATCH_ROWS", 50)  # batches of 50 rows
+    monkeypatch.setattr(parts_module, "COALESCE_ROWS", 50)
     monkeypatch.setattr(filter_module, "RANGE_ROWS", 7)  # the selected rows' text gathered 7 rows at a time
 
     record = run_filter(load_config(None, [f"run_dir={tmp_path}", "filter.threshold=4.5"]))

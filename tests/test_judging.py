@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from alpagasus_ray.data import InputError
-from alpagasus_ray.judging import TIE, WIN, combine, flip, judge_messages, parse_pair, parse_vicuna, winning_score
+from alpagasus_ray.errors import InputError
+from alpagasus_ray.rules.judging import TIE, WIN, combine, flip, judge_messages, parse_pair, parse_vicuna, winning_score
 from alpagasus_ray.config import TEST_SETS
 from alpagasus_ray.testsets import TESTSET_DIR, load_test_set
 from testdata import scale_data

@@ -11,11 +11,11 @@ import time
 import pyarrow.parquet as pq
 import pytest
 
-from alpagasus_ray.backends.batches import BatchStore
+from alpagasus_ray.llm.engines.files import BatchStore
 from alpagasus_ray.config import load_config
-from alpagasus_ray.prompts import SCORE_CHOICES
-from alpagasus_ray.rate import run_rate
-from alpagasus_ray.rated import RatedStore
+from alpagasus_ray.rules.prompts import SCORE_CHOICES
+from alpagasus_ray.stages.rate import run_rate
+from alpagasus_ray.store.rated import RatedStore
 
 from fake_batch_server import serve, stats
 
@@ -185,13 +185,15 @@ def test_vllm_run_batch_executes_the_request_files_and_the_collector_reads_them(
     assert summary["batches"]["by_status"] == {"completed": 1} and summary["cost_usd"] is None
 
 
-def test_a_line_is_read_only_as_far_as_it_is_unambiguous():
+def test_a_line_is_read_only_as_far_as_it_is_unambiguous(tmp_path):
     """`line_result` on single lines, no server: a reply with its logprobs, a body that is not a
     completion, an error line."""
-    from alpagasus_ray.backends.batches import line_result
-    from alpagasus_ray.rate import RatingTask
+    from alpagasus_ray.llm.engines import engine_for
+    from alpagasus_ray.llm.engines.files import line_result
+    from alpagasus_ray.stages.rate import RatingTask
 
-    task = RatingTask(load_config(None, ["rate.backend=openai_batch", "rate.model=fake"]).rate)
+    cfg = load_config(None, ["rate.backend=openai_batch", "rate.model=fake"]).rate
+    task = RatingTask(cfg, engine_for(cfg, str(tmp_path)))
     row = {"id": "r1", "instruction": "Say hello.", "input": "", "output": "Hello."}
     top = [{"token": "4", "logprob": -0.1, "bytes": [52]}, {"token": "5", "logprob": -2.4, "bytes": [53]}]
     body = {"id": "c1", "object": "chat.completion", "model": "fake", "created": 0,

@@ -12,8 +12,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from alpagasus_ray.config import load_config
-from alpagasus_ray.rate import run_rate
-from alpagasus_ray.rated import RatedStore
+from alpagasus_ray.stages.rate import run_rate
+from alpagasus_ray.store.rated import RatedStore
 
 from fake_openai_server import serve, stats
 
@@ -120,7 +120,7 @@ def test_an_autoscaling_pool_of_workers_keeps_the_concurrency(tmp_path, ray_loca
     from ray._private.state import actors  # from the GCS: the session's Ray runs without a dashboard
 
     def raters():
-        return {i for i, a in actors().items() if "_ApiMapper" in a.get("ActorClassName", "")}
+        return {i for i, a in actors().items() if "ApiMapper" in a.get("ActorClassName", "")}
 
     before = raters()
     data = _write_rows(tmp_path / "rows.jsonl", 96)

@@ -7,8 +7,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from alpagasus_ray.config import load_config
-from alpagasus_ray.prompts import SCORE_CHOICES
-from alpagasus_ray.rate import run_rate
+from alpagasus_ray.rules.prompts import SCORE_CHOICES
+from alpagasus_ray.stages.rate import run_rate
 
 pytestmark = pytest.mark.slow
 

@@ -2,7 +2,7 @@
 
 import pyarrow as pa
 
-from alpagasus_ray.rated import RATED_SCHEMA, RatedStore
+from alpagasus_ray.store.rated import RATED_SCHEMA, RatedStore
 
 
 def _rows(*rows):

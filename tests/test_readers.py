@@ -7,8 +7,8 @@ on the paper's prompts, including the traps that once read as verdicts nobody ga
 
 import pytest
 
-from alpagasus_ray.judging import LOSE, TIE, WIN, parse_pair, parse_vicuna
-from alpagasus_ray.prompts import parse_score
+from alpagasus_ray.rules.judging import LOSE, TIE, WIN, parse_pair, parse_vicuna
+from alpagasus_ray.rules.prompts import parse_score
 
 FAIL = None  # an explicit failure: no verdict, and an error that says why
 

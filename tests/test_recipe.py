@@ -9,9 +9,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alpagasus_ray.config import TrainConfig
-from alpagasus_ray.recipe import (IGNORE, alpaca_prompt, block_causal_mask, collate, encode, micro_batches, pack,
+from alpagasus_ray.rules.recipe import (IGNORE, alpaca_prompt, block_causal_mask, collate, encode, micro_batches, pack,
                                   plan_epoch, real_token_fraction)
-from alpagasus_ray.train import describe_plan, plan_steps
+from alpagasus_ray.stages.train import describe_plan, plan_steps
 from testdata import alpaca_rows
 
 

@@ -15,11 +15,11 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from alpagasus_ray.config import load_config
-from alpagasus_ray.data import InputError
-from alpagasus_ray.rate import run_rate
-from alpagasus_ray.recipe import IGNORE, alpaca_prompt, micro_batches
-from alpagasus_ray.layout import RunDir
-from alpagasus_ray.train import _tokenize, plan_steps, run_train
+from alpagasus_ray.errors import InputError
+from alpagasus_ray.stages.rate import run_rate
+from alpagasus_ray.rules.recipe import IGNORE, alpaca_prompt, micro_batches
+from alpagasus_ray.store.layout import RunDir
+from alpagasus_ray.stages.train import _tokenize, plan_steps, run_train
 from testdata import alpaca_rows
 
 

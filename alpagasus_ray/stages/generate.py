@@ -11,14 +11,15 @@ the openai backend a reference system answers instead.
 
 Writes `<run_dir>/answers/<name>/<test_set>.jsonl`, one line per prompt:
 id, test_set, category, instruction, input, prompt, answer, model, finish_reason, status, error,
-tokens_in, tokens_out; and `<run_dir>/answers/<name>/generation.json` (what it ran with). Answers
-are saved as they arrive; a rerun generates only the missing ones.
+tokens_in, tokens_out; and `<run_dir>/answers/<name>/generation.json` (what it ran with). Each
+finished batch of answers is saved by the worker where it finished, as a Parquet part under
+`<run_dir>/answers/<name>/parts/`; a rerun generates only the missing ones. The JSONL files are
+written whole from the parts at the end.
 """
 
 from __future__ import annotations
 
 import glob
-import json
 import logging
 import os
 import time
@@ -27,15 +28,29 @@ from collections import Counter
 import pyarrow as pa
 
 from alpagasus_ray import columns as C
-from alpagasus_ray.backends.openai_api import require_key
-from alpagasus_ray.config import OPERATIONAL, Config, ConfigError, GenerateConfig, config_for_record
-from alpagasus_ray.data import InputError
-from alpagasus_ray.layout import GENERATION_FILE, RunDir
-from alpagasus_ray.llm_map import Reply, Request, ask_all
+from alpagasus_ray.config import (
+    OPERATIONAL,
+    Config,
+    ConfigError,
+    GenerateConfig,
+    config_for_record,
+)
+from alpagasus_ray.errors import InputError
+from alpagasus_ray.llm import driver
+from alpagasus_ray.llm.engines import engine_for
+from alpagasus_ray.llm.results import PartResults
+from alpagasus_ray.llm.task import Reply, Request, result_schema
 from alpagasus_ray.progress import watch
 from alpagasus_ray.ray_runtime import ensure_ray
-from alpagasus_ray.recipe import alpaca_prompt
-from alpagasus_ray.records import RecordFile, append_by_test_set, file_stamps, read_jsonl, start_outputs
+from alpagasus_ray.rules.recipe import alpaca_prompt
+from alpagasus_ray.store.layout import GENERATION_FILE, RunDir, write_json
+from alpagasus_ray.store.parts import PartStore
+from alpagasus_ray.store.records import (
+    file_stamps,
+    read_jsonl,
+    start_outputs,
+    write_jsonl,
+)
 from alpagasus_ray.testsets import load_test_set
 from alpagasus_ray.tiny_model import BUILTIN_MODEL
 
@@ -75,47 +90,51 @@ def answers_names(config: Config) -> tuple[str, str | None]:
 def _generate(config: Config, model: str, name: str) -> dict:
     started = time.time()
     cfg = config.generate
-    if cfg.backend == "vllm":
-        check_model_dir(model)
-    elif cfg.model is None:
-        raise ConfigError("generate.backend=openai needs generate.model, the model's name at the API")
-    else:
-        require_key(cfg, "generate")
+    endpoint = cfg.model_copy(update={"model": model})
+    engine = engine_for(endpoint)
+    engine.check("generate")
     prompts = _load_prompts(cfg)
     out_dir = RunDir(config.run_dir).answers(name)
     made_from = {"model": model, "model_files": file_stamps(glob.glob(os.path.join(model, "*"))) if os.path.isdir(model) else [],
                  "settings": {k: v for k, v in cfg.model_dump(mode="json").items() if k not in OPERATIONAL}}
     if start_outputs(out_dir, made_from):
         log.info("generate: %s changed since its answers in %s were made; generating them again", model, out_dir)
-    files = {ts: RecordFile(os.path.join(out_dir, f"{ts}.jsonl"), key=lambda r: r[C.ID]) for ts in {p["test_set"] for p in prompts}}
-    done = {k: v for f in files.values() for k, v in f.read().items() if _final(v, cfg.retry_failed)}
+    task = AnswerTask(cfg)
+    store = PartStore(os.path.join(out_dir, PARTS), pa.schema([*SENT, *result_schema(task)]))
+    store.remove_unfinished()
+    done = set(store.read()[C.ID].to_pylist())
     pending = [p for p in prompts if p[C.ID] not in done]
     log.info("generate: %d prompts of %s for %s (%d already answered); %d to generate with %s",
              len(prompts), ", ".join(cfg.test_sets), name, len(done), len(pending), cfg.backend)
-    os.makedirs(out_dir, exist_ok=True)
     record = {"name": name, "model": model, "backend": cfg.backend, "config": config_for_record(config)["generate"]}
-    if pending:
+    again = cfg.retry_failed and store.ids_to_ask_again(retry_failed=True, reask=False)
+    if pending or again or store.ids_to_ask_again(retry_failed=False, reask=True):
         ensure_ray()
-        by_id = {p[C.ID]: p for p in pending}
-
-        def save(results: list[dict]) -> None:
-            append_by_test_set(files, [_answer_record(by_id[r[C.ID]], r, name) for r in results])
-
-        rows = [{C.ID: p[C.ID], "prompt": p["prompt"]} for p in pending]
-        with watch(f"generate {name}", total=len(rows)) as progress:
-            ask_all(rows, AnswerTask(cfg), cfg.model_copy(update={"model": model}), save, progress)
+        with watch(f"generate {name}", total=len(pending)) as progress:
+            driver.ask(engine, task, rows_dataset([{C.ID: p[C.ID], "prompt": p["prompt"]} for p in pending], SENT,
+                                                  cfg.batch_size),
+                       PartResults(store, SENT.names), progress=progress, retry_failed=cfg.retry_failed)
         log.debug("generate: %d answers %s", len(pending), dict(progress.final))
-    answers = {}
-    for ts, f in files.items():
-        answers.update(f.read())
-        f.rewrite(answers[p[C.ID]] for p in prompts if p["test_set"] == ts)
-    missing = [p[C.ID] for p in prompts if p[C.ID] not in answers]
+    results = {r[C.ID]: r for r in store.read().to_pylist()}
+    missing = [p[C.ID] for p in prompts if p[C.ID] not in results]
     if missing:
         raise RuntimeError(f"prompts in != answers out: {len(missing)} prompts have no answer (e.g. {missing[:5]})")
+    answers = {p[C.ID]: _answer_record(p, results[p[C.ID]], name) for p in prompts}
+    for ts in sorted({p["test_set"] for p in prompts}):
+        write_jsonl(os.path.join(out_dir, f"{ts}.jsonl"), (answers[p[C.ID]] for p in prompts if p["test_set"] == ts))
     record.update(_counts(prompts, answers), wall_seconds=round(time.time() - started, 2), generated_this_run=len(pending))
-    with open(os.path.join(out_dir, GENERATION_FILE), "w") as f:
-        json.dump(record, f, indent=2)
+    write_json(os.path.join(out_dir, GENERATION_FILE), record)
     return record
+
+
+def rows_dataset(rows: list[dict], schema: pa.Schema, batch_size: int):
+    """A few rows (a small stage's) as a Ray Dataset in blocks of one batch; None for none."""
+    import ray
+
+    if not rows:
+        return None
+    table = pa.Table.from_pylist(rows, schema=schema)
+    return ray.data.from_arrow([table.slice(i, batch_size) for i in range(0, table.num_rows, batch_size)])
 
 
 def answers_name(model: str) -> str:
@@ -131,26 +150,6 @@ def answers_name(model: str) -> str:
     if len(parts) >= 2 and parts[-1] == "model":
         return parts[-2]
     return parts[-1] if parts else "model"
-
-
-def check_model_dir(model: str) -> None:
-    """Fail early, naming the directory, when a local model does not load (config and tokenizer).
-    A name that is not a local path (a hub id such as org/name) is left to the engine."""
-    if model == BUILTIN_MODEL:
-        return
-    looks_local = os.path.exists(model) or model.startswith(("/", ".", "~")) or model.count("/") > 1
-    if not looks_local:
-        return
-    if not os.path.isdir(model):
-        raise InputError(f"{model}: no such model directory (train first, or set generate.model)")
-    from transformers import AutoConfig, AutoTokenizer
-
-    try:
-        AutoConfig.from_pretrained(model)
-        AutoTokenizer.from_pretrained(model)
-    except Exception as e:  # transformers raises many kinds for a broken directory
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise InputError(f"{model}: the model directory does not load: {first}") from None
 
 
 def _load_prompts(cfg: GenerateConfig) -> list[dict]:
@@ -173,10 +172,6 @@ def question(prompt: dict) -> str:
     """
     extra = (prompt.get("input") or "").strip()
     return f"{prompt['instruction']}\n\n{extra}" if extra else prompt["instruction"]
-
-
-def _final(record: dict, retry_failed: bool) -> bool:
-    return record.get(C.STATUS) == C.OK or not retry_failed
 
 
 # The answer record as the judge reads it, whoever wrote it. Optional fields: `input` (default ""),
@@ -238,12 +233,16 @@ def _counts(prompts: list[dict], answers: dict) -> dict:
     }
 
 
+# What a prompt is sent with, and where its answers are kept until the JSONL files are written.
+SENT = pa.schema([(C.ID, pa.string()), ("prompt", pa.string())])
+PARTS = "parts"
+
+
 class AnswerTask:
     """A model's answer to a prompt, for the LLM layer: greedy, up to `generate.max_tokens`, with
     the Alpaca prompt as plain text (no chat template) or the question as a chat message."""
 
     fields = pa.schema([("answer", pa.string()), ("finish_reason", pa.string())])
-    engine_kwargs: dict = {}
 
     def __init__(self, cfg: GenerateConfig):
         self.cfg = cfg

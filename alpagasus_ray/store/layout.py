@@ -66,93 +66,122 @@ def publish(fs: pafs.FileSystem, path: str) -> None:
         os.replace(staging_path(fs, path), path)
 
 
+def write_whole(uri: str, data: bytes) -> None:
+    """Write a file that readers see whole or not at all, on any filesystem: every summary, record
+    and published output of a stage is written by this one function."""
+    fs, path = open_filesystem(uri)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    with fs.open_output_stream(staging_path(fs, path)) as f:
+        f.write(data)
+    publish(fs, path)
+
+
+def write_json(uri: str, record) -> None:
+    """A JSON record (a summary, a stage's record), written whole."""
+    import json
+
+    write_whole(uri, json.dumps(record, indent=2, ensure_ascii=False, default=str).encode())
+
+
+def read_json(uri: str):
+    """A JSON record's content, or None when there is none (on any filesystem)."""
+    import json
+
+    fs, path = open_filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.NotFound:
+        return None
+    with fs.open_input_stream(path) as f:
+        return json.loads(f.read())
+
+
 class RunDir:
     """The paths of one run directory."""
 
     def __init__(self, root: str):
         self.root = root
 
-    def _(self, *parts: str) -> str:
+    def path(self, *parts: str) -> str:
+        """A path under the run directory (joined with / on an object store)."""
         return "/".join([self.root.rstrip("/"), *parts]) if "://" in self.root else os.path.join(self.root, *parts)
 
     # rate
     @property
     def rated(self) -> str:
-        return self._("rated")
+        return self.path("rated")
 
     @property
     def rated_summary(self) -> str:
-        return self._("rated_summary.json")
+        return self.path("rated_summary.json")
 
     @property
     def rate_config(self) -> str:
-        return self._("rate_config.json")
+        return self.path("rate_config.json")
 
     @property
     def batches(self) -> str:
-        return self._("batches")
+        return self.path("batches")
 
     # filter
     @property
     def selected_json(self) -> str:
-        return self._("selected.json")
+        return self.path("selected.json")
 
     @property
     def selected_jsonl(self) -> str:
-        return self._("selected.jsonl")
+        return self.path("selected.jsonl")
 
     @property
     def selection(self) -> str:
-        return self._("selection.json")
+        return self.path("selection.json")
 
     @property
     def plots(self) -> str:
-        return self._("plots")
+        return self.path("plots")
 
     # train
     @property
     def model(self) -> str:
-        return self._("model")
+        return self.path("model")
 
     @property
     def train_log(self) -> str:
-        return self._("train_log.jsonl")
+        return self.path("train_log.jsonl")
 
     @property
     def checkpoints(self) -> str:
-        return self._("checkpoints")
+        return self.path("checkpoints")
 
     @property
     def tensorboard(self) -> str:
-        return self._("tensorboard")
+        return self.path("tensorboard")
 
     # generate, judge, report
     def answers(self, name: str = "") -> str:
-        return self._("answers", name) if name else self._("answers")
+        return self.path("answers", name) if name else self.path("answers")
 
     def judgments(self, pair: str = "") -> str:
-        return self._("judgments", pair) if pair else self._("judgments")
+        return self.path("judgments", pair) if pair else self.path("judgments")
 
     @property
     def report_json(self) -> str:
-        return self._("report.json")
+        return self.path("report.json")
 
     @property
     def report_md(self) -> str:
-        return self._("report.md")
+        return self.path("report.md")
 
     # run
     def stage_record(self, stage: str) -> str:
-        return self._("stages", f"{stage}.json")
+        return self.path("stages", f"{stage}.json")
 
     @property
     def run_config(self) -> str:
-        return self._("run_config.json")
+        return self.path("run_config.json")
 
     # every command
     @property
     def logs(self) -> str:
-        return self._("logs")
+        return self.path("logs")
 
     # Directories that hold bulk data rather than results a person reads (the report lists them whole).
     @property

@@ -16,17 +16,23 @@ prompt whose judgment could not be read is `parse_failed`, one whose judgment or
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter, defaultdict
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import Config
-from alpagasus_ray.data import InputError
-from alpagasus_ray.judge import BASELINE_FIRST, CANDIDATE_FIRST
-from alpagasus_ray.layout import GENERATION_FILE, JUDGE_FILE, RunDir
-from alpagasus_ray.judging import LOSE, TIE, WIN, capacity, combine, winning_score
-from alpagasus_ray.records import read_json, read_jsonl
+from alpagasus_ray.errors import InputError
+from alpagasus_ray.rules.judging import LOSE, TIE, WIN, capacity, combine, winning_score
+from alpagasus_ray.stages.judge import BASELINE_FIRST, CANDIDATE_FIRST
+from alpagasus_ray.store.layout import (
+    GENERATION_FILE,
+    JUDGE_FILE,
+    RunDir,
+    read_json,
+    write_json,
+    write_whole,
+)
+from alpagasus_ray.store.records import read_jsonl
 from alpagasus_ray.tiny_model import is_stand_in
 
 ALL = "all"
@@ -97,8 +103,7 @@ def run_report(config: Config) -> dict:
         raise InputError(f"{judgments_dir}: no judged pairs (run alpagasus judge first)")
     report = {pair: summarize_pair(run.judgments(pair)) for pair in pairs}
     by_size = _by_size([config.run_dir, *config.report.runs]) if config.report.runs else None  # checked before writing
-    with open(run.report_json, "w") as f:
-        json.dump(report, f, indent=2)
+    write_json(run.report_json, report)
     about = {pair: _about(run.judgments(pair)) for pair in pairs}
     smoke = any(a["smoke"] for a in about.values())
     written = []
@@ -119,8 +124,7 @@ def run_report(config: Config) -> dict:
             path = os.path.join(plot_dir, "winning_score_vs_size.png")
             plots.score_vs_size(by_size, path, f"winning score vs training size{suffix}")
             written.append(path)
-    with open(run.report_md, "w") as f:
-        f.write(_markdown(report, about, smoke, written, config.run_dir))
+    write_whole(run.report_md, _markdown(report, about, smoke, written, config.run_dir).encode())
     return report
 
 

@@ -1,10 +1,11 @@
-"""The rated rows of a run: Parquet parts under `<run_dir>/rated/`, on a local disk, a shared mount
-or an object store (s3://, gs://), read by streaming scans.
+"""Rows with their results as Parquet parts in a directory, on a local disk, a shared mount or an
+object store (s3://, gs://), written by the workers and read back by streaming scans.
 
-Ray Data's workers write the parts (`write_parquet`); this module reads them back a batch at a
-time (`pyarrow.dataset`), so the process reading holds counts or the rows it keeps, never the
-whole table. Each id has one row once a rating has finished; while a re-ask pass runs, an id can
-have two, and the better status wins (ok, parse_failed, request_failed, invalid_input).
+The workers write each finished batch as a part (`PartWriter`); this module reads the parts back a
+batch at a time (`pyarrow.dataset`), so the process reading holds counts or the rows it keeps,
+never the whole table. Each id has one row once a stage has finished; while an ask-again pass
+runs, an id can have two, and the better status wins (ok, parse_failed, request_failed,
+invalid_input). The rated rows (`rated`), a model's answers and a judge's verdicts are all kept so.
 """
 
 from __future__ import annotations
@@ -20,16 +21,13 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from alpagasus_ray import columns as C
-from alpagasus_ray.layout import STAGING_PREFIX, RunDir, open_filesystem, publish, staging_path
-from alpagasus_ray.llm_map import MAX_ASKS
+from alpagasus_ray.store.layout import (
+    STAGING_PREFIX,
+    open_filesystem,
+    publish,
+    staging_path,
+)
 
-RATED_SCHEMA = pa.schema([
-    (C.ID, pa.string()), (C.INSTRUCTION, pa.string()), (C.INPUT, pa.string()), (C.OUTPUT, pa.string()),
-    (C.SCORE, pa.float64()), (C.SCORE_EXPECTED, pa.float64()), (C.STATUS, pa.string()), (C.REVIEW, pa.string()),
-    (C.GRADER, pa.string()), (C.DIMENSION, pa.string()), (C.PROMPT_VERSION, pa.string()),
-    (C.ATTEMPTS, pa.int32()), (C.ERROR, pa.string()), (C.TOKENS_IN, pa.int64()), (C.TOKENS_OUT, pa.int64()),
-    (C.SOURCE, pa.string()),
-])
 SCAN_BATCH_ROWS = 65_536
 # Rows of the small parts gathered into one batch by `RatedStore.batches`: few batches per run,
 # each small enough that gathering it costs little (its text, when read, a few MB).
@@ -39,13 +37,13 @@ COALESCE_ROWS = 8_192
 SCAN_PARTS = 256
 
 
-class RatedStore:
-    """`<run_dir>/rated/` on whatever filesystem the run directory is on."""
+class PartStore:
+    """A directory of Parquet parts of rows with `schema` (an `id` and a `status` among its
+    columns), on whatever filesystem `uri` is on."""
 
-    def __init__(self, run_dir: str):
-        self.run_dir = run_dir
-        self.uri = RunDir(run_dir).rated
-        self.fs, self.path = open_filesystem(self.uri)
+    def __init__(self, uri: str, schema: pa.Schema):
+        self.uri, self.schema = uri, schema
+        self.fs, self.path = open_filesystem(uri)
 
     def parts(self) -> list[str]:
         """The finished part files (filesystem paths), in name order."""
@@ -88,7 +86,7 @@ class RatedStore:
         parts = self.parts() if parts is None else parts
         held, rows = [], 0
         for start in range(0, len(parts), SCAN_PARTS):
-            dataset = pds.dataset(parts[start:start + SCAN_PARTS], schema=RATED_SCHEMA, format="parquet",
+            dataset = pds.dataset(parts[start:start + SCAN_PARTS], schema=self.schema, format="parquet",
                                   filesystem=self.fs)
             for batch in dataset.to_batches(columns=columns, filter=filter, batch_size=SCAN_BATCH_ROWS):
                 if batch.num_rows:
@@ -102,10 +100,10 @@ class RatedStore:
 
     def read(self) -> pa.Table:
         """Every rated row in memory, one per id, in id order: for small runs and tests."""
-        batches = list(self.batches(RATED_SCHEMA.names))
+        batches = list(self.batches(self.schema.names))
         if not batches:
-            return RATED_SCHEMA.empty_table()
-        return best_per_id(pa.Table.from_batches(batches, schema=RATED_SCHEMA))
+            return self.schema.empty_table()
+        return best_per_id(pa.Table.from_batches(batches, schema=self.schema))
 
     def values(self, column: str) -> set:
         """The distinct values of a column that holds few (the grader, the dimension)."""
@@ -129,7 +127,7 @@ class RatedStore:
         Rows a finished re-ask already replaced (a kill between its writes and its clean-up
         leaves them) are removed here, so each id has one row again.
         """
-        wanted = ask_again_filter(retry_failed, reask)
+        wanted = C.to_ask_again(retry_failed, reask)
         if wanted is None:
             return []
         candidates = {i for b in self.batches([C.ID], wanted) for i in b.column(0).to_pylist()}
@@ -152,7 +150,7 @@ class RatedStore:
                 continue
             hits = sum(b.num_rows for b in self.batches([C.ID], doomed, parts=[part]))
             if hits:
-                table = pq.read_table(part, filesystem=self.fs, schema=RATED_SCHEMA)
+                table = pq.read_table(part, filesystem=self.fs, schema=self.schema)
                 self.write(table.filter(~doomed), prefix="data")
                 self.fs.delete_file(part)
                 removed += hits
@@ -161,18 +159,6 @@ class RatedStore:
 
 def _one_batch(batches: list[pa.RecordBatch]) -> pa.RecordBatch:
     return pa.Table.from_batches(batches).combine_chunks().to_batches()[0] if len(batches) > 1 else batches[0]
-
-
-def ask_again_filter(retry_failed: bool, reask: bool) -> pc.Expression | None:
-    """The rows a pass asks again: request failures (`retry_failed`), first unreadable replies
-    (`reask`), or both; None for neither."""
-    wanted = None
-    if retry_failed:
-        wanted = pc.field(C.STATUS) == C.REQUEST_FAILED
-    if reask:
-        first_ask = (pc.field(C.STATUS) == C.PARSE_FAILED) & (pc.field(C.ATTEMPTS) < MAX_ASKS)
-        wanted = first_ask if wanted is None else wanted | first_ask
-    return wanted
 
 
 def best_per_id(table: pa.Table) -> pa.Table:
@@ -190,37 +176,37 @@ def best_per_id(table: pa.Table) -> pa.Table:
 
 
 class PartWriter:
-    """A sink for the LLM layer: turns a finished batch into rated rows and writes it as a part,
-    on the worker where it finished. A part is whole or absent (written under a temporary name,
-    then renamed; an object store shows an object once it is whole), so the parts are their own
-    record of what is done: a rerun skips their ids (`skip_done`)."""
+    """A sink for the LLM layer: turns a finished batch into stored rows (`to_stored`) and writes
+    it as a part of `uri`, on the worker where it finished. A part is whole or absent (written
+    under a temporary name, then renamed; an object store shows an object once it is whole), so
+    the parts are their own record of what is done: a rerun skips their ids (`skip_done`)."""
 
-    def __init__(self, run_dir: str, to_rated):
-        self.run_dir, self.to_rated = run_dir, to_rated
+    def __init__(self, uri: str, schema: pa.Schema, to_stored=None, prefix: str = "part"):
+        self.uri, self.schema, self.to_stored, self.prefix = uri, schema, to_stored, prefix
         self._store = None
 
     def __call__(self, batch: pa.Table) -> None:
         if self._store is None:
-            self._store = RatedStore(self.run_dir)
+            self._store = PartStore(self.uri, self.schema)
         if batch.num_rows:
-            self._store.write(self.to_rated(batch))
+            self._store.write(self.to_stored(batch) if self.to_stored else batch, prefix=self.prefix)
 
 
-def done_ids(run_dir: str, also: tuple[str, list[str]] | None = None):
-    """An ObjectRef to the sorted ids already written under `<run_dir>/rated/` (and in the Parquet
-    files `also` = (filesystem URI, paths in it), e.g. rows sent in batches still running), made by
-    a Ray task (the ids never reach the driver); None when there are none."""
+def done_ids(store: PartStore, also: tuple[str, list[str]] | None = None):
+    """An ObjectRef to the sorted ids already written in `store` (and in the Parquet files `also`
+    = (filesystem URI, paths in it), e.g. rows sent in batches still running), made by a Ray task
+    (the ids never reach the driver); None when there are none."""
     import ray
 
-    if not RatedStore(run_dir).parts() and not (also and also[1]):
+    if not store.parts() and not (also and also[1]):
         return None
-    return ray.remote(_sorted_ids).options(num_cpus=0.5).remote(run_dir, also)
+    return ray.remote(_sorted_ids).options(num_cpus=0.5).remote(store.uri, store.schema, also)
 
 
-def _sorted_ids(run_dir: str, also: tuple[str, list[str]] | None = None):
+def _sorted_ids(uri: str, schema: pa.Schema, also: tuple[str, list[str]] | None = None):
     import numpy as np
 
-    chunks = [b.column(0) for b in RatedStore(run_dir).batches([C.ID])]
+    chunks = [b.column(0) for b in PartStore(uri, schema).batches([C.ID])]
     if also and also[1]:
         fs, _ = open_filesystem(also[0])
         chunks += [b.column(0) for b in pds.dataset(also[1], format="parquet", filesystem=fs).to_batches(columns=[C.ID])]

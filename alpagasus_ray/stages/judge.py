@@ -11,12 +11,13 @@ rating (an OpenAI-compatible API under concurrency and rate limits, or vLLM engi
 Writes `<run_dir>/judgments/<candidate>_vs_<baseline>/<test_set>.jsonl`, one line per judgment
 (two per prompt), each from the candidate's side: id, test_set, category, order, status, outcome,
 score_candidate, score_baseline, review, attempts, error, tokens, judge, prompt. Judgments are
-saved as they arrive; a rerun asks only for the missing ones.
+saved by the worker where each batch finished, as Parquet parts under `parts/` beside them; a rerun
+asks only for the missing ones, and the JSONL files are written whole from the parts at the end.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import os
 import time
@@ -25,16 +26,30 @@ from collections import Counter
 import pyarrow as pa
 
 from alpagasus_ray import columns as C
-from alpagasus_ray.backends.openai_api import require_key
 from alpagasus_ray.config import Config, ConfigError, JudgeConfig, config_for_record
-from alpagasus_ray.data import InputError
-from alpagasus_ray.generate import answers_names, question, read_answers
-from alpagasus_ray.judging import PARSERS, flip, judge_messages
-from alpagasus_ray.layout import GENERATION_FILE, JUDGE_FILE, RunDir
-from alpagasus_ray.llm_map import MAX_ASKS, Reply, Request, ask_all
+from alpagasus_ray.errors import InputError
+from alpagasus_ray.llm import driver
+from alpagasus_ray.llm.engines import Engine, engine_for
+from alpagasus_ray.llm.results import PartResults
+from alpagasus_ray.llm.task import Reply, Request, result_schema
 from alpagasus_ray.progress import watch
 from alpagasus_ray.ray_runtime import ensure_ray
-from alpagasus_ray.records import RecordFile, append_by_test_set, content_digest, read_json, start_outputs
+from alpagasus_ray.rules.judging import PARSERS, flip, judge_messages
+from alpagasus_ray.stages.generate import (
+    answers_names,
+    question,
+    read_answers,
+    rows_dataset,
+)
+from alpagasus_ray.store.layout import (
+    GENERATION_FILE,
+    JUDGE_FILE,
+    RunDir,
+    read_json,
+    write_json,
+)
+from alpagasus_ray.store.parts import PartStore
+from alpagasus_ray.store.records import content_digest, start_outputs, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -64,60 +79,70 @@ def run_judge(config: Config) -> dict:
     base_dir, base = _answers_dir(config.run_dir, baseline, "judge.baseline")
     if cand == base:
         raise ConfigError(f"judge.candidate and judge.baseline are both called {cand!r}; give them different names")
-    require_key(cfg, "judge")
-    judge = f"{cfg.backend}:{cfg.model}"
+    out_dir = RunDir(config.run_dir).judgments(pair_name(cand, base))
+    engine = engine_for(cfg, os.path.join(out_dir, "batches"))
+    engine.check("judge")
+    judge = engine.name
     test_sets = cfg.test_sets or sorted(_answered_sets(cand_dir) & _answered_sets(base_dir))
     if not test_sets:
         raise InputError(f"{cand_dir} and {base_dir} have no test set answered by both (generate first)")
-    out_dir = RunDir(config.run_dir).judgments(pair_name(cand, base))
     answers = [os.path.join(d, f"{ts}.jsonl") for d in (cand_dir, base_dir) for ts in test_sets]
     missing = [p for p in answers if not os.path.exists(p)]
     if missing:
         raise InputError(f"{missing[0]}: no answers for this test set (run alpagasus generate first)")
     if start_outputs(out_dir, {"answers": content_digest(answers)}):
         log.info("judge: the answers changed since %s was judged; judging them again", out_dir)
-    files, tasks, order = {}, [], {}
-    for ts in test_sets:
-        files[ts] = RecordFile(os.path.join(out_dir, f"{ts}.jsonl"), key=lambda r: _key(r[C.ID], r["order"]))
-        done = files[ts].read()
-        _check_same_judge(done, judge, cfg.prompt, files[ts].path)
-        every = _tasks(os.path.join(cand_dir, f"{ts}.jsonl"), os.path.join(base_dir, f"{ts}.jsonl"))
-        order[ts] = {t["key"]: i for i, t in enumerate(every)}
-        for task in every:
-            old = done.get(task["key"])
-            if old is None or not _final(old, cfg.retry_failed):
-                tasks.append(task)
     meta = {"judge": judge, "prompt": cfg.prompt}
-    unanswered = [t for t in tasks if t["missing"]]
-    append_by_test_set(files, [_record(t, _no_answer(t), meta) for t in unanswered])
-    to_send = [t for t in tasks if not t["missing"]]
+    task = VerdictTask(cfg, engine)
+    store = PartStore(os.path.join(out_dir, PARTS), pa.schema([*SENT, *result_schema(task), *META]))
+    store.remove_unfinished()
+    _check_same_judge(store, judge, cfg.prompt, out_dir)
+    tasks = []
+    for ts in test_sets:
+        tasks += _tasks(os.path.join(cand_dir, f"{ts}.jsonl"), os.path.join(base_dir, f"{ts}.jsonl"))
+    done = set(store.read()[C.ID].to_pylist())
+    to_send = [t for t in tasks if not t["missing"] and t["key"] not in done]
     log.info("judge: %s vs %s on %s: %d judgments to ask %s", cand, base, ", ".join(test_sets), len(to_send), judge)
-    if to_send:
+    again = (cfg.retry_failed and store.ids_to_ask_again(retry_failed=True, reask=False)) or \
+        store.ids_to_ask_again(retry_failed=False, reask=True)
+    if to_send or again:
         ensure_ray()
-        by_key = {t["key"]: t for t in to_send}
-
-        def save(results: list[dict]) -> None:
-            append_by_test_set(files, [_record(by_key[r["key"]], r, meta) for r in results])
-
-        rows = [{k: t[k] for k in ("key", "question", "first", "second")} for t in to_send]
-        price = cfg.cost
-        with watch("judge", total=len(rows), cost=price) as progress:
-            ask_all(rows, VerdictTask(cfg), cfg, save, progress, batch_dir=os.path.join(out_dir, "batches"))
-    counts, tokens = Counter(), Counter()
-    for ts, f in files.items():
-        records = f.read()
-        f.rewrite(records[k] for k in sorted(records, key=lambda k: order[ts].get(k, len(order[ts]))))
-        counts.update(r[C.STATUS] for r in records.values())
-        for r in records.values():
-            tokens.update({C.TOKENS_IN: r[C.TOKENS_IN] or 0, C.TOKENS_OUT: r[C.TOKENS_OUT] or 0})
+        rows = [{C.ID: t["key"], **{k: t[k] for k in ("question", "first", "second")}} for t in to_send]
+        with watch("judge", total=len(rows), cost=engine.cost) as progress:
+            driver.ask(engine, task, rows_dataset(rows, SENT, cfg.batch_size),
+                       PartResults(store, SENT.names, functools.partial(_with_meta, meta=meta)), progress=progress,
+                       retry_failed=cfg.retry_failed)
+    results = {r[C.ID]: r for r in store.read().to_pylist()}
+    counts, tokens, records = Counter(), Counter(), {}
+    for t in tasks:
+        result = _no_answer(t) if t["missing"] else results.get(t["key"])
+        if result is None:
+            raise RuntimeError(f"judgments asked != verdicts out: no verdict for {t['key']}")
+        record = records.setdefault(t["test_set"], [])
+        record.append(_record(t, result, meta))
+        counts[result[C.STATUS]] += 1
+        tokens.update({C.TOKENS_IN: result[C.TOKENS_IN] or 0, C.TOKENS_OUT: result[C.TOKENS_OUT] or 0})
+    for ts in test_sets:
+        write_jsonl(os.path.join(out_dir, f"{ts}.jsonl"), records.get(ts, []))
     record = {"candidate": cand, "baseline": base, "candidate_answers": cand_dir, "baseline_answers": base_dir,
               "test_sets": test_sets, "judgments_by_status": dict(counts), "sent_this_run": len(to_send),
               "tokens_in": tokens[C.TOKENS_IN], "tokens_out": tokens[C.TOKENS_OUT],
-              "cost_usd": cfg.cost(tokens[C.TOKENS_IN], tokens[C.TOKENS_OUT]),
+              "cost_usd": engine.cost(tokens[C.TOKENS_IN], tokens[C.TOKENS_OUT]),
               "wall_seconds": round(time.time() - started, 2), "config": config_for_record(config)["judge"], **meta}
-    with open(os.path.join(out_dir, JUDGE_FILE), "w") as f:
-        json.dump(record, f, indent=2)
+    write_json(os.path.join(out_dir, JUDGE_FILE), record)
     return record
+
+
+# What a judgment is sent with (its id is `<prompt id>|<order>`), and the judge beside each verdict.
+SENT = pa.schema([(C.ID, pa.string()), ("question", pa.string()), ("first", pa.string()), ("second", pa.string())])
+META = pa.schema([("judge", pa.string()), ("prompt", pa.string())])
+PARTS = "parts"
+
+
+def _with_meta(batch: pa.Table, meta: dict) -> pa.Table:
+    for name, value in meta.items():
+        batch = batch.append_column(name, pa.array([value] * batch.num_rows, pa.string()))
+    return batch
 
 
 def _answers_dir(run_dir: str, name_or_path: str, key: str) -> tuple[str, str]:
@@ -161,19 +186,13 @@ def _tasks(cand_file: str, base_file: str) -> list[dict]:
     return tasks
 
 
-def _final(record: dict, retry_failed: bool) -> bool:
-    """Judgments not to ask again: all but a first unreadable reply (and failures on request)."""
-    if record[C.STATUS] == C.PARSE_FAILED and record[C.ATTEMPTS] < MAX_ASKS:
-        return False
-    return not (retry_failed and record[C.STATUS] in (C.REQUEST_FAILED, NO_ANSWER))
-
-
-def _check_same_judge(done: dict, judge: str, prompt: str, where: str) -> None:
-    for record in done.values():
-        if (record["judge"], record["prompt"]) != (judge, prompt):
+def _check_same_judge(store: PartStore, judge: str, prompt: str, where: str) -> None:
+    for column, wanted in (("judge", judge), ("prompt", prompt)):
+        found = store.values(column) - {wanted}
+        if found:
             raise ConfigError(
-                f"{where} already holds verdicts of judge {record['judge']!r} with prompt {record['prompt']!r}, "
-                f"this run asks {judge!r} with {prompt!r}: use another run_dir (verdicts are never mixed)"
+                f"{where} already holds verdicts of {column} {sorted(found)[0]!r}, this run asks {judge!r} with "
+                f"{prompt!r}: use another run_dir (verdicts are never mixed)"
             )
 
 
@@ -208,11 +227,10 @@ class VerdictTask:
     fields = pa.schema([("outcome", pa.string()), ("score_1", pa.float64()), ("score_2", pa.float64()),
                         (C.REVIEW, pa.string())])
     chat = True
-    engine_kwargs: dict = {}
 
-    def __init__(self, cfg: JudgeConfig):
+    def __init__(self, cfg: JudgeConfig, engine: Engine):
         self.cfg = cfg
-        self.constraint = VERDICT_FORMATS[cfg.prompt] if cfg.backend == "vllm" and cfg.constrained else None
+        self.constraint = VERDICT_FORMATS[cfg.prompt] if cfg.constrained and engine.constrains else None
 
     def request(self, row: dict) -> Request:
         return Request(messages=judge_messages(row["question"], row["first"], row["second"], self.cfg.prompt),

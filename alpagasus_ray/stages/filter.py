@@ -26,11 +26,13 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from alpagasus_ray import columns as C
-from alpagasus_ray import plots, selection
+from alpagasus_ray import plots
 from alpagasus_ray.config import Config, FilterConfig
-from alpagasus_ray.prompts import SCORE_MAX, SCORE_MIN
-from alpagasus_ray.layout import RunDir, is_local, open_filesystem
-from alpagasus_ray.rated import RATED_SCHEMA, SCAN_BATCH_ROWS, RatedStore, best_per_id
+from alpagasus_ray.rules import selection
+from alpagasus_ray.rules.prompts import SCORE_MAX, SCORE_MIN
+from alpagasus_ray.store.layout import RunDir, is_local, open_filesystem
+from alpagasus_ray.store.parts import SCAN_BATCH_ROWS, best_per_id
+from alpagasus_ray.store.rated import RATED_SCHEMA, RatedStore
 
 log = logging.getLogger(__name__)
 
@@ -311,7 +313,7 @@ class _FieldCategory:
     columns: list[str] = []
 
     def __init__(self, config: Config):
-        from alpagasus_ray.data import read_rows
+        from alpagasus_ray.store.inputs import read_rows
 
         field = config.filter.category_field
         source = read_rows(config.data, extra_fields=(field,)).table

@@ -24,7 +24,8 @@ import pyarrow.parquet as pq
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import DataConfig
-from alpagasus_ray.layout import open_filesystem
+from alpagasus_ray.errors import InputError
+from alpagasus_ray.store.layout import open_filesystem
 
 INVALID_REASON = "invalid_reason"
 # A row's place in the input (file index << 32 | row index): orders rows across files and blocks.
@@ -38,10 +39,6 @@ DOLLY_NAMES = {"context": C.INPUT, "response": C.OUTPUT}
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
 # Lone surrogates: bytes that were not valid UTF-8 (kept by surrogateescape) or "\udXXX" escapes.
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-class InputError(ValueError):
-    """An input that cannot be read at all. The message names the file (and line) and what to do."""
 
 
 @dataclass

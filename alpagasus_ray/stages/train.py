@@ -22,12 +22,22 @@ import tempfile
 import time
 
 from alpagasus_ray.config import OPERATIONAL, Config, TrainConfig
-from alpagasus_ray.data import InputError
-from alpagasus_ray.layout import RunDir
+from alpagasus_ray.errors import InputError
 from alpagasus_ray.progress import watch_steps
+from alpagasus_ray.rules.recipe import (
+    IGNORE,
+    Example,
+    alpaca_prompt,
+    block_causal_mask,
+    collate,
+    encode,
+    micro_batches,
+    plan_epoch,
+    real_token_fraction,
+)
+from alpagasus_ray.store.layout import RunDir
+from alpagasus_ray.store.records import write_jsonl
 from alpagasus_ray.tiny_model import MARKER_FILE, is_stand_in
-from alpagasus_ray.recipe import (IGNORE, Example, alpaca_prompt, block_causal_mask, collate, encode, micro_batches,
-                                  plan_epoch, real_token_fraction)
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +97,7 @@ def run_train(config: Config) -> dict:
         os.replace(tmp, out)
         with open(os.path.join(directory, STATE_FILE)) as f:
             history = json.load(f)["history"]
-    with open(run.train_log, "w") as f:
-        f.writelines(json.dumps(m) + "\n" for m in history)
+    write_jsonl(run.train_log, history)
     return dict(result.metrics)
 
 
@@ -159,7 +168,7 @@ def _tokenize(data_path: str, model_path: str, t: TrainConfig) -> tuple[list[Exa
 
     from alpagasus_ray import columns as C
     from alpagasus_ray.config import DataConfig
-    from alpagasus_ray.data import INVALID_REASON, read_rows
+    from alpagasus_ray.store.inputs import INVALID_REASON, read_rows
 
     rows = read_rows(DataConfig(path=data_path, max_row_chars=10**9)).table
     bad = rows.filter(rows[INVALID_REASON].is_valid())

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from alpagasus_ray.prompts import MARKUP, reply_lines
+from alpagasus_ray.rules.prompts import MARKUP, reply_lines
 
 # The paper's App. C (Fig. 23): the Vicuna-blog judge, two scores 1-10 on the first line.
 VICUNA_SYSTEM = "You are a helpful and precise assistant for checking the quality of the answer."

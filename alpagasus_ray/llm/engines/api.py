@@ -1,0 +1,236 @@
+"""The `openai` engine: any OpenAI-compatible endpoint, called from a pool of Ray Data actors.
+
+Each actor keeps up to `concurrency / num_workers` requests in flight on one event loop (the
+largest number of workers, when `num_workers` is a range [min, max] for an autoscaling pool).
+Retries of 429, 5xx and timeouts are the openai client's own (bounded by `max_retries`,
+honouring Retry-After). Requests-per-minute and tokens-per-minute limits are held by one shared
+limiter actor for all workers, which a 429's Retry-After also pauses. A reply that cannot be read
+is asked once more inside the same request (`MAX_ASKS`), so the driver's re-ask pass finds none.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import math
+import os
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pyarrow as pa
+from pydantic import ValidationError
+
+from alpagasus_ray import columns as C
+from alpagasus_ray.config import ConfigError, api_key, pool_size
+from alpagasus_ray.llm import wire
+from alpagasus_ray.llm.engines.base import StreamingEngine
+from alpagasus_ray.llm.task import (
+    MAX_ASKS,
+    Request,
+    failed,
+    reply_result,
+    temperature,
+    with_results,
+)
+from alpagasus_ray.rules.prompts import estimate_tokens
+from alpagasus_ray.rules.ratelimit import SharedLimiter
+
+# The API path's object-store budget and read block size. Ray Data gives each stage a share of
+# the budget; at 64 MB the actor pool's share was too small to keep its tasks running (-40%
+# rows/s), at 256 MB the batches waiting for it stay near 22 MB.
+OBJECT_STORE_BYTES = 256 * 2**20
+READ_BLOCK_BYTES = 4 * 2**20
+# Batches per block. An async actor runs up to 4 batches of a block at once (Ray Data's
+# RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY), and each block is a task that the driver's
+# core worker follows: it kept about 15 KB of native memory for each task it had run (+120 MB
+# over a 520k-row rating in blocks of one batch; flat in blocks of four).
+BATCHES_PER_BLOCK = 4
+
+
+class ApiEngine(StreamingEngine):
+    """An OpenAI-compatible chat or completions endpoint under concurrency and rate limits."""
+
+    def check(self, section: str) -> None:
+        require_key(self.cfg, section)
+
+    def price_factor(self) -> float | None:
+        return 1.0
+
+    def map(self, rows, task, *, attempt: int = 1, sink=None, progress=None):
+        """`rows` mapped through `task` by `ApiMapper` actors, `num_workers` of them, sharing the
+        endpoint's concurrency and one limiter for its requests- and tokens-per-minute limits."""
+        import ray
+        from ray.data import ActorPoolStrategy
+
+        endpoint = self.cfg
+        bound_blocks(rows)
+        limiter = None
+        if endpoint.requests_per_minute or endpoint.tokens_per_minute:
+            limiter = (
+                ray.remote(SharedLimiter)
+                .options(num_cpus=0, max_concurrency=10_000)
+                .remote(endpoint.requests_per_minute, endpoint.tokens_per_minute)
+            )
+        fewest, most = pool_size(endpoint.num_workers)
+        slots = endpoint.concurrency // most  # the concurrency holds with the pool at its largest
+        # Blocks of a few batches: an actor pool grows with the blocks waiting for it, and a large
+        # block (a read yields up to 2,048 rows) would keep one actor busy while the others idle;
+        # each batch is still saved as soon as it finishes.
+        block_rows = endpoint.batch_size * BATCHES_PER_BLOCK
+        rows = rows.repartition(target_num_rows_per_block=block_rows)
+        # Enough blocks per actor that a full batch is waiting whenever one finishes (the batches of
+        # a block run at once, their rows queued for the slots in order).
+        calls = math.ceil(slots / block_rows) + 1
+        # An autoscaling pool grows when its actors hold more blocks than they run at once (Ray Data
+        # adds actors at 1.75 blocks queued or running per call slot): let blocks queue up to twice that.
+        queued = 2 * calls if most > fewest else calls
+        return rows.map_batches(
+            ApiMapper,
+            batch_size=endpoint.batch_size,
+            batch_format="pyarrow",
+            fn_constructor_kwargs={"endpoint": endpoint, "slots": slots, "limiter": limiter, "task": task,
+                                   "progress": progress, "sink": sink, "attempt": attempt},
+            compute=ActorPoolStrategy(
+                min_size=fewest, max_size=most, max_tasks_in_flight_per_actor=queued, max_concurrent_calls_per_actor=calls
+            ),
+            num_cpus=0.5,
+            resources=endpoint.worker_resources or None,
+        )
+
+
+def bound_blocks(rows) -> None:
+    """Bound what a Dataset's whole pipeline (the read included) may hold for a slow API.
+
+    Ray keeps an object under 100 KB (a block of a few batches) in the memory of the process that
+    owns it, the driver: blocks read ahead of a slow API piled up there (+110 MB after 94k of 520k
+    rows), and a read block (up to 128 MiB by default) is cut into batches all at once (4,067 at
+    520k rows). A capped object-store budget and small read blocks bound them.
+    """
+    context = rows.context
+    limits = context.execution_options.resource_limits
+    context.execution_options.resource_limits = limits.copy(
+        object_store_memory=min(limits.object_store_memory, OBJECT_STORE_BYTES))
+    small_blocks(rows)
+
+
+def small_blocks(rows) -> None:
+    """Cap the blocks of `rows`'s whole pipeline, the read included, at `READ_BLOCK_BYTES` (Ray
+    Data's default is 128 MiB: a driver that takes the blocks in would hold that much)."""
+    context = rows.context
+    context.target_max_block_size = min(context.target_max_block_size or READ_BLOCK_BYTES, READ_BLOCK_BYTES)
+
+
+def require_key(endpoint, section: str) -> None:
+    """OpenAI's own endpoint needs a key in the environment; fail before anything is sent."""
+    if endpoint.base_url is None and not os.environ.get(endpoint.api_key_env):
+        raise ConfigError(
+            f"{section}.backend={endpoint.backend} with OpenAI's endpoint needs an API key in ${endpoint.api_key_env}; "
+            f"set it in the environment (never in a config), or set {section}.base_url to a server without auth"
+        )
+
+
+class ApiWorker:
+    """An API client for a Ray actor: `slots` requests in flight on the actor's event loop, under
+    the shared limiter, and the ask-again loop."""
+
+    def __init__(self, endpoint, slots: int, limiter=None):
+        self.cfg = endpoint
+        self.limiter = limiter
+        self.slots = asyncio.Semaphore(slots)
+        # The client's pool (1,000 connections) is larger than any slot count; the semaphore bounds use.
+        http_client = openai.DefaultAsyncHttpxClient(event_hooks={"response": [self._on_response]})
+        self.client = openai.AsyncOpenAI(
+            base_url=self.cfg.base_url,
+            api_key=api_key(self.cfg),
+            max_retries=self.cfg.max_retries,
+            timeout=self.cfg.request_timeout,
+            http_client=http_client,
+        )
+
+    async def send(self, request: Request, sampled: bool = False) -> wire.ChatBody | wire.TextBody:
+        """One request (its body from `wire.body`) under the slots and the limiter; the reply
+        read from the raw body.
+
+        Raises:
+            openai.APIError: the request failed after the client's retries.
+            ValidationError: the body is not JSON or lacks a field a result is read from.
+        """
+        texts = [m["content"] for m in request.messages] if request.messages is not None else [request.prompt]
+        path = wire.path(request)
+        body = wire.body(request, self.cfg.model, temperature(2 if sampled else 1, self.cfg.temperature),
+                         self.cfg.extra_body)
+        async with self._turn(sum(estimate_tokens(t) for t in texts) + request.max_tokens):
+            response = await self.client.post(path, body=body, cast_to=httpx.Response)
+        return wire.parse(response.content, path)
+
+    async def ask(self, task, row: dict, first: int = 1) -> dict:
+        """The result of `row`: its request sent, and asked once more when the reply cannot be
+        used. A reply cannot be used when its body is not JSON, lacks a field a result is read
+        from or has no choices (the client does not retry a 200), or when the task cannot read it
+        (e.g. no score in it). An HTTP error the client has already retried (429, 5xx, timeouts)
+        ends the asking at once. `first` is the number of this first ask (2 for a re-ask pass,
+        which samples; the ask again inside a request keeps the configured temperature)."""
+        request = task.request(row)
+        asked = _Asked()
+        for attempt in range(first, MAX_ASKS + 1):
+            try:
+                completion = await self.send(request, sampled=first > 1)
+            except ValidationError as e:
+                asked.problem = f"unreadable response body: {wire.body_problem(e)}"
+                continue
+            except openai.APIError as e:
+                return failed(task, attempt, wire.describe_error(e), asked.tokens_in, asked.tokens_out)
+            tokens_in, tokens_out = wire.usage(completion)
+            asked.tokens_in += tokens_in
+            asked.tokens_out += tokens_out
+            if not completion.choices:
+                asked.problem = f"unreadable response: {str(completion)[:200]!r}"
+                continue
+            asked.result = reply_result(task, row, wire.reply(completion), attempt, asked.tokens_in, asked.tokens_out)
+            asked.problem = None
+            if asked.result[C.STATUS] == C.OK:
+                return asked.result
+        if asked.problem is not None:  # the last reply could not be read at all
+            return failed(task, MAX_ASKS, asked.problem, asked.tokens_in, asked.tokens_out)
+        return asked.result
+
+    @contextlib.asynccontextmanager
+    async def _turn(self, tokens: int):
+        # Slot first, then the limiter: when a Retry-After pause begins, only requests already
+        # past the limiter (at most one per slot) can still go out.
+        async with self.slots:
+            if self.limiter is not None:
+                await self.limiter.acquire.remote(tokens)
+            yield
+
+    async def _on_response(self, response) -> None:
+        """Tell the shared limiter about a 429's Retry-After, so every worker holds back."""
+        if response.status_code != 429 or self.limiter is None:
+            return
+        seconds = wire.retry_after_seconds(response.headers)
+        if seconds:
+            self.limiter.pause.remote(seconds)
+
+
+@dataclass
+class _Asked:
+    result: dict | None = None  # the last readable reply's result
+    problem: str | None = None  # why the last reply could not be read at all
+    tokens_in: int = 0
+    tokens_out: int = 0
+
+
+class ApiMapper(ApiWorker):
+    """Ray Data actor: the rows of each batch asked concurrently on the actor's event loop. Rows
+    wait for a slot in the order they came, so a batch's rows go out before the next batch's and
+    few batches are partly done at any time."""
+
+    def __init__(self, endpoint, slots: int, limiter, task, progress=None, sink=None, attempt: int = 1):
+        super().__init__(endpoint, slots, limiter)
+        self.task, self.progress, self.sink, self.first = task, progress, sink, attempt
+
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        results = await asyncio.gather(*(self.ask(self.task, row, self.first) for row in rows))
+        return with_results(batch, self.task, list(results), self.progress, self.sink)

@@ -1,0 +1,112 @@
+"""The interface every engine implements: one pass of rows through a model, into `Results`.
+
+    engine = engine_for(endpoint)        # llm.engines: the backend is chosen there, once
+    engine.check("rate")                 # fail before anything is sent (a key, a model directory)
+    engine.ask(rows, task, results, attempt=1, round=FIRST, progress=p)
+
+Two kinds share it:
+- streaming engines (vllm, openai) map a Ray Dataset through the model on the workers; each
+  finished batch is saved by the worker where it finished (`results.writer()`);
+- file engines (openai_batch, vllm_batch) write the rows as request files, send them, follow
+  their batches and collect each one that ends into `results`; a killed or detached run is taken
+  up again from their records (`in_flight`, `detach`, `cancel`).
+The driver (`llm.driver`) calls `ask` once per pass: the first over the new rows, then a retry of
+the request failures and a re-ask of the unreadable replies.
+"""
+
+from __future__ import annotations
+
+from alpagasus_ray import columns as C
+from alpagasus_ray.config import ConfigError
+from alpagasus_ray.llm.task import FIRST, LLMTask, Results, Sink
+
+
+class Engine:
+    """What the driver and the stages may ask of a backend. Subclasses override `ask`; the rest
+    has the defaults of a streaming engine that costs nothing."""
+
+    # Honours `Request.constraint` (structured outputs): tasks constrain replies only then.
+    constrains = False
+    # Sends request files, which a run can leave running (`detach`) and `cancel`.
+    sends_files = False
+
+    def __init__(self, endpoint, workdir: str | None = None):
+        self.cfg = endpoint
+        self.workdir = workdir
+
+    @property
+    def name(self) -> str:
+        """backend:model, as recorded beside every result."""
+        return f"{self.cfg.backend}:{self.cfg.model}"
+
+    def check(self, section: str) -> None:
+        """Raise ConfigError (or InputError) when the engine cannot run, before anything is sent."""
+
+    def price_factor(self) -> float | None:
+        """The fraction of the configured prices this engine pays; None when it is not paid."""
+        return None
+
+    def cost(self, tokens_in: int, tokens_out: int) -> float | None:
+        """USD for these tokens at the endpoint's prices; None when not priced or not paid.
+
+        >>> from alpagasus_ray.config import EndpointConfig
+        >>> class Paid(Engine):
+        ...     def price_factor(self): return 0.5
+        >>> Paid(EndpointConfig(price_input_per_million=2.0, price_output_per_million=8.0)).cost(10**6, 10**6)
+        5.0
+        """
+        factor = self.price_factor()
+        cfg = self.cfg
+        if factor is None or cfg.price_input_per_million is None or cfg.price_output_per_million is None:
+            return None
+        usd = (tokens_in * cfg.price_input_per_million + tokens_out * cfg.price_output_per_million) / 1e6
+        return round(usd * factor, 6)
+
+    def ask(self, rows, task: LLMTask, results: Results, *, attempt: int = 1, round: str = FIRST, progress=None,
+            detach: bool = False) -> list:
+        """Ask every row of `rows` (a Ray Dataset; None for none) and save the results to `results`;
+        `attempt` is the ask this is for each row (2 for a re-ask). Returns what is still running
+        (only with `detach`, for an engine that sends files)."""
+        raise NotImplementedError
+
+    def in_flight(self) -> tuple[str, list[str]] | None:
+        """(filesystem URI, Parquet files) of rows sent but not yet collected, which a rerun must
+        not send again; None when there are none."""
+        return None
+
+    def cancel(self, task: LLMTask, results: Results) -> dict:
+        raise ConfigError(f"--cancel is for the backends that send request files, not backend={self.cfg.backend}")
+
+    def summary(self) -> dict | None:
+        """What the stage's summary records of the engine's own work (request files, batches)."""
+        return None
+
+
+class StreamingEngine(Engine):
+    """An engine that maps a Ray Dataset through the model on the workers (`map`)."""
+
+    def map(self, rows, task: LLMTask, *, attempt: int = 1, sink: Sink | None = None, progress=None):
+        """`rows` with each row's result beside it, a lazy Dataset; with `sink`, each finished batch
+        is handed to it on the worker and the Dataset holds one row of counts per batch."""
+        raise NotImplementedError
+
+    def ask(self, rows, task: LLMTask, results: Results, *, attempt: int = 1, round: str = FIRST, progress=None,
+            detach: bool = False) -> list:
+        if rows is None:
+            return []
+        ids = None
+        if round != FIRST:  # the rows of an ask again are few: the failures
+            ids = [i for b in rows.select_columns([C.ID]).iter_batches(batch_format="pyarrow")
+                   for i in b[C.ID].to_pylist()]
+        before = set(results.parts()) if ids else set()
+        run_to_end(self.map(rows, task, attempt=attempt, sink=results.writer(), progress=progress))
+        if ids:
+            results.replace(ids, round, keep_parts=set(results.parts()) - before)
+        return []
+
+
+def run_to_end(dataset) -> None:
+    """Run a Dataset whose work is done on the workers (a sink writes each batch), without
+    fetching its rows of counts to the driver: it only follows the blocks' references."""
+    for _ in dataset.iter_internal_ref_bundles():
+        pass

@@ -1,0 +1,87 @@
+"""What the rating stage reports: the estimate of a dry run (`dry_run_report`), before anything is
+sent, and the summary of a finished run (`summarize`), counted by one streaming scan of the parts."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from alpagasus_ray import columns as C
+from alpagasus_ray.config import RateConfig
+from alpagasus_ray.llm.engines import Engine, engine_for
+from alpagasus_ray.rules.prompts import (
+    CHARS_PER_TOKEN,
+    PROMPT_VERSION,
+    RATING_SYSTEM,
+    RATING_USER,
+)
+from alpagasus_ray.store.inputs import InputScan
+from alpagasus_ray.store.rated import RatedStore
+
+# Bytes of a rating request line besides the prompt's text: custom_id, url, model, sampling fields.
+REQUEST_LINE_OVERHEAD = 300
+
+
+def dry_run_report(scan: InputScan, cfg: RateConfig, engine: Engine, before: dict) -> dict:
+    to_send = max(0, scan.valid - (sum(before.values()) - before[C.INVALID_INPUT]))
+    fixed = len(RATING_SYSTEM) + len(RATING_USER.format(dimension=cfg.dimension))
+    text_chars = scan.text_chars * to_send / scan.valid if scan.valid else 0
+    prompt_tokens = math.ceil((text_chars + fixed * to_send) / CHARS_PER_TOKEN)
+    report = {
+        "rows_in": scan.rows,
+        "invalid_input": scan.invalid,
+        "to_send": to_send,
+        "prompt_tokens_estimate": prompt_tokens,
+        "completion_tokens_at_most": to_send * cfg.max_tokens,
+        "cost_usd_at_most": engine.cost(prompt_tokens, to_send * cfg.max_tokens),
+    }
+    if engine.sends_files:
+        # A request line is the prompt's text as JSON plus the body's other fields.
+        request_bytes = text_chars + (fixed + REQUEST_LINE_OVERHEAD) * to_send
+        report["request_files"] = max(math.ceil(to_send / cfg.batch_max_requests),
+                                      math.ceil(request_bytes / cfg.batch_max_bytes))
+        report["request_bytes_estimate"] = math.ceil(request_bytes)
+        report["cost_usd_at_most_synchronous"] = engine_for(cfg.model_copy(update={"backend": "openai"})).cost(
+            prompt_tokens, to_send * cfg.max_tokens)
+    return report
+
+
+def summarize(scan: InputScan, store: RatedStore, cfg: RateConfig, engine: Engine, seconds: float, sent: int) -> dict:
+    """The summary, counted by one streaming scan of the parts."""
+    statuses, scores, tokens, rows = Counter(), Counter(), Counter(), 0
+    not_ok = []
+    for batch in store.batches([C.ID, C.STATUS, C.SCORE, C.TOKENS_IN, C.TOKENS_OUT, C.SOURCE, C.ERROR]):
+        table = pa.Table.from_batches([batch])
+        rows += table.num_rows
+        for item in pc.value_counts(table[C.STATUS]).to_pylist():
+            statuses[item["values"]] += item["counts"]
+        ok = pc.equal(table[C.STATUS], C.OK)
+        for item in pc.value_counts(table.filter(ok)[C.SCORE]).to_pylist():
+            scores[item["values"]] += item["counts"]
+        tokens.update({C.TOKENS_IN: pc.sum(table[C.TOKENS_IN]).as_py() or 0,
+                       C.TOKENS_OUT: pc.sum(table[C.TOKENS_OUT]).as_py() or 0})
+        if len(not_ok) < 20:
+            not_ok += table.filter(pc.invert(ok)).slice(0, 20 - len(not_ok)).to_pylist()
+    if rows != scan.rows:
+        raise RuntimeError(f"rows in != rows out: {scan.rows:,} rows in the input, {rows:,} rated rows in {store.uri}")
+    return {
+        "rows_in": scan.rows,
+        "rows_out": rows,
+        "by_status": {s: statuses.get(s, 0) for s in C.STATUSES},
+        "grader": engine.name,
+        "dimension": cfg.dimension,
+        "prompt_version": PROMPT_VERSION,
+        "tokens_in": tokens[C.TOKENS_IN],
+        "tokens_out": tokens[C.TOKENS_OUT],
+        "cost_usd": engine.cost(tokens[C.TOKENS_IN], tokens[C.TOKENS_OUT]),
+        "wall_seconds": round(seconds, 2),
+        "rows_sent_this_run": sent,
+        "score_histogram": {f"{k:g}": v for k, v in sorted(scores.items())},
+        "duplicate_ids": {"count": len(scan.repeats), "examples": scan.repeat_sources},
+        "not_ok_examples": [{"id": r[C.ID], "status": r[C.STATUS], "source": r[C.SOURCE], "error": r[C.ERROR]}
+                            for r in not_ok],
+        "input_files": scan.files,
+    }

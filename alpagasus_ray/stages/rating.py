@@ -1,0 +1,111 @@
+"""The rating task and the rated row: what a row asks the grader (the paper's Fig. 4 prompt), how the
+reply is read, and what is stored of each row, rated or set aside (`store.rated.RATED_SCHEMA`).
+
+Every function here that takes a batch runs on the workers (Ray Data `map_batches`).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from alpagasus_ray import columns as C
+from alpagasus_ray.config import RateConfig
+from alpagasus_ray.llm.engines import Engine
+from alpagasus_ray.llm.task import Reply, Request
+from alpagasus_ray.rules.prompts import (
+    PROMPT_VERSION,
+    SCORE_CHOICES,
+    expected_score,
+    parse_score,
+    rating_messages,
+)
+from alpagasus_ray.store.inputs import INVALID_REASON
+from alpagasus_ray.store.parts import PartWriter
+from alpagasus_ray.store.rated import RATED_SCHEMA, RatedStore
+
+# What the LLM layer is given of a row.
+SENT_COLUMNS = [C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT, C.SOURCE]
+# Ray resources of the light steps around the LLM (filters, writes). Ray Data's own filter and
+# projection tasks take a whole CPU, which a vLLM engine on a two-core node leaves no room for.
+LIGHT = {"num_cpus": 0.1}
+
+
+class RatingTask:
+    """The rating prompt (the paper's Fig. 4) and its reader, for the LLM layer."""
+
+    fields = pa.schema([(C.SCORE, pa.float64()), (C.SCORE_EXPECTED, pa.float64()), (C.REVIEW, pa.string())])
+    chat = True
+
+    def __init__(self, cfg: RateConfig, engine: Engine):
+        self.cfg = cfg
+        # Only an engine that constrains replies can be held to the scores alone; its logprobs
+        # are then a distribution over the allowed scores.
+        self.constrained = cfg.constrained and engine.constrains
+
+    def request(self, row: dict) -> Request:
+        cfg = self.cfg
+        return Request(
+            messages=rating_messages(row[C.INSTRUCTION], row[C.INPUT], row[C.OUTPUT], cfg.dimension),
+            max_tokens=4 if self.constrained else cfg.max_tokens,
+            top_logprobs=cfg.top_logprobs if cfg.logprobs else 0,
+            constraint={"choice": list(SCORE_CHOICES)} if self.constrained else None,
+        )
+
+    def read(self, row: dict, reply: Reply) -> tuple[dict, str | None]:
+        parsed = parse_score(reply.text)
+        if parsed.score is None:
+            return {C.REVIEW: parsed.review}, parsed.error
+        expected = expected_score(reply.positions) if reply.positions else None
+        return {C.SCORE: parsed.score, C.SCORE_EXPECTED: expected, C.REVIEW: parsed.review}, None
+
+
+def rated_rows(batch: pa.Table, meta: dict) -> pa.Table:
+    """Output rows: each row's text and source beside its rating, in the columns of RATED_SCHEMA."""
+    n = batch.num_rows
+    columns = {name: batch[name] for name in batch.column_names}
+    columns.update({k: pa.array([v] * n, pa.string()) for k, v in meta.items()})
+    return pa.table({f.name: columns[f.name] for f in RATED_SCHEMA}, schema=RATED_SCHEMA)
+
+
+def rating_meta(cfg: RateConfig) -> dict:
+    """What every rated row records of the rating that made it (a run directory never mixes them)."""
+    return {C.GRADER: f"{cfg.backend}:{cfg.model}", C.DIMENSION: cfg.dimension, C.PROMPT_VERSION: PROMPT_VERSION}
+
+
+def set_aside_dataset(rows, store: RatedStore, meta: dict, progress):
+    """The rows of `rows` that cannot be rated, written as invalid_input parts by the workers
+    (a Dataset of one row of counts per batch)."""
+    sink = PartWriter(store.uri, store.schema, functools.partial(_set_aside, meta=meta))
+    return rows.map_batches(_set_aside_rows, fn_kwargs={"sink": sink, "progress": progress},
+                            batch_format="pyarrow", batch_size=None, **LIGHT)
+
+
+def _set_aside(batch: pa.Table, meta: dict) -> pa.Table:
+    """Rows that cannot be rated, as rated rows with status invalid_input and the reason."""
+    n = batch.num_rows
+    results = {
+        C.SCORE: pa.nulls(n, pa.float64()), C.SCORE_EXPECTED: pa.nulls(n, pa.float64()),
+        C.STATUS: pa.array([C.INVALID_INPUT] * n, pa.string()), C.REVIEW: pa.array([""] * n, pa.string()),
+        C.ATTEMPTS: pa.array([0] * n, pa.int32()), C.ERROR: batch[INVALID_REASON],
+        C.TOKENS_IN: pa.array([0] * n, pa.int64()), C.TOKENS_OUT: pa.array([0] * n, pa.int64()),
+    }
+    table = batch.select([C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT, C.SOURCE])
+    for name, values in results.items():
+        table = table.append_column(name, values)
+    return rated_rows(table, meta)
+
+
+def rows_to_send(batch: pa.Table) -> pa.Table:
+    return batch.filter(pc.is_null(batch[INVALID_REASON])).select(SENT_COLUMNS)
+
+
+def _set_aside_rows(batch: pa.Table, sink, progress=None) -> pa.Table:
+    """Write the rows set aside; one row of counts comes out, as from the LLM layer."""
+    batch = batch.filter(pc.is_valid(batch[INVALID_REASON]))
+    sink(batch)
+    if progress is not None:
+        progress.add(pa.table({C.STATUS: pa.array([C.INVALID_INPUT] * batch.num_rows, pa.string())}))
+    return pa.table({"rows": [batch.num_rows]})
