@@ -25,8 +25,6 @@ OPERATIONAL = frozenset({
     "max_failures", "tensorboard", "api_key_env", "cpu_kv_cache_gib", "worker_resources",
     "batch_max_requests", "batch_max_bytes", "batch_poll_seconds", "batch_poll_max_seconds", "batch_price_factor",
 })
-# Backends that send a whole request file at once (the OpenAI Batch API, or vLLM's batch runner).
-BATCH_BACKENDS = ("openai_batch", "vllm_batch")
 
 
 def pool_size(value: int | tuple[int, int]) -> tuple[int, int]:
@@ -118,21 +116,6 @@ class EndpointConfig(_Strict):
         1, gt=0, description="vllm on CPU (use_gpu=false): GiB of KV cache per engine. It reaches the engine workers "
         "in their runtime_env as VLLM_CPU_KVCACHE_SPACE, on a local Ray or a running cluster alike.")
     engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vllm.LLM engine arguments.")
-
-    def cost(self, tokens_in: int, tokens_out: int) -> float | None:
-        """USD for these tokens at the configured prices (the batch price for openai_batch); None
-        when no prices are set or the backend is not a paid API.
-
-        >>> EndpointConfig(backend="openai_batch", price_input_per_million=2.0, price_output_per_million=8.0).cost(10**6, 10**6)
-        5.0
-        """
-        if self.price_input_per_million is None or self.price_output_per_million is None:
-            return None
-        if self.backend not in ("openai", "openai_batch"):
-            return None
-        factor = self.batch_price_factor if self.backend == "openai_batch" else 1.0
-        usd = (tokens_in * self.price_input_per_million + tokens_out * self.price_output_per_million) / 1e6
-        return round(usd * factor, 6)
 
     @model_validator(mode="after")
     def _check(self) -> "EndpointConfig":

@@ -11,7 +11,7 @@ import pyarrow.compute as pc
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import RateConfig
-from alpagasus_ray.llm.engines import Engine, engine_for
+from alpagasus_ray.llm.engines import Engine
 from alpagasus_ray.rules.prompts import (
     CHARS_PER_TOKEN,
     PROMPT_VERSION,
@@ -44,8 +44,7 @@ def dry_run_report(scan: InputScan, cfg: RateConfig, engine: Engine, before: dic
         report["request_files"] = max(math.ceil(to_send / cfg.batch_max_requests),
                                       math.ceil(request_bytes / cfg.batch_max_bytes))
         report["request_bytes_estimate"] = math.ceil(request_bytes)
-        report["cost_usd_at_most_synchronous"] = engine_for(cfg.model_copy(update={"backend": "openai"})).cost(
-            prompt_tokens, to_send * cfg.max_tokens)
+        report["cost_usd_at_most_synchronous"] = engine.cost(prompt_tokens, to_send * cfg.max_tokens, full_price=True)
     return report
 
 

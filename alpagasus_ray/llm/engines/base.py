@@ -46,8 +46,9 @@ class Engine:
         """The fraction of the configured prices this engine pays; None when it is not paid."""
         return None
 
-    def cost(self, tokens_in: int, tokens_out: int) -> float | None:
-        """USD for these tokens at the endpoint's prices; None when not priced or not paid.
+    def cost(self, tokens_in: int, tokens_out: int, *, full_price: bool = False) -> float | None:
+        """USD for these tokens at the endpoint's prices (`full_price`: without a batch discount);
+        None when not priced or not paid.
 
         >>> from alpagasus_ray.config import EndpointConfig
         >>> class Paid(Engine):
@@ -56,6 +57,8 @@ class Engine:
         5.0
         """
         factor = self.price_factor()
+        if factor is not None and full_price:
+            factor = 1.0
         cfg = self.cfg
         if factor is None or cfg.price_input_per_million is None or cfg.price_output_per_million is None:
             return None
