@@ -22,7 +22,8 @@ import json
 import sys
 
 from alpagasus_ray import console
-from alpagasus_ray.config import ConfigError, load_config
+from alpagasus_ray.config import load_config
+from alpagasus_ray.errors import user_error
 from alpagasus_ray.store.layout import RunDir
 
 RUNNING = 3  # exit code of `rate --detach` while batches run
@@ -37,13 +38,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     args.overrides = [*getattr(args, "overrides", []), *extra]
     console.setup(args.verbose)
-    from alpagasus_ray.errors import InputError
-    from alpagasus_ray.stages.filter import FilterError
-
     try:
         return args.func(args)
-    except (ConfigError, InputError, FilterError) as e:  # the user's to fix; anything else is a bug with a traceback
-        print(f"alpagasus {args.command}: error: {e}", file=sys.stderr)
+    except Exception as e:
+        error = user_error(e)  # the user's to fix; anything else is a bug, with its traceback
+        if error is None:
+            raise
+        print(f"alpagasus {args.command}: error: {error}", file=sys.stderr)
         console.drop_logs_of_failed_start()
         return 2
 

@@ -9,22 +9,22 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 from alpagasus_ray.errors import ConfigError
 
-# Settings that change how fast a stage runs, or where it keeps scratch state, not its result:
-# left out of the fingerprints that decide whether a stage must run again.
-OPERATIONAL = frozenset({
-    "concurrency", "num_workers", "requests_per_minute", "tokens_per_minute", "max_retries", "request_timeout",
-    "batch_size", "retry_failed", "price_input_per_million", "price_output_per_million", "num_engines",
-    "accelerator_type", "resources_per_worker", "storage_path", "checkpoint_every", "keep_checkpoints",
-    "max_failures", "tensorboard", "api_key_env", "cpu_kv_cache_gib", "worker_resources",
-    "batch_max_requests", "batch_max_bytes", "batch_poll_seconds", "batch_poll_max_seconds", "batch_price_factor",
-})
+# The backends, and the sections of a config that name one.
+BACKENDS = ("openai", "openai_batch", "vllm", "vllm_batch")
+ENDPOINT_SECTIONS = ("rate", "generate", "judge")
+
+
+def operational(default: Any = ..., **kwargs) -> Any:
+    """A field that changes how fast a stage runs, or where it keeps scratch state, not its result:
+    left out of the fingerprints that decide whether a stage must run again (`OPERATIONAL`)."""
+    return Field(default, json_schema_extra={"operational": True}, **kwargs)
 
 
 def pool_size(value: int | tuple[int, int]) -> tuple[int, int]:
@@ -63,81 +63,166 @@ class DataConfig(_Strict):
     limit: int | None = Field(None, gt=0, description="Use only the first N rows (for trials).")
 
 
-class EndpointConfig(_Strict):
-    """A model to call, and how: shared by the rating, generation and judging stages."""
+class _Endpoint(_Strict):
+    """The keys every backend has."""
 
-    backend: Literal["vllm", "openai", "openai_batch", "vllm_batch"] = Field(
-        "openai", description="vllm: Ray Data LLM on GPUs (or CPU); openai: any OpenAI-compatible API; "
-        "openai_batch: OpenAI's Batch API (or a provider's), at its batch price; vllm_batch: the same request "
-        "files run by vLLM's batch runner (`vllm run_batch`) on this machine.")
     model: str = Field("gpt-3.5-turbo", description="Model name at the API, or a model directory / hub id for vllm.")
-    base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://host:8000/v1; None means OpenAI's.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key (never the key itself).")
     temperature: float = Field(0.0, ge=0.0, description="Sampling temperature.")
-    batch_size: int = Field(64, gt=0, description="Rows per batch, the unit saved to disk as it finishes (the API path sends blocks of 4 batches to each worker).")
-    retry_failed: bool = Field(False, description="On a rerun, send rows that ended request_failed again.")
-    # openai backend
-    concurrency: int = Field(16, gt=0, description="Requests in flight at once, across all workers together.")
-    num_workers: int | tuple[int, int] = Field(
-        1, description="Ray actors sending requests (openai backend): a number, or a range [min, max] for an "
-        "autoscaling pool. The concurrency is split among the most there can be.")
-    worker_resources: dict[str, float] = Field(
-        default_factory=dict, description="openai: Ray resources each worker needs besides its half CPU, e.g. "
-        "{rater: 1} to run the workers only on nodes started with the custom resource `rater`.")
-    requests_per_minute: int | None = Field(None, gt=0, description="Account limit on requests per minute, across all workers.")
-    tokens_per_minute: int | None = Field(None, gt=0, description="Account limit on tokens per minute (prompt estimate + max_tokens), across all workers.")
-    max_retries: int = Field(5, ge=0, description="Retries of a failed request (429, 5xx, timeouts) by the openai client, honouring Retry-After.")
-    request_timeout: float = Field(120.0, gt=0, description="Seconds before a request is abandoned (then retried).")
+    batch_size: int = operational(64, gt=0, description="Rows per batch, the unit saved to disk as it finishes (the API path sends blocks of 4 batches to each worker).")
+    retry_failed: bool = operational(False, description="On a rerun, send rows that ended request_failed again.")
+
+
+class _Body(_Strict):
     extra_body: dict[str, Any] = Field(
         default_factory=dict,
-        description="openai: extra JSON fields of each request, e.g. {structured_outputs: {choice: [...]}} on a vLLM server.",
+        description="Extra JSON fields of each request body, e.g. {structured_outputs: {choice: [...]}} on a vLLM server.",
     )
-    price_input_per_million: float | None = Field(None, ge=0, description="USD per million prompt tokens, for the cost estimate.")
-    price_output_per_million: float | None = Field(None, ge=0, description="USD per million completion tokens, for the cost estimate.")
-    # openai_batch and vllm_batch backends
-    batch_max_requests: int = Field(50_000, gt=0, description="Batch backends: requests per request file (the Batch API's limit: 50,000).")
-    batch_max_bytes: int = Field(200_000_000, gt=0, description="Batch backends: bytes per request file (the Batch API's limit: 200 MB).")
-    batch_completion_window: str = Field("24h", description="openai_batch: the batches' completion window.")
-    batch_poll_seconds: float = Field(10.0, gt=0, description="openai_batch: seconds between the first polls of the batches' states.")
-    batch_poll_max_seconds: float = Field(300.0, gt=0, description="openai_batch: the polls back off (x1.5 each) up to this many seconds apart.")
-    batch_price_factor: float = Field(0.5, ge=0, description="openai_batch: the batch price as a fraction of the prices above (OpenAI: 0.5).")
-    reask: Literal["batch", "sync"] = Field(
-        "batch", description="Batch backends: re-ask a reply with no readable result once, in a small follow-up "
-        "batch, or through the synchronous API (sync, with base_url and the same model).")
-    # vllm backend
-    num_engines: int | tuple[int, int] = Field(
-        1, description="vllm: engine replicas (one per GPU, or per tensor-parallel group): a number, or a range "
-        "[min, max] for an autoscaling pool that a cluster autoscaler can add GPU nodes for.")
-    tensor_parallel_size: int = Field(1, gt=0, description="vllm: GPUs per engine.")
-    use_gpu: bool = Field(True, description="vllm: give each engine GPUs; false runs on CPU (tests, demo).")
-    accelerator_type: str | None = Field(None, description="vllm: Ray accelerator type for the engines, e.g. A100.")
-    max_model_len: int = Field(4096, gt=0, description="vllm: context length of the engine.")
-    cpu_kv_cache_gib: int = Field(
-        1, gt=0, description="vllm on CPU (use_gpu=false): GiB of KV cache per engine. It reaches the engine workers "
-        "in their runtime_env as VLLM_CPU_KVCACHE_SPACE, on a local Ray or a running cluster alike.")
-    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="vllm: extra vllm.LLM engine arguments.")
+
+
+class _Api(_Body):
+    """The keys of an HTTP API."""
+
+    base_url: str | None = Field(None, description="OpenAI-compatible endpoint, e.g. http://host:8000/v1; None means OpenAI's.")
+    api_key_env: str = operational("OPENAI_API_KEY", description="Environment variable holding the API key (never the key itself).")
+    max_retries: int = operational(5, ge=0, description="Retries of a failed request (429, 5xx, timeouts) by the openai client, honouring Retry-After.")
+    request_timeout: float = operational(120.0, gt=0, description="Seconds before a request is abandoned (then retried).")
+    price_input_per_million: float | None = operational(None, ge=0, description="USD per million prompt tokens, for the cost estimate.")
+    price_output_per_million: float | None = operational(None, ge=0, description="USD per million completion tokens, for the cost estimate.")
+
+
+class _Pool(_Strict):
+    """The keys of the pool of Ray actors that call an API."""
+
+    concurrency: int = operational(16, gt=0, description="Requests in flight at once, across all workers together.")
+    num_workers: int | tuple[int, int] = operational(
+        1, description="Ray actors sending requests: a number, or a range [min, max] for an autoscaling pool. The "
+        "concurrency is split among the most there can be.")
+    worker_resources: dict[str, float] = operational(
+        default_factory=dict, description="Ray resources each worker needs besides its half CPU, e.g. {rater: 1} to "
+        "run the workers only on nodes started with the custom resource `rater`.")
+    requests_per_minute: int | None = operational(None, gt=0, description="Account limit on requests per minute, across all workers.")
+    tokens_per_minute: int | None = operational(None, gt=0, description="Account limit on tokens per minute (prompt estimate + max_tokens), across all workers.")
 
     @model_validator(mode="after")
-    def _check(self) -> "EndpointConfig":
-        for key in ("num_workers", "num_engines"):
-            low, high = pool_size(getattr(self, key))
-            if not 1 <= low <= high:
-                raise ValueError(f"{key} must be a number >= 1 or a range [min, max] with 1 <= min <= max, "
-                                 f"got {getattr(self, key)}")
+    def _check_pool(self):
+        _check_range(self, "num_workers")
         most = pool_size(self.num_workers)[1]
-        if self.backend == "openai" and self.concurrency < most:
+        if self.concurrency < most:
             raise ValueError(f"concurrency ({self.concurrency}) must be at least num_workers ({most})")
         return self
 
 
-class RateConfig(EndpointConfig):
-    """The grader and how to call it."""
+class _Files(_Strict):
+    """The keys of request files."""
+
+    batch_max_requests: int = operational(50_000, gt=0, description="Requests per request file (the Batch API's limit: 50,000).")
+    batch_max_bytes: int = operational(200_000_000, gt=0, description="Bytes per request file (the Batch API's limit: 200 MB).")
+
+
+class _BatchApi(_Files):
+    """The keys of a Batch API."""
+
+    batch_completion_window: str = Field("24h", description="The batches' completion window.")
+    batch_poll_seconds: float = operational(10.0, gt=0, description="Seconds between the first polls of the batches' states.")
+    batch_poll_max_seconds: float = operational(300.0, gt=0, description="The polls back off (x1.5 each) up to this many seconds apart.")
+    batch_price_factor: float = operational(0.5, ge=0, description="The batch price as a fraction of the prices above (OpenAI: 0.5).")
+    reask: Literal["batch", "sync"] = Field(
+        "batch", description="Re-ask a reply with no readable result once, in a small follow-up batch, or through "
+        "the synchronous API (sync: the same base_url, model and pool keys).")
+
+
+class _Engines(_Strict):
+    """The keys of vLLM engines."""
+
+    num_engines: int | tuple[int, int] = operational(
+        1, description="Engine replicas (one per GPU, or per tensor-parallel group): a number, or a range [min, max] "
+        "for an autoscaling pool that a cluster autoscaler can add GPU nodes for.")
+    tensor_parallel_size: int = Field(1, gt=0, description="GPUs per engine.")
+    use_gpu: bool = Field(True, description="Give each engine GPUs; false runs on CPU (tests, demo).")
+    accelerator_type: str | None = operational(None, description="Ray accelerator type for the engines, e.g. A100.")
+    max_model_len: int = Field(4096, gt=0, description="Context length of the engine.")
+    cpu_kv_cache_gib: int = operational(
+        1, gt=0, description="On CPU (use_gpu=false): GiB of KV cache per engine. It reaches the engine workers in "
+        "their runtime_env as VLLM_CPU_KVCACHE_SPACE, on a local Ray or a running cluster alike.")
+    engine_kwargs: dict[str, Any] = Field(default_factory=dict, description="Extra vllm.LLM engine arguments.")
+
+    @model_validator(mode="after")
+    def _check_engines(self):
+        _check_range(self, "num_engines")
+        return self
+
+
+def _check_range(model, key: str) -> None:
+    low, high = pool_size(getattr(model, key))
+    if not 1 <= low <= high:
+        raise ValueError(f"{key} must be a number >= 1 or a range [min, max] with 1 <= min <= max, got {getattr(model, key)}")
+
+
+class OpenAIEndpoint(_Pool, _Api, _Endpoint):
+    """Any OpenAI-compatible API, called by a pool of Ray actors under concurrency and rate limits."""
+
+    backend: Literal["openai"] = Field("openai", description="openai: any OpenAI-compatible API.")
+
+
+class OpenAIBatchEndpoint(_BatchApi, _Pool, _Api, _Endpoint):
+    """OpenAI's Batch API (or a provider's that speaks it): request files at the batch price."""
+
+    backend: Literal["openai_batch"] = Field("openai_batch", description="openai_batch: OpenAI's Batch API (or a provider's), at its batch price.")
+
+
+class VllmEndpoint(_Engines, _Endpoint):
+    """vLLM engines inside Ray Data (`ray.data.llm`), on GPUs or CPU."""
+
+    backend: Literal["vllm"] = Field("vllm", description="vllm: Ray Data LLM engines on GPUs (or CPU).")
+
+
+class VllmBatchEndpoint(_Files, _Body, _Engines, _Endpoint):
+    """Request files run by vLLM's batch runner (`vllm run_batch`) on this machine."""
+
+    backend: Literal["vllm_batch"] = Field("vllm_batch", description="vllm_batch: request files run by vLLM's batch runner on this machine.")
+
+
+EndpointConfig = OpenAIEndpoint | OpenAIBatchEndpoint | VllmEndpoint | VllmBatchEndpoint
+
+
+def _by_backend(*members: type[BaseModel], default: str) -> Any:
+    """A section that is one of `members`, chosen by its `backend` key (`default` when absent)."""
+
+    def tag(value: Any) -> str | None:
+        return value.get("backend", default) if isinstance(value, dict) else getattr(value, "backend", None)
+
+    tagged = tuple(Annotated[m, Tag(m.model_fields["backend"].default)] for m in members)
+    return Annotated[Union[tagged], Discriminator(tag)]
+
+
+class _Rating(_Strict):
+    """The keys of the rating stage."""
 
     dimension: str = Field("accuracy", min_length=1, description="The property the grader rates: accuracy (paper default), helpfulness, ...")
     max_tokens: int = Field(256, gt=0, description="Reply length cap: the score line plus the explanation.")
     logprobs: bool = Field(True, description="Ask for top logprobs and record the probability-weighted score_expected.")
     top_logprobs: int = Field(5, ge=1, le=20, description="How many alternatives per token to ask for.")
-    constrained: bool = Field(True, description="vllm: constrain the reply to the valid scores 0, 0.5, ..., 5 (no explanation then).")
+
+
+class RateOpenAI(_Rating, OpenAIEndpoint):
+    """The grader at an OpenAI-compatible API."""
+
+
+class RateOpenAIBatch(_Rating, OpenAIBatchEndpoint):
+    """The grader through a Batch API."""
+
+
+class RateVllm(_Rating, VllmEndpoint):
+    """The grader on vLLM engines."""
+
+    constrained: bool = Field(True, description="Constrain the reply to the valid scores 0, 0.5, ..., 5 (no explanation then).")
+
+
+class RateVllmBatch(_Rating, VllmBatchEndpoint):
+    """The grader on vLLM's batch runner."""
+
+
+RateConfig = _by_backend(RateOpenAI, RateOpenAIBatch, RateVllm, RateVllmBatch, default="openai")
 
 
 # The paper's App. E keyword set for coding rows.
@@ -193,7 +278,7 @@ class TrainConfig(_Strict):
     model: str = Field("builtin:tiny-llama", description="Base model: a local Hugging Face directory or a hub id.")
     num_workers: int = Field(2, gt=0, description="Ray Train workers (one per GPU on a cluster).")
     use_gpu: bool = Field(False, description="Train on GPUs (bf16) or CPUs (fp32, gloo).")
-    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}.")
+    resources_per_worker: dict[str, float] = operational(default_factory=dict, description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}.")
     zero_stage: Literal[2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
     offload: bool = Field(False, description="ZeRO CPU offload of optimizer state (and parameters with stage 3).")
     epochs: float = Field(3, gt=0, description="Passes over the data (Table 5: 3 for 7B, 5 for 13B).")
@@ -209,21 +294,20 @@ class TrainConfig(_Strict):
     packing: bool = Field(True, description="Pack several examples per row, so few computed tokens are padding.")
     max_steps: int | None = Field(None, gt=0, description="Stop after this many optimizer steps (a cap for trials).")
     seed: int = Field(42, description="Seed of shuffling and initialisation.")
-    checkpoint_every: int = Field(50, gt=0, description="Optimizer steps between checkpoints (and one at the end).")
-    keep_checkpoints: int = Field(2, gt=0, description="Checkpoints kept (the latest ones).")
-    storage_path: str | None = Field(None, description="Checkpoint storage shared by all nodes (path or s3://); default <run_dir>/checkpoints.")
-    max_failures: int = Field(3, ge=0, description="Worker failures Ray Train recovers from by resuming the last checkpoint.")
-    tensorboard: bool = Field(False, description="Also write metrics for TensorBoard under <run_dir>/tensorboard (a path the first worker can write).")
+    checkpoint_every: int = operational(50, gt=0, description="Optimizer steps between checkpoints (and one at the end).")
+    keep_checkpoints: int = operational(2, gt=0, description="Checkpoints kept (the latest ones).")
+    storage_path: str | None = operational(None, description="Checkpoint storage shared by all nodes (path or s3://); default <run_dir>/checkpoints.")
+    max_failures: int = operational(3, ge=0, description="Worker failures Ray Train recovers from by resuming the last checkpoint.")
+    tensorboard: bool = operational(False, description="Also write metrics for TensorBoard under <run_dir>/tensorboard (a path the first worker can write).")
 
 
 # The paper's four test sets, shipped in the package (alpagasus_ray/testsets/).
 TEST_SETS = ("koala", "vicuna", "wizardlm", "sinstruct")
 
 
-class GenerateConfig(EndpointConfig):
-    """Answers of one model to the test sets, for judging."""
+class _Generating(_Strict):
+    """The keys of the generation stage."""
 
-    backend: Literal["vllm", "openai"] = Field("vllm", description="vllm: a model directory on Ray Data LLM engines; openai: an OpenAI-compatible endpoint (a reference system).")
     model: str | None = Field(None, description="Model directory or hub id (vllm), or model name at the API; default <run_dir>/model, what train wrote.")
     name: str | None = Field(None, description="What the model is called in outputs (answers/<name>/); default the model directory's name.")
     test_sets: list[str] = Field(default_factory=lambda: list(TEST_SETS), min_length=1, description="Shipped test sets by name (koala, vicuna, wizardlm, sinstruct) or JSONL files in one of their formats.")
@@ -238,15 +322,26 @@ class GenerateConfig(EndpointConfig):
     def _renamed_keys(cls, data: Any) -> Any:
         return _renamed(data, "generate", {"max_new_tokens": "max_tokens"})
 
+
+class GenerateVllm(_Generating, VllmEndpoint):
+    """A model directory answering on vLLM engines."""
+
+
+class GenerateOpenAI(_Generating, OpenAIEndpoint):
+    """A reference system at an OpenAI-compatible API."""
+
     @model_validator(mode="after")
-    def _api_needs_model(self) -> "GenerateConfig":
-        if self.backend == "openai" and self.model is None:
+    def _needs_model(self) -> "GenerateOpenAI":
+        if self.model is None:
             raise ValueError("generate.backend=openai needs generate.model, the model's name at the API")
         return self
 
 
-class JudgeConfig(EndpointConfig):
-    """The LLM judge that compares two models' answers, in both orders."""
+GenerateConfig = _by_backend(GenerateVllm, GenerateOpenAI, default="vllm")
+
+
+class _Judging(_Strict):
+    """The keys of the judging stage."""
 
     model: str = Field("gpt-4", description="The judge: model name at the API, or a model directory / hub id for vllm.")
     candidate: str | None = Field(None, description="Answers to judge: a name under <run_dir>/answers/ or a path to an answers directory; default the answers of generate.model.")
@@ -254,7 +349,27 @@ class JudgeConfig(EndpointConfig):
     prompt: Literal["vicuna", "pair"] = Field("vicuna", description="vicuna: the paper's App. C prompt, two scores 1-10; pair: the FastChat pair prompt, verdict [[A]]/[[B]]/[[C]] (Table 3).")
     test_sets: list[str] | None = Field(None, description="Test sets to judge; default every set answered by both models.")
     max_tokens: int = Field(512, gt=0, description="Judge reply cap: the scores line plus the explanation.")
-    constrained: bool = Field(False, description="vllm: constrain the reply to the verdict alone (two scores 1-10, or [[A]]/[[B]]/[[C]]), with no explanation; for small judges.")
+
+
+class JudgeOpenAI(_Judging, OpenAIEndpoint):
+    """The judge at an OpenAI-compatible API."""
+
+
+class JudgeOpenAIBatch(_Judging, OpenAIBatchEndpoint):
+    """The judge through a Batch API."""
+
+
+class JudgeVllm(_Judging, VllmEndpoint):
+    """The judge on vLLM engines."""
+
+    constrained: bool = Field(False, description="Constrain the reply to the verdict alone (two scores 1-10, or [[A]]/[[B]]/[[C]]), with no explanation; for small judges.")
+
+
+class JudgeVllmBatch(_Judging, VllmBatchEndpoint):
+    """The judge on vLLM's batch runner."""
+
+
+JudgeConfig = _by_backend(JudgeOpenAI, JudgeOpenAIBatch, JudgeVllm, JudgeVllmBatch, default="openai")
 
 
 def _renamed(data: Any, section: str, renames: dict[str, str]) -> Any:
@@ -283,11 +398,11 @@ class Config(_Strict):
 
     run_dir: str = Field("runs/default", description="Where every stage writes its artifacts.")
     data: DataConfig = Field(default_factory=DataConfig)
-    rate: RateConfig = Field(default_factory=RateConfig)
+    rate: RateConfig = Field(default_factory=RateOpenAI)
     filter: FilterConfig = Field(default_factory=FilterConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
-    generate: GenerateConfig = Field(default_factory=GenerateConfig)
-    judge: JudgeConfig = Field(default_factory=JudgeConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateVllm)
+    judge: JudgeConfig = Field(default_factory=JudgeOpenAI)
     report: ReportConfig = Field(default_factory=ReportConfig)
 
 
@@ -337,10 +452,57 @@ def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
 def _describe(source: str, error: ValidationError) -> str:
     problems = []
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
-        message = "unknown key" if item["type"] == "extra_forbidden" else item["msg"]
+        loc = list(item["loc"])
+        backend = None
+        if len(loc) >= 2 and loc[0] in ENDPOINT_SECTIONS and loc[1] in BACKENDS:
+            backend = loc.pop(1)  # the union's tag: the backend the section was read as
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            message = _not_a_key(str(loc[0]), str(loc[-1]), backend)
+        elif item["type"] == "union_tag_invalid":
+            key = f"{key}.backend"
+            tags = item["ctx"]["expected_tags"].replace("'", "")
+            message = f"{item['ctx']['tag']!r} is not a backend of this section (one of: {tags})"
+        elif item["type"] == "value_error":
+            message = str(item["ctx"]["error"])
+        else:
+            message = item["msg"]
         problems.append(f"{source}: {key}: {message}")
     return "\n".join(problems)
+
+
+def _not_a_key(section: str, key: str, backend: str | None) -> str:
+    """Why a key is refused: unknown everywhere, or a key of other backends than the one chosen."""
+    if backend is None:
+        return "unknown key"
+    members = [m for m in _members(Config.model_fields[section].annotation) if key in m.model_fields]
+    if not members:
+        return "unknown key"
+    others = ", ".join(m.model_fields["backend"].default for m in members)
+    return f"not a key of backend {backend} (it is a key of {others})"
+
+
+def _members(annotation: Any) -> list[type[BaseModel]]:
+    """The models a section may be: the members of a union, or the model itself."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    found = []
+    for arg in get_args(annotation):
+        found += _members(arg)
+    return found
+
+
+def _all_models(model: type[BaseModel] | None = None, seen: set | None = None) -> set:
+    """Every config model reachable from `Config`."""
+    model = model or Config
+    seen = set() if seen is None else seen
+    if model in seen:
+        return seen
+    seen.add(model)
+    for field in model.model_fields.values():
+        for member in _members(field.annotation):
+            _all_models(member, seen)
+    return seen
 
 
 def config_for_record(config: Config) -> dict[str, Any]:
@@ -351,3 +513,11 @@ def config_for_record(config: Config) -> dict[str, Any]:
 def api_key(endpoint: EndpointConfig) -> str:
     """The API key from the environment; a local server without auth accepts any placeholder."""
     return os.environ.get(endpoint.api_key_env) or "EMPTY"
+
+
+# Keys that change how fast a stage runs, or where it keeps scratch state, not its result: marked
+# `operational(...)` where they are defined, and left out of the fingerprints of `alpagasus run`.
+OPERATIONAL = frozenset(
+    name for model in _all_models() for name, field in model.model_fields.items()
+    if (field.json_schema_extra or {}).get("operational")
+)

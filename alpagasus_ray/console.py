@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+from alpagasus_ray.errors import user_error
+
 OURS = "alpagasus_ray"
 FORMAT = "%(asctime)s %(levelname)s %(message)s"
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -34,12 +36,22 @@ _file_handler: logging.Handler | None = None
 _worker_file = None
 
 
+# The line Ray Data logs before the traceback of an error raised in a read task.
+_RAY_DATA_PREAMBLE = "Exception occurred in Ray Data or Ray Core internal code"
+
+
 class _ConsoleFilter(logging.Filter):
-    """Our records from INFO on, anyone's errors; everything with --verbose."""
+    """Our records from INFO on, anyone's errors; everything with --verbose. A library's report of a
+    user's error (bad input found in a Ray task: Ray Data logs the worker's traceback) stays in the
+    log file: the CLI prints the error's own message, once."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if _verbose or record.levelno >= logging.ERROR:
+        if _verbose:
             return True
+        if record.levelno >= logging.ERROR:
+            if record.getMessage().startswith(_RAY_DATA_PREAMBLE):
+                return False  # says nothing alone; the record with the traceback follows it
+            return not (record.exc_info and user_error(record.exc_info[1]) is not None)
         return record.name == OURS or record.name.startswith(OURS + ".")
 
 

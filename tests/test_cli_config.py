@@ -33,8 +33,16 @@ def test_unknown_keys_and_wrong_types_name_the_key(tmp_path):
         load_config(str(path))
     with pytest.raises(ConfigError, match=r"rate.concurrency: Input should be greater than 0"):
         load_config(None, ["rate.concurrency=0"])
-    with pytest.raises(ConfigError, match=r"rate.backend: Input should be 'vllm', 'openai'"):
+    with pytest.raises(ConfigError, match=r"rate.backend: 'claude' is not a backend of this section \(one of: openai, "):
         load_config(None, ["rate.backend=claude"])
+    # A key of another backend than the one chosen is refused, naming the key, the backend and where it belongs.
+    with pytest.raises(ConfigError, match=r"rate.base_url: not a key of backend vllm \(it is a key of openai, openai_batch\)"):
+        load_config(None, ["rate.backend=vllm", "rate.base_url=http://127.0.0.1:1/v1"])
+    with pytest.raises(ConfigError, match=r"judge.concurrency: not a key of backend vllm"):
+        load_config(None, ["judge.backend=vllm", "judge.concurrency=4"])
+    with pytest.raises(ConfigError, match=r"generate.batch_poll_seconds: unknown key"):  # no generate backend has it
+        load_config(None, ["generate.batch_poll_seconds=4"])
+    assert load_config(None, ["rate.backend=vllm", "rate.num_engines=[1, 2]"]).rate.num_engines == (1, 2)
     with pytest.raises(ConfigError, match="not of the form"):
         load_config(None, ["rate.concurrency"])
 
@@ -49,13 +57,25 @@ def test_help_lists_the_stage_and_its_options(capsys):
 
 def test_bad_config_or_input_exits_2_before_anything_is_sent(tmp_path, capsys):
     with serve({}) as url:
-        code = main(["rate", "--config", CONFIGS[0], f"rate.base_url={url}", "rate.concurency=3"])
+        compatible = os.path.join(os.path.dirname(__file__), "..", "configs", "rate_openai_compatible.yaml")
+        code = main(["rate", "--config", compatible, f"rate.base_url={url}", "rate.concurency=3"])
         assert code == 2 and "rate.concurency: unknown key" in capsys.readouterr().err
         empty = tmp_path / "empty.jsonl"
         empty.write_text("")
-        code = main(["rate", "--config", CONFIGS[0], f"rate.base_url={url}", f"data.path={empty}",
+        code = main(["rate", "--config", compatible, f"rate.base_url={url}", f"data.path={empty}",
                      f"run_dir={tmp_path / 'run'}"])
-        assert code == 2 and "empty.jsonl: the file is empty" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        # Found in a Ray read task: the message alone ends the output, the worker's traceback went to the log.
+        assert code == 2 and err.strip().splitlines()[-1] == f"alpagasus rate: error: {empty}: the file is empty"
+        assert "Traceback" not in err and "ray::" not in err
+        broken = tmp_path / "broken.json"
+        broken.write_text('[{"instruction": "a", "output": "b"},\n {"instruction": "c", "output": }]')
+        code = main(["rate", "--config", compatible, f"rate.base_url={url}", f"data.path={broken}",
+                     f"run_dir={tmp_path / 'run'}"])
+        err = capsys.readouterr().err
+        assert code == 2 and err.strip().splitlines()[-1] == \
+            f"alpagasus rate: error: {broken}: line 2 column 33: not valid JSON (Expecting value)"
+        assert "Traceback" not in err
         assert stats(url)["requests"] == 0
     assert not (tmp_path / "run").exists()
 

@@ -27,6 +27,7 @@ import pyarrow.parquet as pq
 
 from alpagasus_ray import columns as C
 from alpagasus_ray import plots
+from alpagasus_ray.errors import UserError
 from alpagasus_ray.config import Config, FilterConfig
 from alpagasus_ray.rules import selection
 from alpagasus_ray.rules.prompts import SCORE_MAX, SCORE_MIN
@@ -40,7 +41,7 @@ REQUIRED = (C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT, C.SCORE, C.STATUS)
 CATEGORY = "_category"
 
 
-class FilterError(ValueError):
+class FilterError(UserError):
     """A selection that cannot be made as configured; nothing was written."""
 
 

@@ -230,7 +230,7 @@ class VerdictTask:
 
     def __init__(self, cfg: JudgeConfig, engine: Engine):
         self.cfg = cfg
-        self.constraint = VERDICT_FORMATS[cfg.prompt] if cfg.constrained and engine.constrains else None
+        self.constraint = VERDICT_FORMATS[cfg.prompt] if engine.constrains and cfg.constrained else None
 
     def request(self, row: dict) -> Request:
         return Request(messages=judge_messages(row["question"], row["first"], row["second"], self.cfg.prompt),

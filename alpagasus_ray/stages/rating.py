@@ -43,7 +43,7 @@ class RatingTask:
         self.cfg = cfg
         # Only an engine that constrains replies can be held to the scores alone; its logprobs
         # are then a distribution over the allowed scores.
-        self.constrained = cfg.constrained and engine.constrains
+        self.constrained = engine.constrains and cfg.constrained
 
     def request(self, row: dict) -> Request:
         cfg = self.cfg

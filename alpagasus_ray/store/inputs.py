@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import DataConfig
-from alpagasus_ray.errors import InputError
+from alpagasus_ray.errors import InputError, user_error
 from alpagasus_ray.store.layout import open_filesystem
 
 INVALID_REASON = "invalid_reason"
@@ -450,12 +450,8 @@ def reading_errors():
     """An `InputError` raised by a read task on a worker reaches the driver as itself."""
     try:
         yield
-    except InputError:
-        raise
-    except Exception as e:  # Ray wraps what a task raised; find the InputError inside
-        cause = e
-        while cause is not None and not isinstance(cause, InputError):
-            cause = getattr(cause, "cause", None) or cause.__cause__
-        if cause is None:
+    except Exception as e:  # Ray wraps what a task raised, its text the worker's traceback
+        cause = user_error(e)
+        if not isinstance(cause, InputError):
             raise
-        raise InputError(str(cause).strip().splitlines()[-1]) from None
+        raise InputError(str(cause)) from None

@@ -50,11 +50,12 @@ class Engine:
         """USD for these tokens at the endpoint's prices (`full_price`: without a batch discount);
         None when not priced or not paid.
 
-        >>> from alpagasus_ray.config import EndpointConfig
+        >>> from alpagasus_ray.config import OpenAIBatchEndpoint
         >>> class Paid(Engine):
         ...     def price_factor(self): return 0.5
-        >>> Paid(EndpointConfig(price_input_per_million=2.0, price_output_per_million=8.0)).cost(10**6, 10**6)
-        5.0
+        >>> paid = Paid(OpenAIBatchEndpoint(price_input_per_million=2.0, price_output_per_million=8.0))
+        >>> paid.cost(10**6, 10**6), paid.cost(10**6, 10**6, full_price=True)
+        (5.0, 10.0)
         """
         factor = self.price_factor()
         if factor is not None and full_price:

@@ -230,6 +230,13 @@ class FileEngine(Engine):
             raise ValueError(f"backend {endpoint.backend} needs a directory for its request files")
         self.store = BatchStore(workdir)
 
+    # Seconds between the first polls of running batches, and the most they back off to.
+    poll_seconds, poll_max_seconds = 1.0, 10.0
+
+    def sync_engine(self) -> Engine | None:
+        """The engine that re-asks unreadable replies at once instead of in a follow-up batch, if any."""
+        return None
+
     # The client part.
     def submit(self, record: BatchRecord) -> None:
         raise NotImplementedError
@@ -249,11 +256,9 @@ class FileEngine(Engine):
         """Write `rows` as request files, send every file not sent (this pass's and any an earlier
         run left), follow their batches and collect each one that ends. Returns the records still
         running: none unless `detach`."""
-        if round == REASK and self.cfg.reask == "sync" and rows is not None:
-            from alpagasus_ray.llm.engines.api import ApiEngine
-
-            ApiEngine(self.cfg.model_copy(update={"backend": "openai"})).ask(
-                rows, task, results, attempt=attempt, round=round, progress=progress)
+        sync = self.sync_engine() if round == REASK else None
+        if sync is not None and rows is not None:
+            sync.ask(rows, task, results, attempt=attempt, round=round, progress=progress)
             rows = None
         store = self.store
         store.remove_unrecorded()
@@ -314,8 +319,8 @@ class FileEngine(Engine):
                on_poll: Callable[[], None] | None = None) -> list[BatchRecord]:
         """Poll the records' batches until every one has ended (or once, with `once`), handing each
         batch that has ended to `on_end` (to collect it) as soon as it has; the polls back off from
-        `batch_poll_seconds` by x1.5 up to `batch_poll_max_seconds`. Returns the records still running."""
-        delay = self.cfg.batch_poll_seconds
+        `poll_seconds` by x1.5 up to `poll_max_seconds`. Returns the records still running."""
+        delay = self.poll_seconds
         while True:
             for record in records:
                 if not record.ended:
@@ -328,7 +333,7 @@ class FileEngine(Engine):
             if not running or once:
                 return running
             time.sleep(delay)
-            delay = min(delay * 1.5, self.cfg.batch_poll_max_seconds)
+            delay = min(delay * 1.5, self.poll_max_seconds)
 
     def _collect(self, record: BatchRecord, task: LLMTask, results: Results, progress) -> None:
         """Collect an ended batch into parts named after its request file (what an interrupted

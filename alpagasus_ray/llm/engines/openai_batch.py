@@ -25,6 +25,7 @@ class OpenAIBatchEngine(FileEngine):
         import openai
 
         super().__init__(endpoint, workdir)
+        self.poll_seconds, self.poll_max_seconds = endpoint.batch_poll_seconds, endpoint.batch_poll_max_seconds
         self.client = openai.OpenAI(base_url=endpoint.base_url, api_key=api_key(endpoint),
                                     max_retries=endpoint.max_retries, timeout=endpoint.request_timeout)
 
@@ -33,6 +34,14 @@ class OpenAIBatchEngine(FileEngine):
 
     def price_factor(self) -> float | None:
         return self.cfg.batch_price_factor
+
+    def sync_engine(self):
+        """With `reask: sync`, the same endpoint's synchronous API (its pool keys apply)."""
+        if self.cfg.reask != "sync":
+            return None
+        from alpagasus_ray.llm.engines.api import ApiEngine
+
+        return ApiEngine(self.cfg.model_copy(update={"backend": "openai"}))
 
     def submit(self, record: BatchRecord) -> None:
         """Upload the request file and create its batch, recording each step."""

@@ -128,8 +128,8 @@ def engine_env(endpoint) -> dict[str, str]:
     running cluster, so what they need travels with them: vLLM's log level, and on CPU the KV
     cache size.
 
-    >>> from alpagasus_ray.config import RateConfig
-    >>> engine_env(RateConfig(use_gpu=False, cpu_kv_cache_gib=2))
+    >>> from alpagasus_ray.config import RateVllm
+    >>> engine_env(RateVllm(use_gpu=False, cpu_kv_cache_gib=2))
     {'VLLM_LOGGING_LEVEL': 'WARNING', 'VLLM_CPU_KVCACHE_SPACE': '2'}
     """
     env = {"VLLM_LOGGING_LEVEL": worker_log_level()}
