@@ -20,6 +20,9 @@ import pytest
 # Tests import their helpers (testdata, rated_fixtures, the fake server) from this directory.
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+# Every Ray the tests start is their own: never a cluster found through RAY_ADDRESS or a running
+# `ray start` (the tests that want a cluster make one and pass its address).
+os.environ["RAY_ADDRESS"] = "local"
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")  # no `uv run` runtime-env hook
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage-stats reporting (no network)
 os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # no progress lines every 10 s
@@ -27,6 +30,18 @@ os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # no progress line
 os.environ.setdefault("RAY_DATA_EXECUTION_NO_PROGRESS_TIMEOUT_S", "300")
 
 SERVER_READY_TIMEOUT_S = 180
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under ALPAGASUS_REQUIRE_DATA=1 (CI, which has the data beside the clone) a skipped test is a
+    failure: CI never passes by skipping what it was meant to run."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and os.environ.get("ALPAGASUS_REQUIRE_DATA") == "1" and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        report.outcome = "failed"
+        report.longrepr = f"skipped under ALPAGASUS_REQUIRE_DATA=1, where no test may skip: {reason}"
 
 
 def _free_port() -> int:
@@ -113,6 +128,6 @@ def ray_local():
     """A local Ray with 2 CPUs and no dashboard, started once per session and shut down at the end."""
     import ray
 
-    ctx = ray.init(num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
+    ctx = ray.init(address="local", num_cpus=2, include_dashboard=False, ignore_reinit_error=True)
     yield ctx
     ray.shutdown()

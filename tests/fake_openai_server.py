@@ -41,8 +41,10 @@ Config keys (a JSON-able dict, every key optional):
   faults do not use one up).  ``logprobs`` overrides the fake logprobs: one
   list per reply token of ``[token, logprob]`` pairs, the first one chosen.
 
-Fault kinds: ``"429"``, ``"500"``, ``"hang"``, ``"garbage"`` (HTTP 200, JSON
-content type, truncated body) and ``"empty"`` (HTTP 200, content ``""``).
+Fault kinds: ``"429"`` (with Retry-After), ``"429_no_retry_after"``,
+``"insufficient_quota"`` (a 429 whose body says the quota is used up), ``"500"``,
+``"hang"``, ``"garbage"`` (HTTP 200, JSON content type, truncated body) and
+``"empty"`` (HTTP 200, content ``""``).
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ from typing import Any, Callable, Iterator
 from aiohttp import web
 
 DEFAULT_REPLY = "4.5\nThe response is accurate and relevant."
-FAULT_KINDS = ("429", "500", "hang", "garbage", "empty")
+FAULT_KINDS = ("429", "429_no_retry_after", "insufficient_quota", "500", "hang", "garbage", "empty")
 DEFAULTS: dict[str, Any] = {
     "latency": 0.0,
     "reply": DEFAULT_REPLY,
@@ -357,6 +359,12 @@ class FakeOpenAI:
         if fault == "429":
             return _error(429, f"Rate limit reached for {config['model']} (fake fault).", "requests",
                           "rate_limit_exceeded", retry_after_headers(config["retry_after"]))
+        if fault == "429_no_retry_after":  # as many real 429s are: the client backs off by itself
+            return _error(429, f"Rate limit reached for {config['model']} (fake fault).", "requests",
+                          "rate_limit_exceeded")
+        if fault == "insufficient_quota":  # a 429 too, but waiting does not help
+            return _error(429, "You exceeded your current quota, please check your plan and billing details.",
+                          "insufficient_quota", "insufficient_quota")
         if fault == "500":
             return _error(500, "The server had an error while processing your request (fake fault).",
                           "server_error")

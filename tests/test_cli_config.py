@@ -80,6 +80,7 @@ def test_bad_config_or_input_exits_2_before_anything_is_sent(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_dry_run_counts_and_prices_without_sending(tmp_path):
     rows = [{"instruction": "x" * 400, "input": "", "output": "y" * 400}] * 3 + [{"instruction": "no output"}]
     data = tmp_path / "rows.json"

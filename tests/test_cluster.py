@@ -40,6 +40,7 @@ def two_nodes():
         cluster.shutdown()
 
 
+@pytest.mark.slow
 def test_rating_actors_run_on_the_second_node_and_their_parts_are_counted(tmp_path, two_nodes):
     rows = [{"instruction": f"ROW-{i:03d} Say hello.", "input": "", "output": "Hello."} for i in range(40)]
     data = tmp_path / "rows.jsonl"

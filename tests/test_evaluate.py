@@ -195,6 +195,7 @@ def test_answers_brought_from_elsewhere_are_checked_before_anything_is_sent(tmp_
     assert len(verdicts) == 6 and {v["status"] for v in verdicts} == {"ok"}
 
 
+@pytest.mark.slow
 def test_generate_judge_report_on_vllm_with_the_tiny_model(tmp_path, tiny_model, vllm_server, ray_local, capsys):
     """Greedy answers from Ray Data LLM engines equal vLLM's server's answers to the same Alpaca
     prompts; the tiny model then judges them (mostly unreadably: it is random, and a prompt longer

@@ -35,7 +35,7 @@ def head_node():
     """A Ray head node on free ports, as `ray start --head` makes it; its processes are ended by PID."""
     gcs, dashboard, client, agent, metrics = _free_ports(5)
     temp_dir = tempfile.mkdtemp(prefix="rj", dir="/tmp")  # short: Ray's socket paths must fit in 107 bytes
-    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("VLLM_") and k != "RAY_ADDRESS"}
     env["PATH"] = BIN + os.pathsep + env.get("PATH", "")
     before = {p.pid for p in psutil.process_iter()}
     started = subprocess.run(

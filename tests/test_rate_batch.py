@@ -121,6 +121,7 @@ def test_reask_sync_asks_an_unreadable_reply_again_through_the_synchronous_api(t
     assert seen["requests"] - seen["batch_lines_answered"] == 1
 
 
+@pytest.mark.slow
 def test_kill_minus_nine_while_waiting_then_rerun_collects_the_same_batches(tmp_path, reap_ray_orphans):
     """The driver is killed -9 after it sent every request file and before the batches end; a
     batch it had created without recording it (as a kill between the two would leave) is found

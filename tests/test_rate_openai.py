@@ -136,6 +136,28 @@ def test_an_autoscaling_pool_of_workers_keeps_the_concurrency(tmp_path, ray_loca
     assert len(raters() - before) == 2  # it grew to its largest size
 
 
+def test_a_429_without_retry_after_is_retried_and_an_exhausted_quota_is_not(tmp_path, ray_local):
+    """Real 429s often carry no Retry-After: the client backs off by itself and the row ends ok. A
+    429 saying the quota is used up is not retried (waiting does not help): the row ends
+    request_failed after one request, with the reason, for `retry_failed` to send once paid."""
+    data = _write_rows(tmp_path / "rows.jsonl", 8)
+    rules = [{"match": "ROW-002", "faults": ["429_no_retry_after"] * 2},
+             {"match": "ROW-005", "faults": ["insufficient_quota"] * 10}]
+    with serve({"latency": 0.01, "rules": rules}) as url:
+        config = load_config(None, [
+            f"run_dir={tmp_path / 'run'}", f"data.path={data}", f"rate.base_url={url}", "rate.model=fake",
+            "rate.concurrency=4", "rate.batch_size=4", "rate.max_retries=5",
+        ])
+        summary = run_rate(config)
+        seen = stats(url)
+    assert summary["by_status"] == {"ok": 7, "parse_failed": 0, "request_failed": 1, "invalid_input": 0}
+    assert seen["by_rule"]["ROW-002"] == 3 and seen["by_rule"]["ROW-005"] == 1  # two backoffs; no retry
+    rows = _by_marker(RatedStore(str(tmp_path / "run")).read())
+    failed = rows["ROW-005"]
+    assert failed["status"] == "request_failed" and "429" in failed["error"] and "quota" in failed["error"]
+    assert (rows["ROW-002"]["status"], rows["ROW-002"]["attempts"]) == ("ok", 1)
+
+
 def test_a_429_retry_after_pauses_every_worker(tmp_path, ray_local):
     data = _write_rows(tmp_path / "rows.jsonl", 60)
     with serve({"latency": 0.05, "retry_after": 1.5, "rules": [{"match": "ROW-010", "faults": ["429"]}]}) as url:
@@ -155,6 +177,7 @@ def test_a_429_retry_after_pauses_every_worker(tmp_path, ray_local):
     assert any(t > t429 + 1.4 for t in seen["arrivals"])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("victims", ["driver", "whole job"])
 def test_kill_minus_nine_then_rerun_finishes_without_resending_and_never_writes_the_key(tmp_path, reap_ray_orphans,
                                                                                           victims):

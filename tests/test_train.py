@@ -9,7 +9,6 @@ import sys
 import threading
 import time
 
-import psutil
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -123,25 +122,33 @@ def test_zero3_with_packing_takes_steps_of_examples_and_exports_the_whole_model(
 
 @pytest.mark.slow
 def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_at_the_same_step(tmp_path, tiny_model, ray_local):
+    import ray
+    from ray._private.state import actors  # from the GCS: the session's Ray runs without a dashboard
+
     config = load_config(None, _overrides(tmp_path, _data(tmp_path, 96), tiny_model, "train.max_steps=8",
                                           "train.checkpoint_every=2", "train.max_failures=1", "train.packing=false"))
+    job = ray.get_runtime_context().get_job_id()
     killed = []
 
-    def kill_a_worker_after_a_checkpoint():
+    def kill_one_of_this_runs_workers_after_a_checkpoint():
         while not killed:
-            storage = _storage(tmp_path)
-            if storage.exists() and any(d.is_dir() and d.name.startswith("checkpoint_") for d in storage.iterdir()):
-                workers = [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])]
+            if _registered_checkpoint(_storage(tmp_path)):  # what the restarted group takes up from
+                workers = [a["Pid"] for a in actors().values() if "RayTrainWorker" in a["ActorClassName"]
+                           and a["JobID"] == job and a["State"] == "ALIVE" and a["Pid"]]
                 if workers:
-                    workers[-1].send_signal(signal.SIGKILL)
-                    killed.append(workers[-1].pid)
+                    os.kill(workers[-1], signal.SIGKILL)
+                    killed.append(workers[-1])
             time.sleep(0.2)
 
-    watcher = threading.Thread(target=kill_a_worker_after_a_checkpoint, daemon=True)
+    watcher = threading.Thread(target=kill_one_of_this_runs_workers_after_a_checkpoint, daemon=True)
     watcher.start()
     metrics = run_train(config)
     assert killed, "no worker was killed"
-    assert metrics["step"] == 8 and [m["step"] for m in _log(tmp_path)] == list(range(1, 9))
+    # The group was restarted from a checkpoint taken before the end, not merely killed after it.
+    log = _log(tmp_path)
+    resumed = [m["resumed_after"] for m in log if "resumed_after" in m]
+    assert len(resumed) == 1 and resumed[0] % 2 == 0 and 2 <= resumed[0] < 8
+    assert metrics["step"] == 8 and [m["step"] for m in log] == list(range(1, 9))
 
 
 @pytest.mark.slow
@@ -161,6 +168,7 @@ def test_rerunning_after_the_driver_died_continues_from_the_checkpoint(tmp_path,
     assert "resuming after step" in (tmp_path / "run" / "logs" / "workers.log").read_text()
     assert "train: 6 of 6 steps" in again.stderr
     assert [m["step"] for m in _log(tmp_path)] == [1, 2, 3, 4, 5, 6]
+    assert [m["resumed_after"] for m in _log(tmp_path) if "resumed_after" in m] in ([2], [4])
 
 
 def _registered_checkpoint(storage) -> bool:

@@ -10,6 +10,8 @@ of C/L with it, 0.985 without).
 
 from __future__ import annotations
 
+import json
+
 from pydantic import BaseModel, ValidationError
 
 from alpagasus_ray.llm.task import Reply, Request
@@ -160,6 +162,22 @@ def retry_after_seconds(headers) -> float | None:
         except ValueError:
             continue  # an HTTP date: the client's own retry still honours it
     return None
+
+
+def quota_exhausted(body: bytes) -> bool:
+    """Whether an error body says the account's quota is used up (OpenAI answers it with a 429, like
+    a rate limit, but waiting does not help).
+
+    >>> quota_exhausted(b'{"error": {"message": "You exceeded your current quota", "code": "insufficient_quota"}}')
+    True
+    >>> quota_exhausted(b'{"error": {"code": "rate_limit_exceeded"}}'), quota_exhausted(b"not json")
+    (False, False)
+    """
+    try:
+        error = json.loads(body).get("error") or {}
+    except (ValueError, AttributeError):
+        return False
+    return isinstance(error, dict) and "insufficient_quota" in (error.get("code"), error.get("type"))
 
 
 def describe_error(error: Exception) -> str:

@@ -306,6 +306,8 @@ def _train_loop(loop_config: dict) -> None:
             "lr": scheduler.get_last_lr()[0], "tokens_per_s": stats[1].item() / seconds,
             "real_token_fraction": stats[1].item() / stats[2].item(),
         }
+        if step == start and start:  # the first step after a restart says where it took up again
+            metrics["resumed_after"] = start
         history.append(metrics)
         if writer is not None:
             for name in ("loss", "lr", "tokens_per_s", "real_token_fraction"):

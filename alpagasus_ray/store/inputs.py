@@ -33,7 +33,7 @@ POSITION = "_position"
 # Rows per block read: small enough to stream, large enough that per-block costs do not show.
 BLOCK_ROWS = 2048
 BUILTIN_PREFIX = "builtin:"
-SAMPLE_DIR = os.path.join(os.path.dirname(__file__), "sample")
+SAMPLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample")  # in the package
 # Dolly 15k names its fields differently; mapped before `data.field_map`.
 DOLLY_NAMES = {"context": C.INPUT, "response": C.OUTPUT}
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}

@@ -205,11 +205,17 @@ class ApiWorker:
             yield
 
     async def _on_response(self, response) -> None:
-        """Tell the shared limiter about a 429's Retry-After, so every worker holds back."""
-        if response.status_code != 429 or self.limiter is None:
+        """On a 429: an exhausted quota is not retried (the client would retry it `max_retries`
+        times for every row, in vain); a Retry-After pauses every worker through the shared limiter.
+        A 429 without one is retried by the client with its own backoff."""
+        if response.status_code != 429:
+            return
+        await response.aread()  # a small error body; the client reads it again from the cache
+        if wire.quota_exhausted(response.content):
+            response.headers["x-should-retry"] = "false"  # obeyed by the openai client
             return
         seconds = wire.retry_after_seconds(response.headers)
-        if seconds:
+        if seconds and self.limiter is not None:
             self.limiter.pause.remote(seconds)
 
 
