@@ -232,3 +232,55 @@ def test_generate_judge_report_on_vllm_with_the_tiny_model(tmp_path, tiny_model,
         assert t["win"] + t["tie"] + t["lose"] + t["parse_failed"] + t["failed"] == 2
     md = (run / "report.md").read_text()
     assert "these scores carry no meaning" in md and "answers/engine/koala.jsonl" in md
+
+
+@pytest.mark.slow
+def test_generate_killed_mid_way_resumes_without_asking_again_for_saved_answers(tmp_path, reap_ray_orphans):
+    """Kill -9 `alpagasus generate` and every Ray process it started once a few batches of answers
+    are saved, then run the same command again: every prompt is answered once in the output, and
+    the answers saved before the kill were never asked for again."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from alpagasus_ray.testsets import load_test_set
+
+    n = 40
+    prompts = load_test_set("koala", n)
+    run_dir = tmp_path / "run"
+    parts = run_dir / "answers" / "fake" / "parts"
+    with serve({"latency": 0.25, "rules": [{"match": p["instruction"]} for p in prompts]}) as url:
+        command = [sys.executable, "-m", "alpagasus_ray.cli", "generate", "--config", "/dev/null", f"run_dir={run_dir}",
+                   "generate.backend=openai", f"generate.base_url={url}", "generate.model=fake", "generate.name=fake",
+                   "generate.test_sets=[koala]", f"generate.limit={n}", "generate.concurrency=4",
+                   "generate.batch_size=4", "generate.max_tokens=16", "generate.template=chat"]
+        env = {**os.environ, "OPENAI_API_KEY": "sk-unused"}
+        log = tmp_path / "first.log"
+        with open(log, "w") as out:
+            driver = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+            while len(list(parts.glob("part-*.parquet"))) < 3:
+                assert driver.poll() is None, log.read_text()[-2000:]
+                time.sleep(0.1)
+            doomed = [psutil.Process(driver.pid)]
+            doomed += doomed[0].children(recursive=True)
+            for proc in doomed:
+                proc.send_signal(signal.SIGKILL)
+            driver.wait()
+        saved = pq.read_table(parts, columns=["id", "status"]).to_pylist()
+        saved_ids = {r["id"] for r in saved if r["status"] == "ok"}
+        assert 0 < len(saved_ids) < n, saved
+        again = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        seen = stats(url)
+    assert again.returncode == 0, again.stderr[-3000:]
+    answers = read_jsonl(run_dir / "answers" / "fake" / "koala.jsonl")
+    assert [a["id"] for a in answers] == [p["id"] for p in prompts] and {a["status"] for a in answers} == {"ok"}
+    by_id = {p["id"]: p["instruction"] for p in prompts}
+    assert all(seen["by_rule"][by_id[i]] == 1 for i in saved_ids)
+    # Sent twice at most: the requests in flight (4) and the answered rows of batches partly done.
+    assert seen["requests"] - n <= 4 + 4 + 3
+    record = json.load(open(run_dir / "answers" / "fake" / "generation.json"))
+    assert record["generated_this_run"] == n - len(saved_ids)

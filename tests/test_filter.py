@@ -56,6 +56,23 @@ def test_threshold_keeps_exactly_the_ok_rows_at_or_above_tau_and_the_counts_add_
     assert record["kept_fraction_of_pool"] == round(len(expected_ids) / record["pool"], 4)
 
 
+def test_rated_from_selects_from_another_runs_ratings_and_rates_nothing(rated_dir, tmp_path, capsys):
+    """filter.rated_from: a control selection of the same rated data, in a run directory of its own."""
+    control = tmp_path / "control"
+    code = main(["filter", "--config", "configs/filter_random_9k.yaml", f"run_dir={control}",
+                 f"filter.rated_from={rated_dir[0]}", "filter.k=50"])
+    assert code == 0 and not (control / "rated").exists()
+    record, selected = json.load(open(control / "selection.json")), json.load(open(control / "selected.json"))
+    truth = rated_dir[1]
+    assert record["selected"] == len(selected) == 50 and record["rows_rated"] == N
+    assert {r["id"] for r in selected} <= {i for i, (st, _, _) in truth.items() if st == C.OK}
+    # Nothing there to select from: the error names the other run, not this one.
+    empty = tmp_path / "empty"
+    capsys.readouterr()
+    code = main(["filter", "--config", "configs/filter_random_9k.yaml", f"run_dir={control}", f"filter.rated_from={empty}"])
+    assert code == 2 and str(empty) in capsys.readouterr().err
+
+
 def test_score_expected_selects_on_the_finer_score(rated_dir, tmp_path):
     record, selected, _ = _run(rated_dir, tmp_path, "filter.score=score_expected", "filter.threshold=4.3")
     truth = rated_dir[1]

@@ -66,6 +66,19 @@ def test_the_demo_runs_every_stage_and_a_rerun_skips_them(tmp_path):
     again = _finished(run)
     assert {s for s in STAGES if again[s] != finished[s]} == {"report"}
 
+    # A changed train setting reruns training and every stage after it, not the rating or the filter.
+    # The retrained model's answers are stale: made anew (the untouched base model's are kept), and
+    # the verdicts follow the answers: judged anew exactly when the new answers differ.
+    answers = {p.name: p.read_text() for p in (run / "answers" / "demo").glob("*.jsonl")}
+    demo("report.plots=false", "train.lr=5.0e-3")
+    changed = _finished(run)
+    assert {s for s in STAGES if changed[s] != again[s]} == {"train", "generate", "judge", "report"}
+    assert json.load(open(run / "answers" / "demo" / "generation.json"))["generated_this_run"] == 4
+    assert json.load(open(run / "answers" / "tiny-llama-base" / "generation.json"))["generated_this_run"] == 0
+    new_answers = {p.name: p.read_text() for p in (run / "answers" / "demo").glob("*.jsonl")}
+    judged = json.load(open(run / "judgments" / "demo_vs_tiny-llama-base" / "judge.json"))["sent_this_run"]
+    assert judged == (8 if new_answers != answers else 0)
+
 
 def test_a_failing_stage_is_named_and_earlier_outputs_stay(tmp_path, capsys):
     run = tmp_path / "run"

@@ -191,7 +191,7 @@ def test_a_line_is_read_only_as_far_as_it_is_unambiguous(tmp_path):
     completion, an error line."""
     from alpagasus_ray.llm.engines import engine_for
     from alpagasus_ray.llm.engines.files import line_result
-    from alpagasus_ray.stages.rate import RatingTask
+    from alpagasus_ray.stages.rating import RatingTask
 
     cfg = load_config(None, ["rate.backend=openai_batch", "rate.model=fake"]).rate
     task = RatingTask(cfg, engine_for(cfg, str(tmp_path)))
@@ -220,3 +220,35 @@ def test_a_line_is_read_only_as_far_as_it_is_unambiguous(tmp_path):
     error = {"error": {"type": "invalid_request_error", "message": "too long"}}
     failed = line_result(task, row, line(error, status=400), 1)
     assert failed["status"] == "request_failed" and failed["error"] == "batch line 400: invalid_request_error too long"
+
+
+def test_request_files_are_cut_by_bytes_as_well_as_by_requests(tmp_path):
+    """batch_max_bytes: no request file is larger, every row is in exactly one file beside its request
+    line, and a row whose request alone is larger is refused, naming it."""
+    import pyarrow as pa
+
+    from alpagasus_ray.llm.engines import engine_for
+    from alpagasus_ray.llm.engines.files import add_requests, write_requests
+    from alpagasus_ray.stages.rating import RatingTask
+
+    cfg = load_config(None, ["rate.backend=openai_batch", "rate.model=fake", "rate.batch_max_bytes=6000",
+                             "rate.batch_max_requests=1000"]).rate
+    store = BatchStore(str(tmp_path / "batches"))
+    task = RatingTask(cfg, engine_for(cfg, store.uri))
+    rows = pa.Table.from_pylist([{"id": f"r{i:02d}", "instruction": "Say hello. " * (1 + i % 7), "input": "",
+                                  "output": "Hello.", "source": f"x:{i}"} for i in range(40)])
+    records = write_requests(store, [add_requests(rows.slice(0, 25), task, cfg, 1), add_requests(rows.slice(25), task, cfg, 1)],
+                             cfg, "first", 1)
+    assert len(records) > 1 and sum(r.rows for r in records) == 40
+    seen = []
+    for record in records:
+        requests = (tmp_path / "batches" / f"{record.name}.requests.jsonl").read_bytes()
+        assert len(requests) == record.bytes <= 6000
+        lines = [json.loads(line) for line in requests.splitlines()]
+        assert [line["custom_id"] for line in lines] == store.rows(record, ["id"])["id"].to_pylist()
+        seen += [line["custom_id"] for line in lines]
+    assert seen == rows["id"].to_pylist()
+    huge = add_requests(pa.Table.from_pylist([{"id": "big", "instruction": "x" * 7000, "input": "", "output": "y",
+                                               "source": "x:0"}]), task, cfg, 1)
+    with pytest.raises(ValueError, match=r"row big: its request alone \([\d,]+ bytes\) is larger than batch_max_bytes \(6,000\)"):
+        write_requests(store, [huge], cfg, "first", 1)

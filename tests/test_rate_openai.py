@@ -114,6 +114,28 @@ def test_rate_limits_hold_across_workers(tmp_path, ray_local):
     assert sorted(gaps)[len(gaps) // 2] >= 0.08
 
 
+def test_a_tokens_per_minute_limit_holds_across_workers(tmp_path, ray_local):
+    """rate.tokens_per_minute: each request books its prompt's estimate plus max_tokens, so the
+    requests of both workers together are spaced by what they book over the rate."""
+    from alpagasus_ray.rules.prompts import estimate_tokens, rating_messages
+
+    data = _write_rows(tmp_path / "rows.jsonl", 12)
+    booked = sum(estimate_tokens(m["content"]) for m in rating_messages("ROW-000 Say hello.", "", "Hello.")) + 50
+    per_minute = booked * 120  # two requests a second
+    with serve({"latency": 0.01}) as url:
+        config = load_config(None, [
+            f"run_dir={tmp_path / 'run'}", f"data.path={data}", f"rate.base_url={url}", "rate.model=fake",
+            "rate.num_workers=2", "rate.concurrency=8", "rate.batch_size=2", "rate.max_tokens=50",
+            f"rate.tokens_per_minute={per_minute}",
+        ])
+        summary = run_rate(config)
+        arrivals = sorted(stats(url)["arrivals"])
+    assert summary["by_status"]["ok"] == 12
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    assert arrivals[-1] - arrivals[0] >= 11 * 0.5 * 0.9
+    assert sorted(gaps)[len(gaps) // 2] >= 0.4
+
+
 def test_an_autoscaling_pool_of_workers_keeps_the_concurrency(tmp_path, ray_local):
     """rate.num_workers=[1, 2]: Ray Data's autoscaling actor pool; the requests in flight never
     exceed rate.concurrency, whatever size the pool has."""
