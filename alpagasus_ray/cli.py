@@ -24,7 +24,7 @@ import sys
 from alpagasus_ray import console
 from alpagasus_ray.config import load_config
 from alpagasus_ray.errors import user_error
-from alpagasus_ray.store.layout import RunDir
+from alpagasus_ray.store.layout import RunDir, trained_model_dir
 
 RUNNING = 3  # exit code of `rate --detach` while batches run
 
@@ -160,7 +160,7 @@ def _train(args) -> int:
     config = _load(args)
     metrics = run_train(config)
     print(f"trained {metrics.get('step')} steps, final loss {metrics.get('loss', float('nan')):.4f}")
-    print(RunDir(config.run_dir).model)
+    print(trained_model_dir(config.run_dir, config.train.model_dir))
     return 0
 
 

@@ -296,6 +296,7 @@ class TrainConfig(_Strict):
     seed: int = Field(42, description="Seed of shuffling and initialisation.")
     checkpoint_every: int = operational(50, gt=0, description="Optimizer steps between checkpoints (and one at the end).")
     keep_checkpoints: int = operational(2, gt=0, description="Checkpoints kept (the latest ones).")
+    model_dir: str | None = Field(None, description="Where the fine-tuned model is written (a Hugging Face directory every node that generates can load from: a local path on one machine, a shared mount on a cluster); default <run_dir>/model. Required when run_dir is on an object store.")
     storage_path: str | None = operational(None, description="Checkpoint storage shared by all nodes (path or s3://); default <run_dir>/checkpoints.")
     max_failures: int = operational(3, ge=0, description="Worker failures Ray Train recovers from by resuming the last checkpoint.")
     tensorboard: bool = operational(False, description="Also write metrics for TensorBoard under <run_dir>/tensorboard (a path the first worker can write).")

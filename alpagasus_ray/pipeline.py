@@ -23,7 +23,7 @@ import time
 from typing import Callable
 
 from alpagasus_ray.config import OPERATIONAL, Config, ConfigError, config_for_record
-from alpagasus_ray.store.layout import RunDir, read_json, write_json
+from alpagasus_ray.store.layout import RunDir, read_json, trained_model_dir, write_json
 from alpagasus_ray.store.records import content_digest
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,8 @@ def run_pipeline(config: Config, first: str | None = None, only: str | None = No
         if value is not None and value not in STAGES:
             raise ConfigError(f"{name} {value}: not a stage; the stages are {', '.join(STAGES)}")
     selected = [only] if only else list(STAGES[STAGES.index(first):] if first else STAGES)
-    os.makedirs(config.run_dir, exist_ok=True)
+    if "train" in selected or ("generate" in selected and not config.generate.model):
+        trained_model_dir(config.run_dir, config.train.model_dir)  # on an object store it must be given: say so now
     write_json(RunDir(config.run_dir).run_config, config_for_record(config))
     previous = _recorded(config.run_dir, STAGES[STAGES.index(selected[0]) - 1]) if selected[0] != STAGES[0] else None
     previous_fp = previous["fingerprint"] if previous else "start"

@@ -98,3 +98,40 @@ def _selector(path):
     import pyarrow.fs as pafs
 
     return pafs.FileSelector(path, recursive=True, allow_not_found=True)
+
+
+def test_the_whole_demo_runs_with_its_run_directory_on_s3(tmp_path, s3):
+    """`alpagasus demo` with run_dir=s3://...: every stage reads and writes the run directory on the
+    object store; the trained model goes to train.model_dir (engines load from a directory), which
+    the demo refuses to start without."""
+    env, fs = s3
+    env = {**os.environ, **env, "ALPAGASUS_CACHE": str(tmp_path / "cache")}
+    run_dir = "s3://bucket/runs/demo"
+    small = ["data.limit=24", "train.max_steps=2", "generate.limit=1", "generate.max_tokens=8"]
+    demo = [sys.executable, "-m", "alpagasus_ray.cli", "demo", "--run-dir", run_dir, *small]
+    refused = subprocess.run(demo, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2 and "set train.model_dir" in refused.stderr.strip().splitlines()[-1]
+    assert not _files(fs, "bucket/runs/demo", ".json")  # nothing ran
+    model_dir = tmp_path / "demo" / "model"
+    done = subprocess.run([*demo, f"train.model_dir={model_dir}"], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == f"{run_dir}/report.md"
+    found = _files(fs, "bucket/runs/demo", "")
+    for artifact in ("rated_summary.json", "selection.json", "selected.jsonl", "train_log.jsonl", "answers/demo/koala.jsonl",
+                     "answers/tiny-llama-base/generation.json", "judgments/demo_vs_tiny-llama-base/vicuna.jsonl",
+                     "judge.json", "report.json", "report.md", "plots/demo_vs_tiny-llama-base_win_tie_lose.png",
+                     "stages/report.json", "logs/alpagasus.log"):
+        assert any(f.endswith(artifact) for f in found), artifact
+    assert any("/answers/demo/parts/" in f for f in found) and any("/checkpoints/" in f for f in found)
+    assert (model_dir / "config.json").is_file() and not any("/model/" in f for f in found)
+    with fs.open_input_stream("bucket/runs/demo/report.json") as f:
+        report = json.loads(f.read())["demo_vs_tiny-llama-base"]
+    assert all(report[ts]["n"] == 1 for ts in ("koala", "vicuna", "wizardlm", "sinstruct"))
+    with fs.open_input_stream("bucket/runs/demo/report.md") as f:
+        assert "`answers/demo/koala.jsonl`" in f.read().decode()
+    again = subprocess.run([*demo, f"train.model_dir={model_dir}"], env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and again.stdout.count("skipped (unchanged)") == 6, again.stdout + again.stderr[-2000:]
+
+
+def _files(fs, prefix: str, suffix: str) -> list[str]:
+    return [f.path for f in fs.get_file_info(_selector(prefix)) if f.path.endswith(suffix)]

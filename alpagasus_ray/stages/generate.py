@@ -43,7 +43,7 @@ from alpagasus_ray.llm.task import Reply, Request, result_schema
 from alpagasus_ray.progress import watch
 from alpagasus_ray.ray_runtime import ensure_ray
 from alpagasus_ray.rules.recipe import alpaca_prompt
-from alpagasus_ray.store.layout import GENERATION_FILE, RunDir, write_json
+from alpagasus_ray.store.layout import GENERATION_FILE, RunDir, join, trained_model_dir, write_json
 from alpagasus_ray.store.parts import PartStore
 from alpagasus_ray.store.records import (
     file_stamps,
@@ -77,7 +77,7 @@ def run_generate(config: Config) -> list[dict]:
 
 def candidate_model(config: Config) -> str:
     """The model whose answers are judged: generate.model, or the run's trained model."""
-    return config.generate.model or RunDir(config.run_dir).model
+    return config.generate.model or trained_model_dir(config.run_dir, config.train.model_dir)
 
 
 def answers_names(config: Config) -> tuple[str, str | None]:
@@ -100,7 +100,7 @@ def _generate(config: Config, model: str, name: str) -> dict:
     if start_outputs(out_dir, made_from):
         log.info("generate: %s changed since its answers in %s were made; generating them again", model, out_dir)
     task = AnswerTask(cfg)
-    store = PartStore(os.path.join(out_dir, PARTS), pa.schema([*SENT, *result_schema(task)]))
+    store = PartStore(join(out_dir, PARTS), pa.schema([*SENT, *result_schema(task)]))
     store.remove_unfinished()
     done = set(store.read()[C.ID].to_pylist())
     pending = [p for p in prompts if p[C.ID] not in done]
@@ -121,9 +121,9 @@ def _generate(config: Config, model: str, name: str) -> dict:
         raise RuntimeError(f"prompts in != answers out: {len(missing)} prompts have no answer (e.g. {missing[:5]})")
     answers = {p[C.ID]: _answer_record(p, results[p[C.ID]], name) for p in prompts}
     for ts in sorted({p["test_set"] for p in prompts}):
-        write_jsonl(os.path.join(out_dir, f"{ts}.jsonl"), (answers[p[C.ID]] for p in prompts if p["test_set"] == ts))
+        write_jsonl(join(out_dir, f"{ts}.jsonl"), (answers[p[C.ID]] for p in prompts if p["test_set"] == ts))
     record.update(_counts(prompts, answers), wall_seconds=round(time.time() - started, 2), generated_this_run=len(pending))
-    write_json(os.path.join(out_dir, GENERATION_FILE), record)
+    write_json(join(out_dir, GENERATION_FILE), record)
     return record
 
 
@@ -188,7 +188,7 @@ def read_answers(path: str) -> list[dict]:
         InputError: naming the file, the line and the field, for a line that is not JSON or not an
             object, a missing or mistyped field, a record of another test set, or a repeated id.
     """
-    expected_set = os.path.splitext(os.path.basename(path))[0]
+    expected_set = path.rstrip("/").rsplit("/", 1)[-1].removesuffix(".jsonl")
     records, seen = [], {}
     for lineno, record in read_jsonl(path, with_lines=True):
         where = f"{path}:{lineno}"

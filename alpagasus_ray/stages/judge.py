@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 import time
 from collections import Counter
 
@@ -42,11 +41,7 @@ from alpagasus_ray.stages.generate import (
     rows_dataset,
 )
 from alpagasus_ray.store.layout import (
-    GENERATION_FILE,
-    JUDGE_FILE,
-    RunDir,
-    read_json,
-    write_json,
+    GENERATION_FILE, JUDGE_FILE, RunDir, exists, is_dir, join, list_dir, read_json, write_json,
 )
 from alpagasus_ray.store.parts import PartStore
 from alpagasus_ray.store.records import content_digest, start_outputs, write_jsonl
@@ -80,26 +75,26 @@ def run_judge(config: Config) -> dict:
     if cand == base:
         raise ConfigError(f"judge.candidate and judge.baseline are both called {cand!r}; give them different names")
     out_dir = RunDir(config.run_dir).judgments(pair_name(cand, base))
-    engine = engine_for(cfg, os.path.join(out_dir, "batches"))
+    engine = engine_for(cfg, join(out_dir, "batches"))
     engine.check("judge")
     judge = engine.name
     test_sets = cfg.test_sets or sorted(_answered_sets(cand_dir) & _answered_sets(base_dir))
     if not test_sets:
         raise InputError(f"{cand_dir} and {base_dir} have no test set answered by both (generate first)")
-    answers = [os.path.join(d, f"{ts}.jsonl") for d in (cand_dir, base_dir) for ts in test_sets]
-    missing = [p for p in answers if not os.path.exists(p)]
+    answers = [join(d, f"{ts}.jsonl") for d in (cand_dir, base_dir) for ts in test_sets]
+    missing = [p for p in answers if not exists(p)]
     if missing:
         raise InputError(f"{missing[0]}: no answers for this test set (run alpagasus generate first)")
     if start_outputs(out_dir, {"answers": content_digest(answers)}):
         log.info("judge: the answers changed since %s was judged; judging them again", out_dir)
     meta = {"judge": judge, "prompt": cfg.prompt}
     task = VerdictTask(cfg, engine)
-    store = PartStore(os.path.join(out_dir, PARTS), pa.schema([*SENT, *result_schema(task), *META]))
+    store = PartStore(join(out_dir, PARTS), pa.schema([*SENT, *result_schema(task), *META]))
     store.remove_unfinished()
     _check_same_judge(store, judge, cfg.prompt, out_dir)
     tasks = []
     for ts in test_sets:
-        tasks += _tasks(os.path.join(cand_dir, f"{ts}.jsonl"), os.path.join(base_dir, f"{ts}.jsonl"))
+        tasks += _tasks(join(cand_dir, f"{ts}.jsonl"), join(base_dir, f"{ts}.jsonl"))
     done = set(store.read()[C.ID].to_pylist())
     to_send = [t for t in tasks if not t["missing"] and t["key"] not in done]
     log.info("judge: %s vs %s on %s: %d judgments to ask %s", cand, base, ", ".join(test_sets), len(to_send), judge)
@@ -123,13 +118,13 @@ def run_judge(config: Config) -> dict:
         counts[result[C.STATUS]] += 1
         tokens.update({C.TOKENS_IN: result[C.TOKENS_IN] or 0, C.TOKENS_OUT: result[C.TOKENS_OUT] or 0})
     for ts in test_sets:
-        write_jsonl(os.path.join(out_dir, f"{ts}.jsonl"), records.get(ts, []))
+        write_jsonl(join(out_dir, f"{ts}.jsonl"), records.get(ts, []))
     record = {"candidate": cand, "baseline": base, "candidate_answers": cand_dir, "baseline_answers": base_dir,
               "test_sets": test_sets, "judgments_by_status": dict(counts), "sent_this_run": len(to_send),
               "tokens_in": tokens[C.TOKENS_IN], "tokens_out": tokens[C.TOKENS_OUT],
               "cost_usd": engine.cost(tokens[C.TOKENS_IN], tokens[C.TOKENS_OUT]),
               "wall_seconds": round(time.time() - started, 2), "config": config_for_record(config)["judge"], **meta}
-    write_json(os.path.join(out_dir, JUDGE_FILE), record)
+    write_json(join(out_dir, JUDGE_FILE), record)
     return record
 
 
@@ -148,15 +143,15 @@ def _with_meta(batch: pa.Table, meta: dict) -> pa.Table:
 def _answers_dir(run_dir: str, name_or_path: str, key: str) -> tuple[str, str]:
     """(directory, name) of a model's answers: a name under <run_dir>/answers/ or a directory."""
     inside = RunDir(run_dir).answers(name_or_path)
-    path = inside if os.path.isdir(inside) else name_or_path
-    if not os.path.isdir(path):
+    path = inside if is_dir(inside) else name_or_path
+    if not is_dir(path):
         raise InputError(f"{key}={name_or_path}: no answers in {inside} (run alpagasus generate first) or at that path")
-    name = os.path.basename(os.path.normpath(path))
-    return path, (read_json(os.path.join(path, GENERATION_FILE)) or {}).get("name", name)
+    name = path.rstrip("/").rsplit("/", 1)[-1]
+    return path, (read_json(join(path, GENERATION_FILE)) or {}).get("name", name)
 
 
 def _answered_sets(path: str) -> set[str]:
-    return {n[: -len(".jsonl")] for n in os.listdir(path) if n.endswith(".jsonl")}
+    return {n[: -len(".jsonl")] for n in list_dir(path) if n.endswith(".jsonl")}
 
 
 def _key(prompt_id: str, order: str) -> str:

@@ -17,7 +17,11 @@ prompt whose judgment could not be read is `parse_failed`, one whose judgment or
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections import Counter, defaultdict
+
+import pyarrow.fs as pafs
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import Config
@@ -25,11 +29,7 @@ from alpagasus_ray.errors import InputError
 from alpagasus_ray.rules.judging import LOSE, TIE, WIN, capacity, combine, winning_score
 from alpagasus_ray.stages.judge import BASELINE_FIRST, CANDIDATE_FIRST
 from alpagasus_ray.store.layout import (
-    GENERATION_FILE,
-    JUDGE_FILE,
-    RunDir,
-    read_json,
-    write_json,
+    GENERATION_FILE, JUDGE_FILE, RunDir, exists, is_dir, join, list_dir, open_filesystem, read_json, write_json,
     write_whole,
 )
 from alpagasus_ray.store.records import read_jsonl
@@ -74,12 +74,12 @@ def tally(judgments: list[dict]) -> dict:
 
 def summarize_pair(pair_dir: str) -> dict:
     """The report entry of one judged pair: per test set, with categories, and "all"."""
-    sets = sorted(n[: -len(".jsonl")] for n in os.listdir(pair_dir) if n.endswith(".jsonl"))
+    sets = sorted(n[: -len(".jsonl")] for n in list_dir(pair_dir) if n.endswith(".jsonl"))
     if not sets:
         raise InputError(f"{pair_dir}: no judgments (run alpagasus judge first)")
     entry, everything = {}, []
     for name in sets:
-        judgments = read_jsonl(os.path.join(pair_dir, f"{name}.jsonl"))
+        judgments = read_jsonl(join(pair_dir, f"{name}.jsonl"))
         everything += judgments
         entry[name] = tally(judgments)
         by_category = defaultdict(list)
@@ -98,7 +98,7 @@ def run_report(config: Config) -> dict:
 
     run = RunDir(config.run_dir)
     judgments_dir = run.judgments()
-    pairs = sorted(os.listdir(judgments_dir)) if os.path.isdir(judgments_dir) else []
+    pairs = list_dir(judgments_dir)
     if not pairs:
         raise InputError(f"{judgments_dir}: no judged pairs (run alpagasus judge first)")
     report = {pair: summarize_pair(run.judgments(pair)) for pair in pairs}
@@ -108,7 +108,7 @@ def run_report(config: Config) -> dict:
     smoke = any(a["smoke"] for a in about.values())
     written = []
     if config.report.plots:
-        plot_dir = run.plots
+        plot_dir = tempfile.mkdtemp(prefix="alpagasus-plots-")  # drawn here, then written where the run is
         suffix = " (smoke scale: no meaning)" if smoke else ""
         for pair, entry in report.items():
             sets = {s: v for s, v in entry.items() if s != ALL}
@@ -124,6 +124,11 @@ def run_report(config: Config) -> dict:
             path = os.path.join(plot_dir, "winning_score_vs_size.png")
             plots.score_vs_size(by_size, path, f"winning score vs training size{suffix}")
             written.append(path)
+        for i, path in enumerate(written):
+            with open(path, "rb") as f:
+                written[i] = join(run.plots, os.path.basename(path))
+                write_whole(written[i], f.read())
+        shutil.rmtree(plot_dir, ignore_errors=True)
     write_whole(run.report_md, _markdown(report, about, smoke, written, config.run_dir).encode())
     return report
 
@@ -134,8 +139,8 @@ def _short(t: dict) -> dict:
 
 def _about(pair_dir: str) -> dict:
     """Who was judged by whom, from the judge record and the answers' generation records."""
-    record = read_json(os.path.join(pair_dir, JUDGE_FILE)) or {}
-    models = [(read_json(os.path.join(record.get(key) or "", GENERATION_FILE)) or {}).get("model")
+    record = read_json(join(pair_dir, JUDGE_FILE)) or {}
+    models = [(read_json(join(record.get(key) or "", GENERATION_FILE)) or {}).get("model")
               for key in ("candidate_answers", "baseline_answers")]
     judge = record.get("judge", "")
     smoke = is_stand_in(judge.partition(":")[2]) or any(is_stand_in(m) for m in models)
@@ -147,11 +152,11 @@ def _by_size(run_dirs: list[str]) -> dict[str, list[tuple[int, float]]]:
     points = defaultdict(list)
     for run in map(RunDir, run_dirs):
         selection = run.selection
-        if not os.path.exists(selection):
+        if not exists(selection):
             raise InputError(f"{selection}: missing; report.runs needs each run's selection (its training size)")
         size = read_json(selection)["selected"]
         judgments_dir = run.judgments()
-        pairs = sorted(os.listdir(judgments_dir)) if os.path.isdir(judgments_dir) else []
+        pairs = list_dir(judgments_dir)
         if not pairs:
             raise InputError(f"{judgments_dir}: no judged pairs in a run of report.runs")
         for name, result in summarize_pair(run.judgments(pairs[0])).items():
@@ -186,18 +191,33 @@ def _markdown(report: dict, about: dict, smoke: bool, plots_written: list[str], 
                           for c, v in t["categories"].items()]
         lines.append("")
     lines += ["## Artifacts", ""]
-    lines += [f"- `{os.path.relpath(p, run_dir)}{'/' if p.endswith(os.sep) else ''}`" for p in _artifacts(run_dir, plots_written)]
+    lines += [f"- `{_relative(p, run_dir)}`" for p in _artifacts(run_dir, plots_written)]
     return "\n".join(lines) + "\n"
+
+
+def _relative(path: str, run_dir: str) -> str:
+    """A path of the run as the report shows it: from the run directory, a directory ending in /.
+
+    >>> _relative("s3://b/run/answers/x/koala.jsonl", "s3://b/run"), _relative("runs/a/model/", "runs/a")
+    ('answers/x/koala.jsonl', 'model/')
+    """
+    inside = path[len(run_dir.rstrip("/")):].lstrip("/") if path.startswith(run_dir.rstrip("/")) else path
+    return inside
 
 
 def _artifacts(run_dir: str, extra: list[str]) -> list[str]:
     """Every file of the run a person would open (checkpoint shards and Parquet parts excepted)."""
     run = RunDir(run_dir)
+    fs, root = open_filesystem(run_dir)
+    bulk = [open_filesystem(b)[1] + "/" for b in run.bulk]
     found = set(extra) | {run.report_md}
-    for root, dirs, files in os.walk(run_dir):
-        dirs[:] = [d for d in dirs if os.path.join(root, d) not in run.bulk]
-        found.update(os.path.join(root, f) for f in files if not f.startswith("."))
-    for bulk in (run.model, run.rated):  # listed whole
-        if os.path.isdir(bulk):
-            found.add(bulk + os.sep)
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
+        inside = info.path[len(root):].lstrip("/")
+        if (info.type != pafs.FileType.File or any(info.path.startswith(b) for b in bulk)
+                or inside.split("/")[-1].startswith(".") or "parts" in inside.split("/")[:-1]):
+            continue
+        found.add(join(run_dir, *inside.split("/")))
+    for whole in (run.model, run.rated):  # listed whole
+        if is_dir(whole):
+            found.add(whole + "/")
     return sorted(found)

@@ -35,7 +35,7 @@ from alpagasus_ray.rules.recipe import (
     plan_epoch,
     real_token_fraction,
 )
-from alpagasus_ray.store.layout import RunDir
+from alpagasus_ray.store.layout import RunDir, is_local, open_filesystem, trained_model_dir
 from alpagasus_ray.store.records import write_jsonl
 from alpagasus_ray.tiny_model import MARKER_FILE, is_stand_in
 
@@ -55,6 +55,7 @@ def run_train(config: Config) -> dict:
 
     t = config.train
     run = RunDir(config.run_dir)
+    out = trained_model_dir(config.run_dir, t.model_dir)  # before any work: on an object store it must be given
     data_path = t.data or run.selected_json
     model_path = _check_model(t.model)
     examples, dropped = _tokenize(data_path, model_path, t)
@@ -70,7 +71,7 @@ def run_train(config: Config) -> dict:
     from alpagasus_ray.ray_runtime import ensure_ray
 
     ensure_ray()  # also hands ray.train's loggers, imported above, to console.py
-    storage = t.storage_path or os.path.abspath(run.checkpoints)
+    storage = t.storage_path or (os.path.abspath(run.checkpoints) if is_local(run.checkpoints) else run.checkpoints)
     with watch_steps("train", total=summary["steps"]) as progress:  # a bar fed by the first worker
         trainer = TorchTrainer(
             _train_loop,
@@ -87,9 +88,9 @@ def run_train(config: Config) -> dict:
             ),
         )
         result = trainer.fit()
-    out = run.model
     with result.checkpoint.as_directory() as directory:
-        tmp = tempfile.mkdtemp(prefix=".model-", dir=config.run_dir)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=".model-", dir=os.path.dirname(os.path.abspath(out)))
         shutil.copytree(os.path.join(directory, HF_SUBDIR), tmp, dirs_exist_ok=True)
         if is_stand_in(model_path):  # a model fine-tuned from the stand-in is still one
             shutil.copy(os.path.join(model_path, MARKER_FILE), tmp)
@@ -196,10 +197,12 @@ def _run_name(config: Config, data_path: str) -> str:
     """One name per run directory, data and recipe: rerunning the same command finds its
     checkpoints, and other data or another recipe starts afresh instead of resuming them."""
     digest = hashlib.sha256()
-    with open(data_path, "rb") as f:
+    fs, path = open_filesystem(data_path)
+    with fs.open_input_stream(path) as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             digest.update(chunk)
-    recipe = {k: v for k, v in config.train.model_dump(mode="json").items() if k not in OPERATIONAL and k != "data"}
+    recipe = {k: v for k, v in config.train.model_dump(mode="json").items()
+              if k not in OPERATIONAL and k not in ("data", "model_dir")}
     digest.update(json.dumps(recipe, sort_keys=True).encode())
     digest.update(PLAN_VERSION.encode())  # checkpoints of another planning never resume this one
     return f"train-{os.path.basename(os.path.abspath(config.run_dir))}-{digest.hexdigest()[:8]}"

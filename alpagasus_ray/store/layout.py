@@ -29,6 +29,8 @@ import os
 
 import pyarrow.fs as pafs
 
+from alpagasus_ray.errors import ConfigError
+
 # Files inside an answers directory and a judgments directory (also read from other runs).
 GENERATION_FILE = "generation.json"
 JUDGE_FILE = "judge.json"
@@ -66,6 +68,53 @@ def publish(fs: pafs.FileSystem, path: str) -> None:
         os.replace(staging_path(fs, path), path)
 
 
+def exists(uri: str) -> bool:
+    fs, path = open_filesystem(uri)
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def is_dir(uri: str) -> bool:
+    """A directory, or on an object store a prefix with objects under it."""
+    fs, path = open_filesystem(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        return True
+    if isinstance(fs, pafs.LocalFileSystem):
+        return False
+    return bool(fs.get_file_info(pafs.FileSelector(path, allow_not_found=True)))
+
+
+def list_dir(uri: str) -> list[str]:
+    """The names directly under a directory (none when it does not exist), in name order."""
+    fs, path = open_filesystem(uri)
+    found = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    return sorted(f.path.rstrip("/").rsplit("/", 1)[-1] for f in found)
+
+
+def read_bytes(uri: str) -> bytes:
+    fs, path = open_filesystem(uri)
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def remove(uri: str) -> None:
+    """Delete a file, or a directory and all under it; nothing when it does not exist."""
+    fs, path = open_filesystem(uri)
+    kind = fs.get_file_info(path).type
+    if kind == pafs.FileType.File:
+        fs.delete_file(path)
+    elif kind == pafs.FileType.Directory or is_dir(uri):
+        fs.delete_dir(path)
+
+
+def join(uri: str, *parts: str) -> str:
+    """A path under `uri`, joined with / on an object store.
+
+    >>> join("s3://b/run", "answers", "x"), join("runs/a", "b")
+    ('s3://b/run/answers/x', 'runs/a/b')
+    """
+    return "/".join([uri.rstrip("/"), *parts]) if "://" in uri else os.path.join(uri, *parts)
+
+
 def write_whole(uri: str, data: bytes) -> None:
     """Write a file that readers see whole or not at all, on any filesystem: every summary, record
     and published output of a stage is written by this one function."""
@@ -94,6 +143,21 @@ def read_json(uri: str):
         return json.loads(f.read())
 
 
+def trained_model_dir(run_dir: str, model_dir: str | None) -> str:
+    """Where a run's fine-tuned model is: `train.model_dir`, or `<run_dir>/model` on a local run
+    directory. Engines load a model from a directory, so on an object store it must be given.
+
+    >>> trained_model_dir("runs/a", None), trained_model_dir("s3://b/run", "/mnt/shared/models/a")
+    ('runs/a/model', '/mnt/shared/models/a')
+    """
+    if model_dir:
+        return model_dir
+    if not is_local(run_dir):
+        raise ConfigError(f"run_dir={run_dir} is on an object store, where an engine cannot load a model from: set "
+                          "train.model_dir to a directory every node can read (e.g. /mnt/shared/models/<run>)")
+    return RunDir(run_dir).model
+
+
 class RunDir:
     """The paths of one run directory."""
 
@@ -102,7 +166,7 @@ class RunDir:
 
     def path(self, *parts: str) -> str:
         """A path under the run directory (joined with / on an object store)."""
-        return "/".join([self.root.rstrip("/"), *parts]) if "://" in self.root else os.path.join(self.root, *parts)
+        return join(self.root, *parts)
 
     # rate
     @property

@@ -9,7 +9,9 @@ import os
 from typing import Iterable
 
 from alpagasus_ray.errors import InputError
-from alpagasus_ray.store.layout import INPUTS_FILE, write_json, write_whole
+from alpagasus_ray.store.layout import (
+    INPUTS_FILE, join, list_dir, open_filesystem, read_bytes, read_json, remove, write_json, write_whole,
+)
 
 
 def write_jsonl(uri: str, records: Iterable[dict]) -> None:
@@ -21,8 +23,9 @@ def read_jsonl(path: str, with_lines: bool = False) -> list:
     """All records of a finished JSONL file (with their line numbers when asked); a line that is
     not JSON, or not UTF-8, is an error naming it."""
     rows = []
-    with open(path, "rb") as f:
-        for lineno, line in enumerate(f, start=1):
+    fs, inner = open_filesystem(path)
+    with fs.open_input_stream(inner) as f:
+        for lineno, line in enumerate(f.read().splitlines(), start=1):
             if line.strip():
                 try:
                     record = json.loads(line.decode("utf-8"))
@@ -34,25 +37,18 @@ def read_jsonl(path: str, with_lines: bool = False) -> list:
     return rows
 
 
-
-
 def start_outputs(out_dir: str, inputs: dict) -> bool:
     """Prepare `out_dir` for records made from `inputs` (JSON-able): when its records were made
     from other inputs (a retrained model, regenerated answers), they are stale and are deleted.
     Returns True when something was deleted (the records and their parts)."""
-    path = os.path.join(out_dir, INPUTS_FILE)
-    stale = False
-    if os.path.exists(path):
-        with open(path) as f:
-            stale = json.load(f) != json.loads(json.dumps(inputs))
+    path = join(out_dir, INPUTS_FILE)
+    made_from = read_json(path)
+    stale = made_from is not None and made_from != json.loads(json.dumps(inputs))
     if stale:
-        import shutil
-
-        for name in os.listdir(out_dir):
+        for name in list_dir(out_dir):
             if name.endswith(".jsonl"):
-                os.remove(os.path.join(out_dir, name))
-        shutil.rmtree(os.path.join(out_dir, "parts"), ignore_errors=True)
-    os.makedirs(out_dir, exist_ok=True)
+                remove(join(out_dir, name))
+        remove(join(out_dir, "parts"))
     write_json(path, inputs)
     return stale
 
@@ -68,7 +64,6 @@ def content_digest(paths: Iterable[str]) -> str:
 
     digest = hashlib.sha256()
     for p in sorted(paths):
-        digest.update(os.path.basename(p).encode())
-        with open(p, "rb") as f:
-            digest.update(f.read())
+        digest.update(p.rstrip("/").rsplit("/", 1)[-1].encode())
+        digest.update(read_bytes(p))
     return digest.hexdigest()[:16]
