@@ -110,6 +110,27 @@ def vllm_server(tiny_model):
 
 
 @pytest.fixture
+def s3():
+    """(environment for a process that uses s3://, a pyarrow S3FileSystem) on a fresh moto server."""
+    import pyarrow.fs as pafs
+
+    from moto import server as moto_server  # moto[server]: a dev dependency (pip install -e '.[dev]')
+
+    port = _free_port()
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
+    fs = pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1",
+                           endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True)
+    fs.create_dir("bucket")
+    yield env, fs
+    # moto keeps its buckets in the process, not in the server: empty them for the next test.
+    urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/moto-api/reset", method="POST"), timeout=30)
+    server.stop()
+
+
+@pytest.fixture
 def reap_ray_orphans():
     """For tests that kill a driver with -9: its Ray processes outlive it (reparented to init);
     stop the ones started during the test."""

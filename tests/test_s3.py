@@ -1,11 +1,11 @@
 """s3:// as the input and as the run directory, against a local S3-compatible server (moto in
-server mode) reached through pyarrow's S3 filesystem: a rating killed with -9 and resumed, then the
-selection, with the rows read and written by the workers."""
+server mode, the `s3` fixture of conftest.py) reached through pyarrow's S3 filesystem: a rating
+killed with -9 and resumed, then the selection, with the rows read and written by the workers. The
+whole demo with its run directory on s3:// runs as a submitted job in test_job_submit.py."""
 
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,33 +14,8 @@ import pytest
 
 from fake_openai_server import serve, stats
 
-from moto import server as moto_server  # moto[server]: a dev dependency (pip install -e '.[dev]')
-pytestmark = pytest.mark.slow
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def s3():
-    """(environment for a process that uses s3://, a pyarrow S3FileSystem) on a fresh moto server."""
-    import pyarrow.fs as pafs
-
-    port = _free_port()
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}"}
-    fs = pafs.S3FileSystem(access_key="testing", secret_key="testing", region="us-east-1",
-                           endpoint_override=f"127.0.0.1:{port}", scheme="http", allow_bucket_creation=True)
-    fs.create_dir("bucket")
-    yield env, fs
-    server.stop()
-
-
+@pytest.mark.slow
 def test_rate_then_filter_with_s3_input_and_run_dir_and_a_resume_after_kill(tmp_path, s3, reap_ray_orphans):
     import psutil
     import pyarrow.dataset as pds
@@ -100,37 +75,17 @@ def _selector(path):
     return pafs.FileSelector(path, recursive=True, allow_not_found=True)
 
 
-def test_the_whole_demo_runs_with_its_run_directory_on_s3(tmp_path, s3):
-    """`alpagasus demo` with run_dir=s3://...: every stage reads and writes the run directory on the
-    object store; the trained model goes to train.model_dir (engines load from a directory), which
-    the demo refuses to start without."""
+def test_a_run_directory_on_an_object_store_needs_a_model_directory_before_anything_runs(tmp_path, s3):
+    """Engines load a model from a directory: with run_dir on s3:// and no train.model_dir the run
+    stops before any stage, naming the key (the whole demo on s3:// runs in test_job_submit.py)."""
     env, fs = s3
     env = {**os.environ, **env, "ALPAGASUS_CACHE": str(tmp_path / "cache")}
-    run_dir = "s3://bucket/runs/demo"
-    small = ["data.limit=24", "train.max_steps=2", "generate.limit=1", "generate.max_tokens=8"]
-    demo = [sys.executable, "-m", "alpagasus_ray.cli", "demo", "--run-dir", run_dir, *small]
-    refused = subprocess.run(demo, env=env, capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2 and "set train.model_dir" in refused.stderr.strip().splitlines()[-1]
+    refused = subprocess.run([sys.executable, "-m", "alpagasus_ray.cli", "demo", "--run-dir", "s3://bucket/runs/demo"],
+                             env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "run_dir=s3://bucket/runs/demo is on an object store" in refused.stderr.strip().splitlines()[-1]
+    assert "set train.model_dir" in refused.stderr.strip().splitlines()[-1]
     assert not _files(fs, "bucket/runs/demo", ".json")  # nothing ran
-    model_dir = tmp_path / "demo" / "model"
-    done = subprocess.run([*demo, f"train.model_dir={model_dir}"], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == f"{run_dir}/report.md"
-    found = _files(fs, "bucket/runs/demo", "")
-    for artifact in ("rated_summary.json", "selection.json", "selected.jsonl", "train_log.jsonl", "answers/demo/koala.jsonl",
-                     "answers/tiny-llama-base/generation.json", "judgments/demo_vs_tiny-llama-base/vicuna.jsonl",
-                     "judge.json", "report.json", "report.md", "plots/demo_vs_tiny-llama-base_win_tie_lose.png",
-                     "stages/report.json", "logs/alpagasus.log"):
-        assert any(f.endswith(artifact) for f in found), artifact
-    assert any("/answers/demo/parts/" in f for f in found) and any("/checkpoints/" in f for f in found)
-    assert (model_dir / "config.json").is_file() and not any("/model/" in f for f in found)
-    with fs.open_input_stream("bucket/runs/demo/report.json") as f:
-        report = json.loads(f.read())["demo_vs_tiny-llama-base"]
-    assert all(report[ts]["n"] == 1 for ts in ("koala", "vicuna", "wizardlm", "sinstruct"))
-    with fs.open_input_stream("bucket/runs/demo/report.md") as f:
-        assert "`answers/demo/koala.jsonl`" in f.read().decode()
-    again = subprocess.run([*demo, f"train.model_dir={model_dir}"], env=env, capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("skipped (unchanged)") == 6, again.stdout + again.stderr[-2000:]
 
 
 def _files(fs, prefix: str, suffix: str) -> list[str]:

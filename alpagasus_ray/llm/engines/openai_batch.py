@@ -41,7 +41,7 @@ class OpenAIBatchEngine(FileEngine):
             return None
         from alpagasus_ray.llm.engines.api import ApiEngine
 
-        return ApiEngine(self.cfg.model_copy(update={"backend": "openai"}))
+        return ApiEngine(self.cfg)
 
     def submit(self, record: BatchRecord) -> None:
         """Upload the request file and create its batch, recording each step."""
