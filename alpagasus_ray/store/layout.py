@@ -37,14 +37,16 @@ JUDGE_FILE = "judge.json"
 INPUTS_FILE = "inputs.json"
 
 
-def open_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+def open_filesystem(path: str | os.PathLike) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) of a local path or a URI such as s3://bucket/run."""
+    path = os.fspath(path)
     if "://" in path:
         return pafs.FileSystem.from_uri(path)
     return pafs.LocalFileSystem(), os.path.abspath(path)
 
 
-def is_local(path: str) -> bool:
+def is_local(path: str | os.PathLike) -> bool:
+    path = os.fspath(path)
     return "://" not in path or path.startswith("file://")
 
 
@@ -112,6 +114,7 @@ def join(uri: str, *parts: str) -> str:
     >>> join("s3://b/run", "answers", "x"), join("runs/a", "b")
     ('s3://b/run/answers/x', 'runs/a/b')
     """
+    uri = os.fspath(uri)
     return "/".join([uri.rstrip("/"), *parts]) if "://" in uri else os.path.join(uri, *parts)
 
 
