@@ -12,6 +12,7 @@ import subprocess
 import sys
 from typing import Iterator
 
+from alpagasus_ray.errors import ConfigError
 from alpagasus_ray.llm.engines.files import BatchRecord, FileEngine
 from alpagasus_ray.store.layout import is_local
 
@@ -22,9 +23,10 @@ class VllmBatchEngine(FileEngine):
     """vLLM's batch runner in a subprocess: a request file in, an output file out."""
 
     def __init__(self, endpoint, workdir: str | None = None):
+        if workdir is not None and not is_local(workdir):
+            raise ConfigError(f"backend vllm_batch runs request files on this machine: {workdir} must be a local path "
+                              "(use a local run_dir, or the vllm backend)")
         super().__init__(endpoint, workdir)
-        if not is_local(workdir):
-            raise ValueError(f"vllm_batch runs request files on this machine: {workdir} must be a local path")
 
     def check(self, section: str) -> None:
         from alpagasus_ray.tiny_model import check_model_dir
