@@ -7,9 +7,9 @@ Its modules import only downward:
     engines/      one module per backend behind `engines.base.Engine`; `engines.engine_for`
                   is the only place that reads a backend's name
     wire          a Request as an OpenAI request body; a response body as a Reply
-    ratelimit     requests- and tokens-per-minute limits shared by all workers
     task          the vocabulary: Request, Reply, LLMTask, the result columns, the ask-again policy
 
-A stage supplies a task (what a row asks, how a reply is read) and where its results go; the
-engine and the driver do the rest.
+The arithmetic of the API's rate limits is a pure rule, in `rules.ratelimit`. A stage supplies a
+task (what a row asks, how a reply is read) and where its results go; the engine and the driver do
+the rest.
 """
