@@ -5,6 +5,8 @@ INSTRUCTION = "instruction"
 INPUT = "input"
 OUTPUT = "output"
 TEXT_FIELDS = (INSTRUCTION, INPUT, OUTPUT)
+MESSAGES = "messages"  # a conversation's turns: [{"role": ..., "content": ...}, ...]
+FORMATTING = "formatting"  # the shape the row came in: alpaca, messages or sharegpt
 
 # Rating results.
 SCORE = "score"

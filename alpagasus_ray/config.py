@@ -40,6 +40,19 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class ColumnsConfig(_Strict):
+    """Where a conversation is in a row, for layouts other than `messages` and ShareGPT's own, in
+    LLaMA-Factory's names (the `columns` and `tags` of its dataset_info.json, in one mapping)."""
+
+    messages: str | None = Field(None, description="The field holding the list of turns (default: 'messages' for messages, 'conversations' for sharegpt).")
+    system: str | None = Field(None, description="A field holding a system prompt, put before the turns as a system turn.")
+    role_tag: str | None = Field(None, description="The key of a turn's role (default: 'role' for messages, 'from' for sharegpt).")
+    content_tag: str | None = Field(None, description="The key of a turn's text (default: 'content' for messages, 'value' for sharegpt).")
+    user_tag: str | list[str] | None = Field(None, description="The role name(s) of the user (default: 'user'; sharegpt also 'human').")
+    assistant_tag: str | list[str] | None = Field(None, description="The role name(s) of the assistant (default: 'assistant'; sharegpt also 'gpt').")
+    system_tag: str | list[str] | None = Field(None, description="The role name(s) of a system turn (default: 'system').")
+
+
 class DataConfig(_Strict):
     """Where the instruction-tuning rows come from."""
 
@@ -51,6 +64,12 @@ class DataConfig(_Strict):
     format: Literal["auto", "json", "jsonl", "parquet"] = Field(
         "auto", description="File format; 'auto' goes by the extension and, for .json, by the first character."
     )
+    formatting: Literal["auto", "alpaca", "messages", "sharegpt"] = Field(
+        "auto",
+        description="The shape of a row: alpaca (instruction, input, output), messages (chat turns with role and "
+        "content), sharegpt (turns with from and value under conversations); 'auto' decides per file from its first rows.",
+    )
+    columns: ColumnsConfig = Field(default_factory=ColumnsConfig, description="Where a conversation is in a row (see below).")
     id_field: str = Field("id", description="Input field holding a row id; rows without one get an id from their content.")
     field_map: dict[str, str] = Field(
         default_factory=dict,
@@ -58,7 +77,8 @@ class DataConfig(_Strict):
         "(context -> input, response -> output).",
     )
     max_row_chars: int = Field(
-        32_000, gt=0, description="Rows longer than this (instruction + input + output) are set aside as invalid_input."
+        32_000, gt=0, description="Rows longer than this (instruction + input + output, or all turns of a conversation) "
+        "are set aside as invalid_input."
     )
     limit: int | None = Field(None, gt=0, description="Use only the first N rows (for trials).")
 
@@ -202,6 +222,12 @@ class _Rating(_Strict):
     max_tokens: int = Field(256, gt=0, description="Reply length cap: the score line plus the explanation.")
     logprobs: bool = Field(True, description="Ask for top logprobs and record the probability-weighted score_expected.")
     top_logprobs: int = Field(5, ge=1, le=20, description="How many alternatives per token to ask for.")
+    unit: Literal["turn", "conversation"] = Field(
+        "turn", description="For conversations: rate each assistant turn with the conversation before it as context "
+        "(one request per assistant turn), or the whole conversation in one request.")
+    aggregate: Literal["min", "mean", "last"] = Field(
+        "min", description="With unit=turn, a conversation's score from its turns' scores: min (as good as its weakest "
+        "answer), mean, or last.")
 
 
 class RateOpenAI(_Rating, OpenAIEndpoint):

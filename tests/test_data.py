@@ -117,7 +117,8 @@ def test_field_map_renames_custom_fields(tmp_path):
     path.write_text(json.dumps({"prompt": "p", "completion": "c", "uid": 7}) + "\n")
     result = read_rows(DataConfig(path=str(path), id_field="uid", field_map={"prompt": "instruction", "completion": "output"}))
     assert result.table.to_pylist()[0] | {"source": None} == {
-        "id": "7", "instruction": "p", "input": "", "output": "c", "source": None, INVALID_REASON: None,
+        "id": "7", "instruction": "p", "input": "", "output": "c", "messages": None, "formatting": "alpaca",
+        "source": None, INVALID_REASON: None,
     }
 
 

@@ -51,6 +51,57 @@ def rating_messages(instruction: str, input: str, output: str, dimension: str = 
     ]
 
 
+# The conversation prompt, in the spirit of Fig. 4: the exchange in the system message, the request
+# (the dimension, the 0-5 scale, the score alone on the first line) in the user message. Bump on a
+# change of its text, as PROMPT_VERSION.
+CHAT_PROMPT_VERSION = "alpagasus-chat-v1"
+CHAT_SYSTEM = {
+    "turn": "We would like to request your feedback on the performance of AI assistant in its last response in "
+            "the conversation displayed following.\n\n{conversation}",
+    "conversation": "We would like to request your feedback on the performance of AI assistant in the "
+                    "conversation displayed following.\n\n{conversation}",
+}
+CHAT_USER = {
+    "turn": "Please rate according to the {dimension} of the assistant's last response, given the conversation "
+            "before it. ",
+    "conversation": "Please rate according to the {dimension} of the assistant's responses throughout the "
+                    "conversation. ",
+}
+CHAT_SCALE = (
+    "The assistant receives a score on a scale of 0 to 5, where a higher score indicates higher level of the "
+    "{dimension}. Please first output a single line containing the value indicating the score. In the "
+    "subsequent line, please provide a comprehensive explanation of your evaluation, avoiding any potential bias."
+)
+_SPEAKERS = {"system": "System", "user": "User", "assistant": "Assistant"}
+
+
+def conversation_rating_messages(turns: list[dict], unit: str, dimension: str = "accuracy") -> list[dict]:
+    """Chat messages asking a grader to score a conversation (`unit="conversation"`) or its last
+    assistant turn (`unit="turn"`: `turns` end with the turn to rate, the earlier ones its context).
+
+    >>> msgs = conversation_rating_messages([{"role": "user", "content": "Hi"},
+    ...                                      {"role": "assistant", "content": "Hello"}], "turn")
+    >>> print(msgs[0]["content"].split("\\n\\n", 1)[1])
+    [User]
+    Hi
+    <BLANKLINE>
+    [Assistant: the response to rate]
+    Hello
+    >>> msgs[1]["content"].count("accuracy")
+    2
+    """
+    shown = []
+    for index, turn in enumerate(turns):
+        speaker = _SPEAKERS[turn["role"]]
+        if unit == "turn" and index == len(turns) - 1:
+            speaker += ": the response to rate"
+        shown.append(f"[{speaker}]\n{turn['content']}")
+    return [
+        {"role": "system", "content": CHAT_SYSTEM[unit].format(conversation="\n\n".join(shown))},
+        {"role": "user", "content": (CHAT_USER[unit] + CHAT_SCALE).format(dimension=dimension)},
+    ]
+
+
 CHARS_PER_TOKEN = 4  # English text under common BPE vocabularies
 
 

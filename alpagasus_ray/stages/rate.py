@@ -81,6 +81,8 @@ def run_rate(config: Config, dry_run: bool = False, detach: bool = False, cancel
     if scan.valid == 0:  # e.g. plain text, or the wrong field names: a stop, not a run
         raise InputError(f"{', '.join(scan.files)}: no row can be rated ({scan.rows:,} rows, none valid), e.g. "
                          + "; ".join(f"{e['source']} ({e['reason']})" for e in scan.invalid_examples))
+    if scan.conversations:
+        raise InputError(f"{scan.files[0]}: conversations are read, but this version rates alpaca rows only")
     grader = engine.name
     _check_same_grader(store, grader, cfg.dimension)
     before = store.status_counts()

@@ -10,11 +10,10 @@ from __future__ import annotations
 import contextlib
 import functools
 import glob
-import hashlib
 import itertools
 import json
+import logging
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -25,7 +24,10 @@ import pyarrow.parquet as pq
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import DataConfig
 from alpagasus_ray.errors import InputError, user_error
+from alpagasus_ray.store.formatting import ALPACA, DETECT_ROWS, clean, content_id, detect, normalize
 from alpagasus_ray.store.layout import open_filesystem
+
+log = logging.getLogger(__name__)
 
 INVALID_REASON = "invalid_reason"
 # A row's place in the input (file index << 32 | row index): orders rows across files and blocks.
@@ -34,11 +36,7 @@ POSITION = "_position"
 BLOCK_ROWS = 2048
 BUILTIN_PREFIX = "builtin:"
 SAMPLE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "sample")  # in the package
-# Dolly 15k names its fields differently; mapped before `data.field_map`.
-DOLLY_NAMES = {"context": C.INPUT, "response": C.OUTPUT}
 EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet"}
-# Lone surrogates: bytes that were not valid UTF-8 (kept by surrogateescape) or "\udXXX" escapes.
-_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -77,6 +75,8 @@ def read_rows(cfg: DataConfig, extra_fields: tuple[str, ...] = ()) -> Rows:
         seen.setdefault(rid, []).append(pos)
     repeats = {rid: p for rid, p in seen.items() if len(p) > 1}
     table = suffix_repeats(table, repeats)
+    formattings = dict(zip((p >> 32 for p in positions), table[C.FORMATTING].to_pylist()))
+    _check_one_kind(cfg, {files[i]: f for i, f in sorted(formattings.items())})
     sources = dict(zip(positions, table[C.SOURCE].to_pylist()))
     duplicates = {rid: [sources[p] for p in pos] for rid, pos in repeats.items()}
     return Rows(table=table.drop_columns([POSITION]), files=files, duplicate_ids=duplicates)
@@ -98,10 +98,17 @@ def suffix_repeats(block: pa.Table, repeats: dict[str, list[int]]) -> pa.Table:
     return block.set_column(block.schema.get_field_index(C.ID), C.ID, pa.array(ids, pa.string()))
 
 
+# A conversation's turns, normalized.
+MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
+
+
 def row_schema(extra_fields: tuple[str, ...] = ()) -> pa.Schema:
-    """The columns of a read row; `POSITION` orders rows across files and is dropped before output."""
-    names = [C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT, C.SOURCE, INVALID_REASON, *extra_fields]
-    return pa.schema([*((n, pa.string()) for n in names), (POSITION, pa.int64())])
+    """The columns of a read row: an alpaca row fills instruction, input and output, a conversation
+    `messages`; `POSITION` orders rows across files and is dropped before output."""
+    names = [C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT]
+    after = [C.FORMATTING, C.SOURCE, INVALID_REASON, *extra_fields]
+    return pa.schema([*((n, pa.string()) for n in names), (C.MESSAGES, MESSAGES_TYPE),
+                      *((n, pa.string()) for n in after), (POSITION, pa.int64())])
 
 
 def _read_files(files: list[str], indices, cfg: DataConfig, extra_fields: tuple[str, ...],
@@ -112,12 +119,19 @@ def _read_files(files: list[str], indices, cfg: DataConfig, extra_fields: tuple[
     taken = 0
     for path, file_index in zip(files, indices):
         fmt = cfg.format if cfg.format != "auto" else EXTENSIONS.get(_extension(path), "jsonl")
+        items = _read_file(path, fmt)
+        formatting, chosen_by = cfg.formatting, ""
+        if formatting == "auto":
+            first = list(itertools.islice(items, DETECT_ROWS))
+            formatting = detect([item for _, item in first], cfg)
+            chosen_by = " (data.formatting=auto chose it from the file's first rows)"
+            items = itertools.chain(first, items)
         records = []
-        for index, (source, item) in enumerate(_read_file(path, fmt)):
-            record = _normalize(source, item, cfg)
+        for index, (source, item) in enumerate(items):
+            record = _normalize(source, item, formatting, cfg, chosen_by)
             for name in extra_fields:
                 value = item.get(name) if isinstance(item, dict) else None
-                record[name] = None if value is None else _clean(str(value))
+                record[name] = None if value is None else clean(str(value))
             record[POSITION] = (file_index << 32) | index
             records.append(record)
             taken += 1
@@ -128,18 +142,6 @@ def _read_files(files: list[str], indices, cfg: DataConfig, extra_fields: tuple[
                 return
         if records:
             yield pa.Table.from_pylist(records, schema=schema)
-
-
-def content_id(instruction: str, input: str, output: str) -> str:
-    """A stable id from a row's content: the same text always gives the same id.
-
-    >>> content_id("Add 2 and 2.", "", "4")
-    '6d243927c1e88246'
-    >>> content_id("Add 2 and 2.", "", "4") == content_id("Add 2 and 2", ".", "4")
-    False
-    """
-    payload = json.dumps([instruction, input, output], ensure_ascii=False)
-    return hashlib.sha256(payload.encode("utf-8", "surrogatepass")).hexdigest()[:16]
 
 
 def list_files(path: str) -> list[str]:
@@ -256,49 +258,22 @@ class _Unreadable:
     raw: str
 
 
-def _normalize(source: str, item: Any, cfg: DataConfig) -> dict[str, Any]:
+def _normalize(source: str, item: Any, formatting: str, cfg: DataConfig, chosen_by: str) -> dict[str, Any]:
     """One input item as a flat record; problems go to `invalid_reason`, the row is kept."""
-    record = {C.ID: None, C.INSTRUCTION: "", C.INPUT: "", C.OUTPUT: "", C.SOURCE: source, INVALID_REASON: None}
+    record = {C.ID: None, C.INSTRUCTION: None, C.INPUT: None, C.OUTPUT: None, C.MESSAGES: None,
+              C.FORMATTING: formatting, C.SOURCE: source, INVALID_REASON: None}
+    if formatting == ALPACA:
+        record.update(dict.fromkeys(C.TEXT_FIELDS, ""))
+    else:
+        record[C.MESSAGES] = []
     if isinstance(item, _Unreadable):
         record[INVALID_REASON] = item.reason
-        record[C.ID] = content_id("", "", _clean(item.raw))
+        record[C.ID] = content_id("", "", clean(item.raw))
         return record
-    if not isinstance(item, dict):
-        record[INVALID_REASON] = f"a row is a JSON object, got {type(item).__name__}"
-        record[C.ID] = content_id("", "", _clean(json.dumps(item, ensure_ascii=False)))
-        return record
-    renames = {**DOLLY_NAMES, **cfg.field_map}
-    fields = {renames.get(k, k): v for k, v in item.items()}
-    problems = []
-    for name in C.TEXT_FIELDS:
-        value = fields.get(name)
-        if value is None and name == C.INPUT:
-            value = ""  # Alpaca rows without context leave input empty or out
-        if value is None:
-            problems.append(f"missing field '{name}'")
-            value = ""
-        elif not isinstance(value, str):
-            problems.append(f"field '{name}' is {type(value).__name__}, expected a string")
-            value = json.dumps(value, ensure_ascii=False)
-        elif _SURROGATE.search(value):
-            problems.append(f"field '{name}' is not valid UTF-8")
-        record[name] = _clean(value)
-    size = sum(len(record[name]) for name in C.TEXT_FIELDS)
-    if size > cfg.max_row_chars:
-        problems.append(f"row has {size:,} characters, more than data.max_row_chars={cfg.max_row_chars:,}")
-    if problems:
-        record[INVALID_REASON] = "; ".join(problems)
-    given = fields.get(cfg.id_field)
-    if isinstance(given, (str, int)) and not isinstance(given, bool) and str(given).strip():
-        record[C.ID] = _clean(str(given))
-    else:
-        record[C.ID] = content_id(record[C.INSTRUCTION], record[C.INPUT], record[C.OUTPUT])
+    normalized = normalize(item, formatting, cfg, chosen_by)
+    record[INVALID_REASON] = normalized.pop("reason")
+    record.update(normalized)
     return record
-
-
-def _clean(text: str) -> str:
-    """Text Arrow can store: each undecodable byte or lone surrogate becomes U+FFFD."""
-    return _SURROGATE.sub("\ufffd", text)
 
 
 # On Ray Data: the same reading, done by read tasks on the workers (one per file), so the driver
@@ -376,6 +351,12 @@ class InputScan:
     repeats: dict[str, list[int]]  # repeated id -> positions of its rows, in input order
     repeat_sources: dict[str, list[str]]  # repeated id -> sources of its rows (at most 20 ids)
     invalid_examples: list[dict]  # source and reason of the first rows set aside
+    formattings: dict[str, str] = field(default_factory=dict)  # file -> the formatting it was read as
+
+    @property
+    def conversations(self) -> bool:
+        """Whether the rows are conversations (an input is all conversations or all alpaca rows)."""
+        return any(f != ALPACA for f in self.formattings.values())
 
     @property
     def valid(self) -> int:
@@ -418,11 +399,29 @@ def scan_input(cfg: DataConfig) -> InputScan:
             if len(repeat_sources) < 20 or r[C.ID] in repeat_sources:
                 repeat_sources.setdefault(r[C.ID], []).append(r[C.SOURCE])
     examples = [e for b in per_block for e in json.loads(b["invalid_examples"])]
+    formattings = {files[int(i)]: f for b in per_block for i, f in json.loads(b["formattings"]).items()}
+    _check_one_kind(cfg, formattings)
     return InputScan(
         files=files, rows=rows, invalid=sum(b["invalid"] for b in per_block),
         text_chars=sum(b["text_chars"] for b in per_block), repeats=repeats, repeat_sources=repeat_sources,
         invalid_examples=sorted(examples, key=lambda e: e["position"])[:3],
+        formattings={f: formattings[f] for f in files if f in formattings},
     )
+
+
+def _check_one_kind(cfg: DataConfig, formattings: dict[str, str]) -> None:
+    """Say how each file was read; an input mixing alpaca rows and conversations is an error."""
+    kinds: dict[str, list[str]] = {}
+    for path, formatting in formattings.items():
+        kinds.setdefault(formatting, []).append(path)
+    how = "data.formatting=auto, from each file's first rows" if cfg.formatting == "auto" else "data.formatting"
+    for formatting, paths in kinds.items():
+        named = paths[0] if len(paths) == 1 else f"{len(paths)} files ({paths[0]}, ...)"
+        log.info("data: %s read as %s (%s)", named, formatting, how)
+    if ALPACA in kinds and len(kinds) > 1:
+        other = next(k for k in kinds if k != ALPACA)
+        raise InputError(f"the input mixes alpaca rows ({kinds[ALPACA][0]}) and {other} conversations "
+                         f"({kinds[other][0]}): rate them in separate runs, or set data.formatting")
 
 
 def _thin(block: pa.Table) -> pa.Table:
@@ -431,8 +430,14 @@ def _thin(block: pa.Table) -> pa.Table:
 
     chars = pc.add(pc.add(pc.utf8_length(block[C.INSTRUCTION]), pc.utf8_length(block[C.INPUT])),
                    pc.utf8_length(block[C.OUTPUT]))
-    chars = pc.if_else(pc.is_valid(block[INVALID_REASON]), 0, pc.cast(chars, pa.int64()))
-    return block.select([C.ID, POSITION, C.SOURCE, INVALID_REASON]).append_column("chars", chars)
+    chars = pc.coalesce(pc.cast(chars, pa.int64()), pa.array(_turn_chars(block[C.MESSAGES]), pa.int64()))
+    chars = pc.if_else(pc.is_valid(block[INVALID_REASON]), 0, chars)
+    return block.select([C.ID, POSITION, C.SOURCE, INVALID_REASON, C.FORMATTING]).append_column("chars", chars)
+
+
+def _turn_chars(messages: pa.ChunkedArray) -> list[int]:
+    """Characters of each conversation's turns (0 for a row that is not one)."""
+    return [sum(len(t["content"]) for t in turns) if turns else 0 for turns in messages.to_pylist()]
 
 
 def _block_counts(block: pa.Table) -> pa.Table:
@@ -441,8 +446,11 @@ def _block_counts(block: pa.Table) -> pa.Table:
     invalid = pc.is_valid(block[INVALID_REASON])
     first = block.filter(invalid).slice(0, 3).to_pylist()
     examples = [{"source": r[C.SOURCE], "reason": r[INVALID_REASON], "position": r[POSITION]} for r in first]
+    files = pc.shift_right(block[POSITION], 32).to_pylist()
+    formattings = dict(zip(files, block[C.FORMATTING].to_pylist()))  # file index -> how it was read
     return pa.table({"rows": [block.num_rows], "invalid": [pc.sum(invalid).as_py() or 0],
-                     "text_chars": [pc.sum(block["chars"]).as_py() or 0], "invalid_examples": [json.dumps(examples)]})
+                     "text_chars": [pc.sum(block["chars"]).as_py() or 0], "invalid_examples": [json.dumps(examples)],
+                     "formattings": [json.dumps(formattings)]})
 
 
 @contextlib.contextmanager
