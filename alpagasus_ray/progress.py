@@ -86,11 +86,13 @@ class _Reporter:
 
 
 @contextlib.contextmanager
-def watch(stage: str, total: int, cost: Callable[[int, int], float | None] | None = None, done: int = 0):
+def watch(stage: str, total: int, cost: Callable[[int, int], float | None] | None = None, done: int = 0,
+          unit: str = "row"):
     """Show the progress of `total` rows of `stage` (`done` of them finished before) while the
     block runs; yields the reporter to hand to the layer, whose `final` holds the counts
-    afterwards. `cost(tokens_in, tokens_out)` prices the tokens so far, when it can."""
-    watcher = _Watcher(stage, total, done, "row", functools.partial(_row_details, cost))
+    afterwards. `cost(tokens_in, tokens_out)` prices the tokens so far, when it can. `unit` names
+    what is counted (a row, a turn)."""
+    watcher = _Watcher(stage, total, done, unit, functools.partial(_row_details, cost))
     reporter = _Reporter(watcher.actor)
     try:
         yield reporter

@@ -29,6 +29,14 @@ Config keys (a JSON-able dict, every key optional):
 ``reply``         assistant message content (``DEFAULT_REPLY``)
 ``replies``       a list of contents instead: each request gets one picked by a stable hash
                   (crc32) of its messages' text, for a spread of scores over many rows
+``replies_by_response``  with ``replies``: pick by a hash of the response being rated alone (the
+                  text after the last ``Response: `` of the paper's Fig. 4 prompt, or after
+                  ``[Assistant: the response to rate]`` of the conversation prompt, to the end of
+                  the first message), so an answer rated as an Alpaca row or as a conversation's
+                  turn gets the same reply
+``marker``        a regular expression with one group: a request that matches no rule is answered
+                  with the group of its *last* match as the score (e.g. ``SCORE=(\\d\\.?\\d?)``
+                  scores a conversation's turn by the marker in it: the turn to rate comes last)
 ``model``         model id listed by ``/v1/models`` and echoed when a request has none
 ``retry_after``   seconds sent in ``Retry-After`` / ``retry-after-ms`` with a 429 (1)
 ``hang_seconds``  how long a ``"hang"`` fault sleeps before answering (30)
@@ -73,6 +81,8 @@ DEFAULTS: dict[str, Any] = {
     "latency": 0.0,
     "reply": DEFAULT_REPLY,
     "replies": None,
+    "replies_by_response": False,
+    "marker": None,
     "model": "fake-model",
     "retry_after": 1.0,
     "hang_seconds": 30.0,
@@ -257,6 +267,16 @@ def _message_text(messages: list) -> str:
     return "\n".join(parts)
 
 
+_RESPONSE_MARKS = ("Response: ", "[Assistant: the response to rate]\n")
+
+
+def _rated_response(messages: list) -> str:
+    """The response a rating request rates: after the last response mark of its first message."""
+    first = _message_text(messages[:1])
+    at = max(((first.rfind(mark), mark) for mark in _RESPONSE_MARKS), key=lambda found: found[0])
+    return first[at[0] + len(at[1]):] if at[0] >= 0 else first
+
+
 class FakeOpenAI:
     """The aiohttp application state: config, per-rule counters and stats."""
 
@@ -375,8 +395,11 @@ class FakeOpenAI:
 
         if fault == "empty":
             reply = ""
+        elif rule is None and config["marker"] and (found := re.findall(config["marker"], text)):
+            reply = f"{found[-1]}\nScored by its marker."
         elif rule is None and config["replies"]:
-            reply = config["replies"][zlib.crc32(text.encode()) % len(config["replies"])]
+            key = _rated_response(messages) if config["replies_by_response"] else text
+            reply = config["replies"][zlib.crc32(key.encode()) % len(config["replies"])]
         elif rule is None:
             reply = config["reply"]
         else:

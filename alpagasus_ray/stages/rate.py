@@ -19,7 +19,6 @@ rerunning the same command sends only the rest. The summary is counted by scanni
 
 from __future__ import annotations
 
-import functools
 import logging
 import time
 
@@ -29,24 +28,14 @@ from alpagasus_ray.errors import InputError
 from alpagasus_ray.llm import driver
 from alpagasus_ray.llm.engines import engine_for
 from alpagasus_ray.llm.engines.base import run_to_end
-from alpagasus_ray.llm.results import PartResults
 from alpagasus_ray.progress import watch
 from alpagasus_ray.ray_runtime import ensure_ray
-from alpagasus_ray.rules.prompts import PROMPT_VERSION
 from alpagasus_ray.stages.rate_summary import dry_run_report, summarize
-from alpagasus_ray.stages.rating import (
-    LIGHT,
-    SENT_COLUMNS,
-    RatingTask,
-    rated_rows,
-    rating_meta,
-    rows_to_send,
-    set_aside_dataset,
-)
+from alpagasus_ray.stages.chat_rating import ConversationRating, TurnRating
+from alpagasus_ray.stages.rating import LIGHT, RowRating
 from alpagasus_ray.store.inputs import input_dataset, scan_input
 from alpagasus_ray.store.layout import RunDir, write_json
 from alpagasus_ray.store.parts import done_ids, skip_done
-from alpagasus_ray.store.rated import RatedStore
 
 log = logging.getLogger(__name__)
 
@@ -72,62 +61,73 @@ def run_rate(config: Config, dry_run: bool = False, detach: bool = False, cancel
     if not dry_run:
         engine.check("rate")
     ensure_ray()
-    store = RatedStore(config.run_dir)
-    meta = rating_meta(cfg)
-    results = PartResults(store, SENT_COLUMNS, functools.partial(rated_rows, meta=meta))
-    if cancel:
-        return {**engine.cancel(RatingTask(cfg, engine), results), "by_status": store.status_counts()}
     scan = scan_input(config.data)
+    plan = rating_plan(config, engine, scan)
+    if cancel:
+        return {**engine.cancel(plan.task, plan.results), "by_status": plan.store.status_counts()}
     if scan.valid == 0:  # e.g. plain text, or the wrong field names: a stop, not a run
         raise InputError(f"{', '.join(scan.files)}: no row can be rated ({scan.rows:,} rows, none valid), e.g. "
                          + "; ".join(f"{e['source']} ({e['reason']})" for e in scan.invalid_examples))
-    if scan.conversations:
-        raise InputError(f"{scan.files[0]}: conversations are read, but this version rates alpaca rows only")
     grader = engine.name
-    _check_same_grader(store, grader, cfg.dimension)
-    before = store.status_counts()
-    rated_before = sum(before.values())
-    log.info("rate: %s rows from %s (%s invalid, %s already rated); %s to send to %s", f"{scan.rows:,}",
-             ", ".join(scan.files), f"{scan.invalid:,}", f"{rated_before:,}",
-             f"{max(0, scan.valid - rated_before + before[C.INVALID_INPUT]):,}", grader)
+    for store in plan.stores:
+        _check_same_grader(store, grader, cfg.dimension, plan.meta[C.PROMPT_VERSION])
+    requests, text_chars = plan.requests(scan)
+    asked = plan.asked_before()
+    log.info("rate: %s rows from %s (%s invalid); %s of %s requests (one per %s) to send to %s", f"{scan.rows:,}",
+             ", ".join(scan.files), f"{scan.invalid:,}", f"{max(0, requests - asked):,}", f"{requests:,}",
+             plan.unit, grader)
     if scan.repeats:
         rid, sources = next(iter(scan.repeat_sources.items()))
         log.warning("rate: %d ids repeat in the input (e.g. %r at %s); repeats get ids id~2, id~3, ...",
                     len(scan.repeats), rid, ", ".join(sources[:3]))
     if dry_run:
-        return dry_run_report(scan, cfg, engine, before)
+        return dry_run_report(scan, cfg, engine, max(0, requests - asked),
+                              text_chars / requests if requests else 0, plan.prompt_chars())
 
     write_json(RunDir(config.run_dir).rate_config, config_for_record(config))
-    with watch("rate", total=scan.rows, cost=engine.cost, done=rated_before) as progress:
-        store.remove_unfinished()
+    total, done_before = (requests, asked) if plan.unit == "turn" else (scan.rows, sum(plan.store.status_counts().values()))
+    with watch("rate", total=total, cost=engine.cost, done=done_before, unit=plan.unit) as progress:
+        for store in plan.stores:
+            store.remove_unfinished()  # what a kill left half-written
         rows = input_dataset(config.data, scan.files, scan.repeats)
-        done = done_ids(store, engine.in_flight())
-        if done is not None:
-            rows = rows.map_batches(skip_done, fn_kwargs={"done": [done]}, batch_format="pyarrow", batch_size=None,
-                                    **LIGHT)
-        if scan.invalid:
-            run_to_end(set_aside_dataset(rows, store, meta, progress))
-        valid = rows.map_batches(rows_to_send, batch_format="pyarrow", batch_size=None, **LIGHT)
-        running = driver.ask(engine, RatingTask(cfg, engine), valid, results, progress=progress,
+        done = done_ids(plan.results.store, engine.in_flight())
+
+        def skip(dataset):
+            if done is None:
+                return dataset
+            return dataset.map_batches(skip_done, fn_kwargs={"done": [done]}, batch_format="pyarrow",
+                                       batch_size=None, **LIGHT)
+
+        set_aside = plan.set_aside(skip(rows), progress) if scan.invalid else None
+        if set_aside is not None:
+            run_to_end(set_aside)
+        running = driver.ask(engine, plan.task, plan.to_ask(rows, skip), plan.results, progress=progress,
                              retry_failed=cfg.retry_failed, detach=detach)
     if running:
         return {"running_batches": [{"batch_id": r.batch_id, "status": r.status, "rows": r.rows} for r in running]}
+    plan.finish(input_dataset(config.data, scan.files, scan.repeats), scan)
     counts = progress.final
     sent = counts.get("rows", 0) - counts.get(C.INVALID_INPUT, 0)
-    summary = summarize(scan, store, cfg, engine, time.time() - started, sent)
+    summary = summarize(scan, plan.store, cfg, engine, time.time() - started, sent, plan.meta[C.PROMPT_VERSION])
+    summary.update(plan.summary(sent))
     if engine.summary() is not None:
         summary["batches"] = engine.summary()
     write_json(RunDir(config.run_dir).rated_summary, summary)
     return summary
 
 
-def _check_same_grader(store: RatedStore, grader: str, dimension: str) -> None:
-    for column, wanted in ((C.GRADER, grader), (C.DIMENSION, dimension), (C.PROMPT_VERSION, PROMPT_VERSION)):
+def rating_plan(config: Config, engine, scan) -> RowRating:
+    """How this input is rated: alpaca rows, or conversations by turn or whole (`rate.unit`)."""
+    if not scan.conversations:
+        return RowRating(config, engine)
+    return TurnRating(config, engine) if config.rate.unit == "turn" else ConversationRating(config, engine)
+
+
+def _check_same_grader(store, grader: str, dimension: str, prompt_version: str) -> None:
+    for column, wanted in ((C.GRADER, grader), (C.DIMENSION, dimension), (C.PROMPT_VERSION, prompt_version)):
         found = store.values(column) - {wanted}
         if found:
             raise ConfigError(
                 f"{store.uri} already holds ratings with {column}={sorted(found)[0]!r}, this run asks for {wanted!r}: "
                 "use another run_dir (ratings from different graders are never mixed)"
             )
-
-

@@ -12,12 +12,7 @@ import pyarrow.compute as pc
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import RateConfig
 from alpagasus_ray.llm.engines import Engine
-from alpagasus_ray.rules.prompts import (
-    CHARS_PER_TOKEN,
-    PROMPT_VERSION,
-    RATING_SYSTEM,
-    RATING_USER,
-)
+from alpagasus_ray.rules.prompts import CHARS_PER_TOKEN, PROMPT_VERSION
 from alpagasus_ray.store.inputs import InputScan
 from alpagasus_ray.store.rated import RatedStore
 
@@ -25,10 +20,11 @@ from alpagasus_ray.store.rated import RatedStore
 REQUEST_LINE_OVERHEAD = 300
 
 
-def dry_run_report(scan: InputScan, cfg: RateConfig, engine: Engine, before: dict) -> dict:
-    to_send = max(0, scan.valid - (sum(before.values()) - before[C.INVALID_INPUT]))
-    fixed = len(RATING_SYSTEM) + len(RATING_USER.format(dimension=cfg.dimension))
-    text_chars = scan.text_chars * to_send / scan.valid if scan.valid else 0
+def dry_run_report(scan: InputScan, cfg: RateConfig, engine: Engine, to_send: int, chars_per_request: float,
+                   fixed: int) -> dict:
+    """What rating would send: `to_send` requests (one per row, or per assistant turn), each with
+    `chars_per_request` characters of text on average and the prompt's own `fixed` characters."""
+    text_chars = chars_per_request * to_send
     prompt_tokens = math.ceil((text_chars + fixed * to_send) / CHARS_PER_TOKEN)
     report = {
         "rows_in": scan.rows,
@@ -38,6 +34,9 @@ def dry_run_report(scan: InputScan, cfg: RateConfig, engine: Engine, before: dic
         "completion_tokens_at_most": to_send * cfg.max_tokens,
         "cost_usd_at_most": engine.cost(prompt_tokens, to_send * cfg.max_tokens),
     }
+    if scan.conversations:
+        report["assistant_turns"] = scan.turns
+        report["requests_per"] = cfg.unit
     if engine.sends_files:
         # A request line is the prompt's text as JSON plus the body's other fields.
         request_bytes = text_chars + (fixed + REQUEST_LINE_OVERHEAD) * to_send
@@ -48,7 +47,8 @@ def dry_run_report(scan: InputScan, cfg: RateConfig, engine: Engine, before: dic
     return report
 
 
-def summarize(scan: InputScan, store: RatedStore, cfg: RateConfig, engine: Engine, seconds: float, sent: int) -> dict:
+def summarize(scan: InputScan, store: RatedStore, cfg: RateConfig, engine: Engine, seconds: float, sent: int,
+              prompt_version: str = PROMPT_VERSION) -> dict:
     """The summary, counted by one streaming scan of the parts."""
     statuses, scores, tokens, rows = Counter(), Counter(), Counter(), 0
     not_ok = []
@@ -72,7 +72,7 @@ def summarize(scan: InputScan, store: RatedStore, cfg: RateConfig, engine: Engin
         "by_status": {s: statuses.get(s, 0) for s in C.STATUSES},
         "grader": engine.name,
         "dimension": cfg.dimension,
-        "prompt_version": PROMPT_VERSION,
+        "prompt_version": prompt_version,
         "tokens_in": tokens[C.TOKENS_IN],
         "tokens_out": tokens[C.TOKENS_OUT],
         "cost_usd": engine.cost(tokens[C.TOKENS_IN], tokens[C.TOKENS_OUT]),

@@ -22,6 +22,7 @@ from alpagasus_ray.rules.prompts import (
     parse_score,
     rating_messages,
 )
+from alpagasus_ray.llm.results import PartResults
 from alpagasus_ray.store.inputs import INVALID_REASON
 from alpagasus_ray.store.parts import PartWriter
 from alpagasus_ray.store.rated import RATED_SCHEMA, RatedStore
@@ -45,10 +46,13 @@ class RatingTask:
         # are then a distribution over the allowed scores.
         self.constrained = engine.constrains and cfg.constrained
 
+    def messages(self, row: dict) -> list[dict]:
+        return rating_messages(row[C.INSTRUCTION], row[C.INPUT], row[C.OUTPUT], self.cfg.dimension)
+
     def request(self, row: dict) -> Request:
         cfg = self.cfg
         return Request(
-            messages=rating_messages(row[C.INSTRUCTION], row[C.INPUT], row[C.OUTPUT], cfg.dimension),
+            messages=self.messages(row),
             max_tokens=4 if self.constrained else cfg.max_tokens,
             top_logprobs=cfg.top_logprobs if cfg.logprobs else 0,
             constraint={"choice": list(SCORE_CHOICES)} if self.constrained else None,
@@ -109,3 +113,52 @@ def _set_aside_rows(batch: pa.Table, sink, progress=None) -> pa.Table:
     if progress is not None:
         progress.add(pa.table({C.STATUS: pa.array([C.INVALID_INPUT] * batch.num_rows, pa.string())}))
     return pa.table({"rows": [batch.num_rows]})
+
+
+class RowRating:
+    """How rating one kind of row goes, for the rating stage: alpaca rows here, one request per
+    row; conversations in `chat_rating`. The stage reads the input, skips what is done, sets aside
+    what cannot be rated, hands the rest to the LLM layer, then calls `finish`."""
+
+    unit = "row"  # what the LLM layer counts
+
+    def __init__(self, config, engine: Engine):
+        self.cfg = config.rate
+        self.store = RatedStore(config.run_dir)
+        self.task = RatingTask(self.cfg, engine)
+        self.meta = rating_meta(self.cfg)
+        self.results = PartResults(self.store, SENT_COLUMNS, functools.partial(rated_rows, meta=self.meta))
+
+    @property
+    def stores(self) -> list:
+        """The stores this rating writes: every row in them comes from one grader, dimension and prompt."""
+        return [self.store]
+
+    def requests(self, scan) -> tuple[int, int]:
+        """Requests the input makes, and the characters of text they carry (besides the prompt's own)."""
+        return scan.valid, scan.text_chars
+
+    def prompt_chars(self) -> int:
+        """Characters of the prompt's own text in each request."""
+        empty = {C.INSTRUCTION: "", C.INPUT: "", C.OUTPUT: ""}
+        return sum(len(m["content"]) for m in self.task.messages(empty))
+
+    def asked_before(self) -> int:
+        """Requests answered (or failed) in earlier runs."""
+        counts = self.store.status_counts()
+        return sum(counts.values()) - counts[C.INVALID_INPUT]
+
+    def set_aside(self, rows, progress):
+        """A Dataset writing the rows that cannot be rated (None: `finish` writes them)."""
+        return set_aside_dataset(rows, self.store, self.meta, progress)
+
+    def to_ask(self, rows, skip):
+        """The LLM layer's rows from the input's rows not yet done (`skip` drops the done ids)."""
+        return skip(rows).map_batches(rows_to_send, batch_format="pyarrow", batch_size=None, **LIGHT)
+
+    def finish(self, rows, scan) -> None:
+        """Called with the whole input (and its scan) once the LLM layer is done."""
+
+    def summary(self, sent: int) -> dict:
+        """What the summary adds or replaces for this kind of row (`sent`: requests sent this run)."""
+        return {}

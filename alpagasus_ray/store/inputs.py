@@ -26,6 +26,7 @@ from alpagasus_ray.config import DataConfig
 from alpagasus_ray.errors import InputError, user_error
 from alpagasus_ray.store.formatting import ALPACA, DETECT_ROWS, clean, content_id, detect, normalize
 from alpagasus_ray.store.layout import open_filesystem
+from alpagasus_ray.store.rated import MESSAGES_TYPE
 
 log = logging.getLogger(__name__)
 
@@ -98,10 +99,6 @@ def suffix_repeats(block: pa.Table, repeats: dict[str, list[int]]) -> pa.Table:
     return block.set_column(block.schema.get_field_index(C.ID), C.ID, pa.array(ids, pa.string()))
 
 
-# A conversation's turns, normalized.
-MESSAGES_TYPE = pa.list_(pa.struct([("role", pa.string()), ("content", pa.string())]))
-
-
 def row_schema(extra_fields: tuple[str, ...] = ()) -> pa.Schema:
     """The columns of a read row: an alpaca row fills instruction, input and output, a conversation
     `messages`; `POSITION` orders rows across files and is dropped before output."""
@@ -147,10 +144,11 @@ def _read_files(files: list[str], indices, cfg: DataConfig, extra_fields: tuple[
 def list_files(path: str) -> list[str]:
     if path.startswith(BUILTIN_PREFIX):
         name = path[len(BUILTIN_PREFIX):]
-        sample = os.path.join(SAMPLE_DIR, f"{name}.json")
-        if not os.path.isfile(sample):
-            raise InputError(f"{path}: no such built-in sample (there is builtin:alpaca_sample)")
-        return [sample]
+        for extension in (".json", ".jsonl"):
+            sample = os.path.join(SAMPLE_DIR, f"{name}{extension}")
+            if os.path.isfile(sample):
+                return [sample]
+        raise InputError(f"{path}: no such built-in sample (there are builtin:alpaca_sample and builtin:chat_sample)")
     if "://" not in path and any(ch in path for ch in "*?["):
         files = sorted(p for p in glob.glob(path, recursive=True) if os.path.isfile(p))
         if not files:
@@ -347,11 +345,13 @@ class InputScan:
     files: list[str]
     rows: int
     invalid: int
-    text_chars: int  # characters of instruction + input + output of the rows that can be rated
+    text_chars: int  # characters of instruction + input + output (or all turns) of the rows that can be rated
     repeats: dict[str, list[int]]  # repeated id -> positions of its rows, in input order
     repeat_sources: dict[str, list[str]]  # repeated id -> sources of its rows (at most 20 ids)
     invalid_examples: list[dict]  # source and reason of the first rows set aside
     formattings: dict[str, str] = field(default_factory=dict)  # file -> the formatting it was read as
+    turns: int = 0  # assistant turns of the conversations that can be rated
+    turn_chars: int = 0  # characters the assistant turns are sent with, each with the turns before it
 
     @property
     def conversations(self) -> bool:
@@ -371,7 +371,6 @@ def scan_input(cfg: DataConfig) -> InputScan:
     Raises:
         InputError: a file cannot be read at all, or the input has no rows.
     """
-    from ray.data.context import DataContext, ShuffleStrategy
     from ray.data.expressions import col
 
     files = list_files(cfg.path)
@@ -381,15 +380,10 @@ def scan_input(cfg: DataConfig) -> InputScan:
     rows = sum(b["rows"] for b in per_block)
     if rows == 0:
         raise InputError(f"{cfg.path}: no rows found")
-    # A partition per ~100k rows: Ray's default of 200 costs seconds on a small input. The
-    # sort-based shuffle runs as tasks; the hash shuffle's aggregator actors take seconds to start.
+    # A partition per ~100k rows: Ray's default of 200 costs seconds on a small input.
     partitions = max(1, min(200, rows // 100_000))
-    context = DataContext.get_current()
-    strategy, context.shuffle_strategy = context.shuffle_strategy, ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
-    try:
+    with sort_shuffle():
         repeated = thin.groupby(C.ID, num_partitions=partitions).count().filter(expr=col("count()") > 1).take_all()
-    finally:
-        context.shuffle_strategy = strategy
     repeats, repeat_sources = {}, {}
     if repeated:
         ids = [r[C.ID] for r in repeated]
@@ -406,6 +400,7 @@ def scan_input(cfg: DataConfig) -> InputScan:
         text_chars=sum(b["text_chars"] for b in per_block), repeats=repeats, repeat_sources=repeat_sources,
         invalid_examples=sorted(examples, key=lambda e: e["position"])[:3],
         formattings={f: formattings[f] for f in files if f in formattings},
+        turns=sum(b["turns"] for b in per_block), turn_chars=sum(b["turn_chars"] for b in per_block),
     )
 
 
@@ -430,14 +425,31 @@ def _thin(block: pa.Table) -> pa.Table:
 
     chars = pc.add(pc.add(pc.utf8_length(block[C.INSTRUCTION]), pc.utf8_length(block[C.INPUT])),
                    pc.utf8_length(block[C.OUTPUT]))
-    chars = pc.coalesce(pc.cast(chars, pa.int64()), pa.array(_turn_chars(block[C.MESSAGES]), pa.int64()))
-    chars = pc.if_else(pc.is_valid(block[INVALID_REASON]), 0, chars)
-    return block.select([C.ID, POSITION, C.SOURCE, INVALID_REASON, C.FORMATTING]).append_column("chars", chars)
+    sizes = _conversation_sizes(block[C.MESSAGES])
+    chars = pc.coalesce(pc.cast(chars, pa.int64()), pa.array(sizes[0], pa.int64()))
+    invalid = pc.is_valid(block[INVALID_REASON])
+    thin = block.select([C.ID, POSITION, C.SOURCE, INVALID_REASON, C.FORMATTING])
+    for name, values in (("chars", chars), ("turns", sizes[1]), ("turn_chars", sizes[2])):
+        thin = thin.append_column(name, pc.if_else(invalid, 0, pa.array(values, pa.int64()) if isinstance(values, list)
+                                                   else values))
+    return thin
 
 
-def _turn_chars(messages: pa.ChunkedArray) -> list[int]:
-    """Characters of each conversation's turns (0 for a row that is not one)."""
-    return [sum(len(t["content"]) for t in turns) if turns else 0 for turns in messages.to_pylist()]
+def _conversation_sizes(messages: pa.ChunkedArray) -> tuple[list[int], list[int], list[int]]:
+    """Of each conversation (0 for a row that is not one): the characters of its turns, its
+    assistant turns, and the characters each assistant turn is sent with (the turns up to it)."""
+    chars, turns, turn_chars = [], [], []
+    for conversation in messages.to_pylist():
+        total = answers = sent = 0
+        for turn in conversation or ():
+            total += len(turn["content"])
+            if turn["role"] == "assistant":
+                answers += 1
+                sent += total
+        chars.append(total)
+        turns.append(answers)
+        turn_chars.append(sent)
+    return chars, turns, turn_chars
 
 
 def _block_counts(block: pa.Table) -> pa.Table:
@@ -449,8 +461,23 @@ def _block_counts(block: pa.Table) -> pa.Table:
     files = pc.shift_right(block[POSITION], 32).to_pylist()
     formattings = dict(zip(files, block[C.FORMATTING].to_pylist()))  # file index -> how it was read
     return pa.table({"rows": [block.num_rows], "invalid": [pc.sum(invalid).as_py() or 0],
-                     "text_chars": [pc.sum(block["chars"]).as_py() or 0], "invalid_examples": [json.dumps(examples)],
+                     "text_chars": [pc.sum(block["chars"]).as_py() or 0], "turns": [pc.sum(block["turns"]).as_py() or 0],
+                     "turn_chars": [pc.sum(block["turn_chars"]).as_py() or 0], "invalid_examples": [json.dumps(examples)],
                      "formattings": [json.dumps(formattings)]})
+
+
+@contextlib.contextmanager
+def sort_shuffle():
+    """Ray Data's groupings in this block shuffle by sorting, as tasks: the hash shuffle's
+    aggregator actors take seconds to start, and on a CPU node they wait for cores."""
+    from ray.data.context import DataContext, ShuffleStrategy
+
+    context = DataContext.get_current()
+    strategy, context.shuffle_strategy = context.shuffle_strategy, ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    try:
+        yield
+    finally:
+        context.shuffle_strategy = strategy
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
     <run_dir>/
       rated/                         rated rows, Parquet parts                  rate
+      rated_turns/                   rated assistant turns (rate.unit=turn)     rate
       rated_summary.json             counts, tokens, cost, score histogram      rate
       rate_config.json               the config the rating ran with             rate
       batches/                       request files and their batches' records   rate (batch backends)
@@ -177,6 +178,10 @@ class RunDir:
         return self.path("rated")
 
     @property
+    def rated_turns(self) -> str:
+        return self.path("rated_turns")
+
+    @property
     def rated_summary(self) -> str:
         return self.path("rated_summary.json")
 
@@ -253,4 +258,4 @@ class RunDir:
     # Directories that hold bulk data rather than results a person reads (the report lists them whole).
     @property
     def bulk(self) -> tuple[str, ...]:
-        return (self.rated, self.model, self.checkpoints, self.tensorboard, self.logs)
+        return (self.rated, self.rated_turns, self.model, self.checkpoints, self.tensorboard, self.logs)
