@@ -33,11 +33,13 @@ from alpagasus_ray.rules import selection
 from alpagasus_ray.rules.prompts import SCORE_MAX, SCORE_MIN
 from alpagasus_ray.store.layout import RunDir, is_local, open_filesystem
 from alpagasus_ray.store.parts import SCAN_BATCH_ROWS, best_per_id
-from alpagasus_ray.store.rated import RATED_SCHEMA, RatedStore
+from alpagasus_ray.store.formatting import CONVERSATIONS, SYSTEM, turns_for
+from alpagasus_ray.store.rated import RatedStore, open_rated
 
 log = logging.getLogger(__name__)
 
 REQUIRED = (C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT, C.SCORE, C.STATUS)
+CHAT_REQUIRED = (C.ID, C.MESSAGES, C.FORMATTING, C.SCORE, C.STATUS)
 CATEGORY = "_category"
 
 
@@ -55,14 +57,17 @@ def run_filter(config: Config) -> dict:
     k = _resolve_k(f)
     if f.mode in ("top_k", "random_k", "subsample") and k is None:
         raise FilterError("this filter.mode needs filter.k (or filter.k_from)")
-    store = RatedStore(f.rated_from or config.run_dir)
-    scan = scan_rated(store, f, _category_reader(config), k)
+    store = open_rated(f.rated_from or config.run_dir)
+    if store.chat and f.compare:
+        raise FilterError("filter.compare compares alpaca selections; this run rated conversations")
+    scan = scan_rated(store, f, _category_reader(config, store.chat), k)
     if not scan.pool:
         raise FilterError(f"no rated row has status ok and a {f.score}: nothing to select from "
                           f"(statuses: {dict(scan.statuses)})")
     candidates = scan.candidates
     chosen = candidates.take(pa.array(_choose(candidates, scan, f, k), pa.int64()))
     selected = functools.partial(_with_text, store, chosen)  # the rows to write, a range at a time
+    writer = ChatWriter(config) if store.chat else None
     tau = f.threshold if f.mode in ("threshold", "subsample", "balanced") else pc.min(chosen[_SCORE]).as_py()
 
     kept_categories = Counter(chosen[CATEGORY].to_pylist())
@@ -82,11 +87,12 @@ def run_filter(config: Config) -> dict:
         "min_selected_score": pc.min(chosen[_SCORE]).as_py(),
         "per_category": _per_category(scan.categories, scan.pool_categories, kept_categories),
         "category_source": f"field:{f.category_field}" if f.category_field else "keywords",
+        "rows_are": "conversations" if store.chat else "alpaca rows",
     }
     if f.compare:
         record["compare"] = compare(pa.concat_tables(selected()), f.compare)
     kept_at_tau = scan.at_threshold if tau == f.threshold else _pool_rows_at_or_above(store, f.score, tau)
-    _write_outputs(config.run_dir, selected, record, scan.pool_scores, kept_at_tau, f)
+    _write_outputs(config.run_dir, selected, record, scan.pool_scores, kept_at_tau, f, writer)
     log.info("filter: %s: kept %s of %s ok rows (%.1f%%)", f.mode, f"{chosen.num_rows:,}",
              f"{scan.pool:,}", 100 * record["kept_fraction_of_pool"])
     return record
@@ -124,7 +130,7 @@ def scan_rated(store: RatedStore, f: FilterConfig, category_of, k: int | None = 
     if not parts:
         raise FilterError(f"{store.uri}: no rated rows; run `alpagasus rate` first")
     names = pq.read_schema(parts[0], filesystem=store.fs).names
-    missing = [c for c in (*REQUIRED, f.score) if c not in names]
+    missing = [c for c in (*(CHAT_REQUIRED if store.chat else REQUIRED), f.score) if c not in names]
     if missing:
         raise FilterError(f"{store.uri}: the rated rows lack column(s) {', '.join(missing)}")
     light = list(dict.fromkeys([C.ID, C.STATUS, C.ATTEMPTS, C.SCORE_EXPECTED, f.score]))
@@ -215,19 +221,21 @@ _POSITION = "_position"
 
 def _with_text(store: RatedStore, chosen: pa.Table) -> Iterator[pa.Table]:
     """The chosen rows with their text, in the order chosen, `RANGE_ROWS` at a time (columns
-    instruction, input, output, id, score: those of selected.json).
+    instruction, input, output, id, score: those of selected.json; for conversations messages,
+    formatting, id, score).
 
     One scan reads the text of the chosen ids and spreads it into a temporary file per range of
     positions in the chosen order; then each range is read back and put in order. What is held is
     the text of one range, not of the whole selection (a fifth of 520k rows: about 100 MB).
     """
     ids = chosen[C.ID].combine_chunks()
-    text = [RATED_SCHEMA.field(n) for n in (C.INSTRUCTION, C.INPUT, C.OUTPUT)]
+    names = [C.MESSAGES, C.FORMATTING] if store.chat else [C.INSTRUCTION, C.INPUT, C.OUTPUT]
+    text = [store.schema.field(n) for n in names]
     schema = pa.schema([(_POSITION, pa.int64()), *text])
     with tempfile.TemporaryDirectory(prefix="alpagasus-selected-") as tmp:
         writers = {}
         try:
-            for batch in store.batches([C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT], pc.field(C.ID).isin(ids)):
+            for batch in store.batches([C.ID, *names], pc.field(C.ID).isin(ids)):
                 position = pc.index_in(batch.column(0), value_set=ids).cast(pa.int64())
                 found = pa.Table.from_arrays([position, *batch.columns[1:]], schema=schema)
                 ranges = pc.divide(position, RANGE_ROWS)
@@ -246,7 +254,7 @@ def _with_text(store: RatedStore, chosen: pa.Table) -> Iterator[pa.Table]:
             if where.null_count:
                 raise RuntimeError(f"{store.uri}: {where.null_count} chosen rows vanished from the parts while reading")
             rows = found.take(where)
-            yield pa.table({C.INSTRUCTION: rows[C.INSTRUCTION], C.INPUT: rows[C.INPUT], C.OUTPUT: rows[C.OUTPUT],
+            yield pa.table({**{n: rows[n] for n in names},
                             C.ID: ids.slice(start, count), C.SCORE: chosen[_SCORE].slice(start, count)})
 
 
@@ -297,14 +305,16 @@ def _check_k(k: int, available: int, what: str) -> int:
 class _KeywordCategory:
     """A rated row's category by the keyword rules (the paper's App. E), from its text."""
 
-    columns = [C.INSTRUCTION, C.INPUT, C.OUTPUT]
-
-    def __init__(self, keywords: dict[str, list[str]]):
-        self.keywords = keywords
+    def __init__(self, keywords: dict[str, list[str]], chat: bool = False):
+        self.keywords, self.chat = keywords, chat
+        self.columns = [C.MESSAGES] if chat else [C.INSTRUCTION, C.INPUT, C.OUTPUT]
 
     def __call__(self, table: pa.Table) -> pa.Array:
-        rows = zip(*(table[c].to_pylist() for c in self.columns))
-        return pa.array([selection.keyword_category("\n".join(r), self.keywords) for r in rows], pa.string())
+        if self.chat:  # the text of every turn
+            texts = ["\n".join(t["content"] for t in turns or ()) for turns in table[C.MESSAGES].to_pylist()]
+        else:
+            texts = ["\n".join(r) for r in zip(*(table[c].to_pylist() for c in self.columns))]
+        return pa.array([selection.keyword_category(text, self.keywords) for text in texts], pa.string())
 
 
 class _FieldCategory:
@@ -326,9 +336,9 @@ class _FieldCategory:
         return pa.array([self.by_id.get(i) or "(none)" for i in table[C.ID].to_pylist()], pa.string())
 
 
-def _category_reader(config: Config):
+def _category_reader(config: Config, chat: bool = False):
     f = config.filter
-    return _FieldCategory(config) if f.category_field else _KeywordCategory(f.category_keywords)
+    return _FieldCategory(config) if f.category_field else _KeywordCategory(f.category_keywords, chat)
 
 
 def _per_category(rows: Counter, ok: Counter, kept: Counter) -> dict[str, dict]:
@@ -365,13 +375,13 @@ def _read_selection(path: str) -> list[dict]:
 
 
 def _write_outputs(run_dir: str, selected: Callable[[], Iterable[pa.Table]], record: dict, pool_scores: Counter,
-                   kept_at_tau: int, f: FilterConfig) -> None:
+                   kept_at_tau: int, f: FilterConfig, writer: ChatWriter | None = None) -> None:
     """Write every output into a temporary directory, then move them in place together. A run
     directory on an object store gets them copied, selection.json (the record) last.
     `selected()` gives the selected rows, a slice at a time."""
     if not is_local(run_dir):
         with tempfile.TemporaryDirectory(prefix="alpagasus-filter-") as local:
-            _write_outputs(local, selected, record, pool_scores, kept_at_tau, f)
+            _write_outputs(local, selected, record, pool_scores, kept_at_tau, f, writer)
             fs, root = open_filesystem(run_dir)
             staged = RunDir(local)
             names = [*(os.path.join("plots", n) for n in sorted(os.listdir(staged.plots)) if f.plots),
@@ -385,7 +395,11 @@ def _write_outputs(run_dir: str, selected: Callable[[], Iterable[pa.Table]], rec
     tmp = tempfile.mkdtemp(prefix=".filter-", dir=run_dir)
     staged, final = RunDir(tmp), RunDir(run_dir)  # written in a directory of the same layout, then moved
     try:
-        write_selected(selected(), staged.selected_json, staged.selected_jsonl)
+        if writer is None:
+            write_selected(selected(), staged.selected_json, staged.selected_jsonl)
+        else:
+            writer.write(selected(), staged.selected_json, staged.selected_jsonl)
+            record["assistant_turns_selected"] = writer.turns
         if f.plots:
             _plot(staged.plots, record, pool_scores, kept_at_tau, f)
         with open(staged.selection, "w") as fh:
@@ -403,9 +417,11 @@ def _write_outputs(run_dir: str, selected: Callable[[], Iterable[pa.Table]], rec
 WRITE_ROWS = 4096  # rows turned into Python objects at a time while writing
 
 
-def write_selected(selected: Iterable[pa.Table], json_path: str, jsonl_path: str) -> None:
+def write_selected(selected: Iterable[pa.Table], json_path: str, jsonl_path: str,
+                   as_json: Callable[[dict], dict] | None = None, as_jsonl: Callable[[dict], dict] | None = None) -> None:
     """The rows of the tables `selected` as a JSON array (indented by one, as
-    `json.dump(rows, indent=1)` writes it) and as JSON lines, a slice of rows at a time.
+    `json.dump(rows, indent=1)` writes it) and as JSON lines, a slice of rows at a time; `as_json`
+    and `as_jsonl` shape a row for each file (the row as it is when None).
 
     >>> import tempfile; d = tempfile.mkdtemp()
     >>> rows = [{"instruction": "Say \\"hi\\"\\n", "input": "", "output": "héllo", "id": "a", "score": 4.5},
@@ -423,19 +439,52 @@ def write_selected(selected: Iterable[pa.Table], json_path: str, jsonl_path: str
             for start in range(0, table.num_rows, WRITE_ROWS):
                 for row in table.slice(start, WRITE_ROWS).to_pylist():
                     array.write(",\n" if written else "\n")
-                    array.write(textwrap.indent(json.dumps(row, ensure_ascii=False, indent=1), " "))
-                    lines.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    shaped = as_json(row) if as_json else row
+                    array.write(textwrap.indent(json.dumps(shaped, ensure_ascii=False, indent=1), " "))
+                    lines.write(json.dumps(as_jsonl(row) if as_jsonl else row, ensure_ascii=False) + "\n")
                     written += 1
         array.write("\n]" if written else "]")
+
+
+class ChatWriter:
+    """Writes selected conversations: `selected.json` in the layout they were read in (`messages`
+    in, `messages` out; ShareGPT in, ShareGPT out; with `data.columns` applied), and
+    `selected.jsonl` as `messages` lists, as TRL's SFTTrainer and axolotl's chat_template read
+    them; each with its id and score. Counts the assistant turns written (`turns`)."""
+
+    def __init__(self, config: Config):
+        self.layouts = {f: turns_for(f, config.data) for f in CONVERSATIONS}
+        self.turns = 0
+
+    def write(self, selected: Iterable[pa.Table], json_path: str, jsonl_path: str) -> None:
+        write_selected(selected, json_path, jsonl_path, self.as_read, self.as_messages)
+
+    def as_messages(self, row: dict) -> dict:
+        self.turns += sum(t["role"] == "assistant" for t in row[C.MESSAGES])
+        return {C.MESSAGES: row[C.MESSAGES], C.ID: row[C.ID], C.SCORE: row[C.SCORE]}
+
+    def as_read(self, row: dict) -> dict:
+        layout = self.layouts[row[C.FORMATTING]]
+        names = {}
+        for name, role in layout.roles.items():
+            names.setdefault(role, name)  # the first name of each role, as the input's layout has it
+        turns = list(row[C.MESSAGES])
+        shaped = {}
+        if layout.system_column and turns and turns[0]["role"] == SYSTEM:
+            shaped[layout.system_column] = turns.pop(0)["content"]
+        shaped[layout.column] = [{layout.role: names[t["role"]], layout.content: t["content"]} for t in turns]
+        return {**shaped, C.ID: row[C.ID], C.SCORE: row[C.SCORE]}
 
 
 def _plot(out: str, record: dict, pool_scores: Counter, kept_at_tau: int, f: FilterConfig) -> None:
     tau = f.threshold if f.mode in ("threshold", "subsample", "balanced") else record["min_selected_score"]
     label = "logprob-weighted score" if f.score == C.SCORE_EXPECTED else "score"
+    noun = "conversations" if record["rows_are"] == "conversations" else "rows"
+    turns = record.get("assistant_turns_selected")
+    kept = f"{record['selected']:,} of {record['rows_rated']:,} {noun}" + (f", {turns:,} assistant turns" if turns else "")
     plots.score_histogram(pool_scores, tau, os.path.join(out, "score_histogram.png"),
-                          f"{label} of {record['pool']:,} rated rows")
+                          f"{label} of {record['pool']:,} rated {noun}")
     plots.tau_curve(pool_scores, tau, kept_at_tau, os.path.join(out, "tau_curve.png"),
-                    f"rows kept by threshold ({label})")
+                    f"{noun} kept by threshold ({label})")
     plots.category_kept(record["per_category"], record["kept_fraction_of_rated"],
-                        os.path.join(out, "category_kept.png"),
-                        f"kept per category ({f.mode}: {record['selected']:,} of {record['rows_rated']:,} rows)")
+                        os.path.join(out, "category_kept.png"), f"kept per category ({f.mode}: {kept})")
