@@ -300,7 +300,12 @@ class FilterConfig(_Strict):
 class TrainConfig(_Strict):
     """Fine-tuning with the Stanford Alpaca recipe on Ray Train + DeepSpeed (the paper's Table 5)."""
 
-    data: str | None = Field(None, description="Alpaca-format JSON/JSONL to train on; default <run_dir>/selected.json.")
+    data: str | None = Field(None, description="Rows to train on (alpaca rows or conversations, read as data.formatting and data.columns say); default <run_dir>/selected.json.")
+    template: Literal["auto", "alpaca", "chat"] = Field(
+        "auto", description="alpaca: the paper's Alpaca prompt, the loss on the response; chat: rows rendered with the "
+        "tokenizer's chat template, the loss on the assistant's turns; auto: alpaca for alpaca rows, chat for conversations.")
+    train_on: Literal["all", "last"] = Field("all", description="With the chat template: the loss on every assistant turn, or on the last only.")
+    chat_template: str | None = Field(None, description="A Jinja chat template (the text, or a file holding it) for a tokenizer that has none, or to replace its own.")
     model: str = Field("builtin:tiny-llama", description="Base model: a local Hugging Face directory or a hub id.")
     num_workers: int = Field(2, gt=0, description="Ray Train workers (one per GPU on a cluster).")
     use_gpu: bool = Field(False, description="Train on GPUs (bf16) or CPUs (fp32, gloo).")

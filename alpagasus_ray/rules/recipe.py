@@ -1,4 +1,6 @@
-"""The Stanford Alpaca fine-tuning recipe as pure functions: prompt, loss mask, packing.
+"""The Stanford Alpaca fine-tuning recipe as pure functions: prompt, loss mask, packing; and the
+chat form of it, a conversation rendered with the model's chat template, the loss on the
+assistant's turns (`chat_segments`, `encode_segments`).
 
 The model learns the response and EOS only: prompt tokens get the label IGNORE. Prompt and
 response are tokenized apart and joined, so the mask boundary is exact token by token. Packing
@@ -13,7 +15,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 IGNORE = -100  # the label torch's cross-entropy skips
 
@@ -67,6 +69,57 @@ def encode(prompt_ids: Sequence[int], response_ids: Sequence[int], eos_id: int, 
     target = [*response_ids, eos_id]
     input_ids = [*prompt_ids, *target][:max_length]
     labels = ([IGNORE] * len(prompt_ids) + target)[:max_length]
+    if all(label == IGNORE for label in labels):
+        return None
+    return Example(input_ids, labels)
+
+
+def chat_segments(render: Callable[[list[dict], bool], str], messages: list[dict], train_on: str = "all"
+                  ) -> list[tuple[str, bool]]:
+    """A conversation as the model's chat template renders it, cut into (text, learned) segments:
+    each assistant turn's text (up to the next turn: its end-of-turn marker included) is learned,
+    with `train_on="all"` every assistant turn, with `"last"` only the last; the rest is context.
+    `render(messages, add_generation_prompt)` is the template. A user turn after the last
+    assistant turn teaches nothing and is left out.
+
+    The assistant turn's text is what rendering the conversation up to it adds to rendering the
+    turns before it with the generation prompt, so the boundary is the template's own; a template
+    that does not render a conversation as that prefix plus the turn raises ValueError.
+
+    >>> def render(ms, gen):  # a template whose assistant header comes with the generation prompt
+    ...     return "".join(f"<{m['role']}>{m['content']}</>" for m in ms) + ("<assistant>" if gen else "")
+    >>> chat_segments(render, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    [('<user>hi</><assistant>', False), ('yo</>', True)]
+    """
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=-1)
+    messages = messages[: last + 1]
+    segments: list[tuple[str, bool]] = []
+    done = ""
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = render(messages[:i], True)
+        whole = render(messages[: i + 1], False)
+        if not prompt.startswith(done) or not whole.startswith(prompt):
+            raise ValueError(f"the chat template does not render turn {i + 1} as the turns before it plus the turn "
+                             "(it rewrites earlier turns)")
+        segments.append((prompt[len(done):], False))
+        segments.append((whole[len(prompt):], train_on == "all" or i == last))
+        done = whole
+    return [(text, learned) for text, learned in segments if text]
+
+
+def encode_segments(segment_ids: Sequence[Sequence[int]], learned: Sequence[bool], max_length: int) -> Example | None:
+    """Join tokenized segments, the learned ones labelled with their tokens and the others IGNORE,
+    cut at `max_length`; None when nothing learned survives the cut.
+
+    >>> encode_segments([[1, 5], [7, 2], [6], [8, 2]], [False, True, False, True], max_length=16)
+    Example(input_ids=[1, 5, 7, 2, 6, 8, 2], labels=[-100, -100, 7, 2, -100, 8, 2])
+    >>> encode_segments([[1, 5], [7, 2]], [False, True], max_length=2) is None
+    True
+    """
+    input_ids = [t for ids in segment_ids for t in ids][:max_length]
+    labels = [t if learn else IGNORE for ids, learn in zip(segment_ids, learned) for t in ids][:max_length]
     if all(label == IGNORE for label in labels):
         return None
     return Example(input_ids, labels)

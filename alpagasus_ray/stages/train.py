@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 
-from alpagasus_ray.config import OPERATIONAL, Config, TrainConfig
+from alpagasus_ray.config import OPERATIONAL, Config, DataConfig, TrainConfig
 from alpagasus_ray.errors import InputError
 from alpagasus_ray.progress import watch_steps
 from alpagasus_ray.rules.recipe import (
@@ -29,8 +29,10 @@ from alpagasus_ray.rules.recipe import (
     Example,
     alpaca_prompt,
     block_causal_mask,
+    chat_segments,
     collate,
     encode,
+    encode_segments,
     micro_batches,
     plan_epoch,
     real_token_fraction,
@@ -58,7 +60,7 @@ def run_train(config: Config) -> dict:
     out = trained_model_dir(config.run_dir, t.model_dir)  # before any work: on an object store it must be given
     data_path = t.data or run.selected_json
     model_path = _check_model(t.model)
-    examples, dropped = _tokenize(data_path, model_path, t)
+    examples, dropped = _tokenize(data_path, model_path, t, config.data)
     lengths = [len(e.input_ids) for e in examples]
     plan = plan_steps(lengths, t)
     summary = describe_plan(lengths, plan, t)
@@ -164,26 +166,43 @@ def _check_model(name: str) -> str:
     return path
 
 
-def _tokenize(data_path: str, model_path: str, t: TrainConfig) -> tuple[list[Example], int]:
+def _tokenize(data_path: str, model_path: str, t: TrainConfig, data: DataConfig | None = None
+              ) -> tuple[list[Example], int]:
+    """Every training row as an `Example`, and how many rows were dropped (nothing learned left
+    within train.max_length). `data` says how to read conversations (data.formatting, data.columns)."""
     from transformers import AutoTokenizer
 
     from alpagasus_ray import columns as C
-    from alpagasus_ray.config import DataConfig
     from alpagasus_ray.store.inputs import INVALID_REASON, read_rows
 
-    rows = read_rows(DataConfig(path=data_path, max_row_chars=10**9)).table
+    reading = (data or DataConfig()).model_copy(update={"path": data_path, "max_row_chars": 10**9, "limit": None})
+    rows = read_rows(reading).table
     bad = rows.filter(rows[INVALID_REASON].is_valid())
     if bad.num_rows:
         first = bad.slice(0, 3).to_pylist()
         raise InputError(f"train.data={data_path}: {bad.num_rows} rows cannot be trained on, e.g. "
                          + "; ".join(f"{r[C.SOURCE]}: {r[INVALID_REASON]}" for r in first))
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    eos = tokenizer.eos_token_id
+    conversations = rows[C.FORMATTING][0].as_py() != "alpaca"
+    chat = t.template == "chat" or (t.template == "auto" and conversations)
+    if conversations and not chat:
+        raise InputError(f"train.data={data_path} holds conversations: train them with train.template=chat (or auto)")
+    if chat:
+        render = _chat_renderer(tokenizer, t, model_path)
+        if conversations:
+            dialogs = rows[C.MESSAGES].to_pylist()
+        else:  # an alpaca row in chat form: one user turn, one assistant turn
+            dialogs = [[{"role": "user", "content": r[C.INSTRUCTION] + (f"\n\n{r[C.INPUT]}" if r[C.INPUT].strip() else "")},
+                        {"role": "assistant", "content": r[C.OUTPUT]}]
+                       for r in rows.select([C.INSTRUCTION, C.INPUT, C.OUTPUT]).to_pylist()]
+        made = (_chat_example(tokenizer, render, d, t) for d in dialogs)
+    else:
+        eos = tokenizer.eos_token_id
+        made = (encode(tokenizer(alpaca_prompt(r[C.INSTRUCTION], r[C.INPUT])).input_ids,
+                       tokenizer(r[C.OUTPUT], add_special_tokens=False).input_ids, eos, t.max_length)
+                for r in rows.select([C.INSTRUCTION, C.INPUT, C.OUTPUT]).to_pylist())
     examples, dropped = [], 0
-    for row in rows.select([C.INSTRUCTION, C.INPUT, C.OUTPUT]).to_pylist():
-        prompt = tokenizer(alpaca_prompt(row[C.INSTRUCTION], row[C.INPUT])).input_ids
-        response = tokenizer(row[C.OUTPUT], add_special_tokens=False).input_ids
-        example = encode(prompt, response, eos, t.max_length)
+    for example in made:
         if example is None:
             dropped += 1
         else:
@@ -191,6 +210,33 @@ def _tokenize(data_path: str, model_path: str, t: TrainConfig) -> tuple[list[Exa
     if not examples:
         raise InputError(f"train.data={data_path}: no row keeps any target token within train.max_length={t.max_length}")
     return examples, dropped
+
+
+def _chat_renderer(tokenizer, t: TrainConfig, model_path: str):
+    """`render(messages, add_generation_prompt)` with the tokenizer's chat template, or
+    `train.chat_template` (a Jinja text, or a file holding one)."""
+    template = t.chat_template
+    if template is not None and "{" not in template and os.path.isfile(os.path.expanduser(template)):
+        with open(os.path.expanduser(template), encoding="utf-8") as f:
+            template = f.read()
+    if template is None and not getattr(tokenizer, "chat_template", None):
+        raise InputError(f"the tokenizer of {model_path} has no chat template: set train.chat_template to a Jinja "
+                         "template (its text or a file), or train.template=alpaca")
+
+    def render(messages: list[dict], add_generation_prompt: bool) -> str:
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+
+    return render
+
+
+def _chat_example(tokenizer, render, messages: list[dict], t: TrainConfig) -> Example | None:
+    try:
+        segments = chat_segments(render, messages, t.train_on)
+    except ValueError as e:
+        raise InputError(f"train.template=chat: {e}; set train.chat_template to one that does not") from None
+    ids = [tokenizer(text, add_special_tokens=False).input_ids for text, _ in segments]
+    return encode_segments(ids, [learned for _, learned in segments], t.max_length)
 
 
 def _run_name(config: Config, data_path: str) -> str:
