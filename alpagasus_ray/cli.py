@@ -99,7 +99,10 @@ def _parser() -> argparse.ArgumentParser:
         description="Builds a tiny model locally (a smoke-scale stand-in whose scores carry no meaning) and runs "
         "every stage on the bundled Alpaca sample on CPU: rate, filter, train, generate, judge, report.",
     )
-    demo.add_argument("--run-dir", default="runs/demo", help="where to write (default: runs/demo)")
+    demo.add_argument("--chat", action="store_true",
+                      help="the conversation sample instead: each assistant turn rated in its context, the kept "
+                      "conversations trained with the chat template (demo_chat.yaml)")
+    demo.add_argument("--run-dir", default=None, help="where to write (default: runs/demo, or runs/demo-chat)")
     demo.add_argument("--verbose", action="store_true", help="show every library's and worker's messages")
     demo.add_argument("overrides", nargs="*", metavar="dotted.key=value", help="config overrides")
     demo.set_defaults(func=_demo)
@@ -213,8 +216,9 @@ def _run(args) -> int:
 def _demo(args) -> int:
     from alpagasus_ray.demo import run_demo
 
-    console.log_to(args.run_dir)
-    print(run_demo(args.run_dir, args.overrides))
+    run_dir = args.run_dir or ("runs/demo-chat" if args.chat else "runs/demo")
+    console.log_to(run_dir)
+    print(run_demo(run_dir, args.overrides, chat=args.chat))
     return 0
 
 

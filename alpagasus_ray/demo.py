@@ -18,14 +18,16 @@ import os
 from alpagasus_ray.config import load_config
 
 DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "demo.yaml")
+# `alpagasus demo --chat`: the same on the conversation sample (150 conversations, 715 turns).
+CHAT_DEMO_CONFIG = os.path.join(os.path.dirname(__file__), "demo_chat.yaml")
 
 
-def run_demo(run_dir: str, overrides: list[str] = ()) -> str:
-    """Run the demo into `run_dir`; returns the path of the report it wrote last."""
+def run_demo(run_dir: str, overrides: list[str] = (), chat: bool = False) -> str:
+    """Run the demo (`chat`: the conversation demo) into `run_dir`; returns the path of the report it wrote last."""
     from alpagasus_ray.pipeline import run_pipeline
     from alpagasus_ray.store.layout import RunDir
 
-    config = load_config(DEMO_CONFIG, [f"run_dir={run_dir}", *overrides])
+    config = load_config(CHAT_DEMO_CONFIG if chat else DEMO_CONFIG, [f"run_dir={run_dir}", *overrides])
     results = run_pipeline(config)
     for stage, record in results.items():
         state = "skipped (unchanged)" if record["skipped"] else f"done in {record['seconds']:.0f} s"
