@@ -1,6 +1,8 @@
-"""Conversations (`messages`, ShareGPT, a column mapping): how they are read, checked and given ids."""
+"""Conversations (`messages`, ShareGPT, a column mapping): read, checked, rated by turn or whole, selected and
+trained on with the chat template; the chat demo."""
 
 import json
+import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -123,3 +125,308 @@ def test_a_hugging_face_dataset_saved_as_parquet_shards(tmp_path):
     assert table["formatting"].unique().to_pylist() == ["messages"]
     assert table[INVALID_REASON].null_count == 6
     assert table["messages"].to_pylist()[0] == [SYSTEM, *TWO_TURNS[:2]]
+
+
+# Rating conversations against a local server that scores each request by the last marker in it:
+# the turn being rated comes last, so a turn shown with the turns after it would get their score.
+MARKER = r"SCORE=(\d(?:\.5)?)"
+
+
+def _conversation(*scores, system=True, last=None):
+    """A conversation whose i-th assistant turn carries the marker of scores[i] (or is `last`)."""
+    turns = [SYSTEM] if system else []
+    for i, score in enumerate(scores):
+        turns.append({"role": "user", "content": f"Question {i + 1}?"})
+        turns.append({"role": "assistant", "content": f"Answer {i + 1}. SCORE={score}"})
+    if last is not None:
+        turns[-1] = {"role": "assistant", "content": last}
+    return turns
+
+
+def _rate(tmp_path, url, data, *overrides):
+    from alpagasus_ray.config import load_config
+    from alpagasus_ray.stages.rate import run_rate
+
+    config = load_config(None, [
+        f"run_dir={tmp_path / 'run'}", f"data.path={data}", "rate.backend=openai", f"rate.base_url={url}",
+        "rate.model=fake", "rate.max_retries=0", "rate.concurrency=4", "rate.batch_size=2", *overrides,
+    ])
+    return run_rate(config)
+
+
+def _rated(tmp_path):
+    from alpagasus_ray.store.rated import RatedStore
+
+    return {r["id"]: r for r in RatedStore(str(tmp_path / "run"), chat=True).read().to_pylist()}
+
+
+def test_each_turn_is_rated_in_its_context_and_the_conversation_takes_the_aggregate(tmp_path, ray_local):
+    from fake_openai_server import serve, stats
+
+    chats = tmp_path / "chats"
+    chats.mkdir()
+    _jsonl(chats / "a.jsonl", [
+        {"id": "three", "messages": _conversation(4, 2.5, 5)},
+        {"id": "unreadable", "messages": _conversation(3, 0, last="Answer 2. UNREADABLE")},
+        {"id": "no-answer", "messages": [{"role": "user", "content": "Hello?"}]},
+    ])
+    _jsonl(chats / "b.jsonl", [{"id": "sharegpt", "conversations": _sharegpt(_conversation(1, 4.5, system=False))}])
+    rules = [{"match": "UNREADABLE", "reply": "I cannot rate this."}]
+    with serve({"marker": MARKER, "rules": rules}) as url:
+        summary = _rate(tmp_path, url, chats)
+        sent = stats(url)["requests"]
+        rated = _rated(tmp_path)
+        # The same run directory with another aggregate: every turn is rated already, nothing is sent.
+        again = _rate(tmp_path, url, chats, "rate.aggregate=mean")
+        assert stats(url)["requests"] == sent
+        by_mean = _rated(tmp_path)
+        _rate(tmp_path, url, chats, "rate.aggregate=last")
+        by_last = _rated(tmp_path)
+        assert stats(url)["requests"] == sent
+
+    assert summary["rows_in"] == summary["rows_out"] == 4 == len(rated)  # one row per conversation
+    assert summary["by_status"] == {"ok": 2, "parse_failed": 1, "request_failed": 0, "invalid_input": 1}
+    # 3 + 2 + 2 assistant turns; the unreadable one is asked once more
+    assert summary["turns"]["by_status"]["ok"] == 6 and summary["turns"]["rated"] == 7 and sent == 8
+    three = rated["three"]
+    assert three["turn_scores"] == [4.0, 2.5, 5.0] and three["turn_statuses"] == ["ok"] * 3
+    assert three["status"] == "ok" and three["score"] == 2.5 and three["unit"] == "turn"
+    assert by_mean["three"]["score"] == pytest.approx(23 / 6) and by_last["three"]["score"] == 5.0
+    assert rated["sharegpt"]["turn_scores"] == [1.0, 4.5] and rated["sharegpt"]["score"] == 1.0
+    assert rated["sharegpt"]["formatting"] == "sharegpt"
+    assert rated["three"]["messages"] == _conversation(4, 2.5, 5)
+    # A turn that cannot be rated leaves its conversation with no score, naming the turn.
+    unreadable = rated["unreadable"]
+    assert unreadable["status"] == "parse_failed" and unreadable["score"] is None
+    assert unreadable["turn_scores"] == [3.0, None] and unreadable["turn_statuses"] == ["ok", "parse_failed"]
+    assert unreadable["error"].startswith("turn 5: parse_failed:")
+    assert rated["no-answer"]["status"] == "invalid_input" and rated["no-answer"]["error"] == "no assistant turn"
+    assert again["by_status"] == summary["by_status"]
+
+    # Selecting on the conversations' score (here the `last` aggregate: 5.0 and 4.5): each is written
+    # in its own layout in selected.json, and as `messages` in selected.jsonl.
+    from alpagasus_ray.config import load_config
+    from alpagasus_ray.stages.filter import run_filter
+
+    record = run_filter(load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.path={chats}",
+                                           "filter.threshold=4.5", "filter.plots=false"]))
+    assert record["selected"] == 2 and record["pool"] == 2 and record["rows_are"] == "conversations"
+    assert record["assistant_turns_selected"] == 5
+    as_read = {r["id"]: r for r in json.load(open(tmp_path / "run" / "selected.json"))}
+    assert as_read["three"]["messages"] == _conversation(4, 2.5, 5) and as_read["three"]["score"] == 5.0
+    assert as_read["sharegpt"]["conversations"] == _sharegpt(_conversation(1, 4.5, system=False))
+    lines = [json.loads(line) for line in open(tmp_path / "run" / "selected.jsonl")]
+    assert {r["id"]: r["messages"] for r in lines} == {
+        "three": _conversation(4, 2.5, 5), "sharegpt": _conversation(1, 4.5, system=False)}
+
+
+def test_a_conversation_rated_whole_is_one_request(tmp_path, ray_local):
+    from fake_openai_server import serve, stats
+
+    data = _jsonl(tmp_path / "chats.jsonl", [{"id": "three", "messages": _conversation(4, 2.5, 5)},
+                                             {"id": "one", "messages": _conversation(3.5)}])
+    with serve({"marker": MARKER}) as url:
+        summary = _rate(tmp_path, url, data, "rate.unit=conversation")
+        assert stats(url)["requests"] == 2
+    rated = _rated(tmp_path)
+    assert summary["by_status"]["ok"] == 2
+    # The grader sees the whole exchange, so the last marker is the last turn's.
+    assert rated["three"]["score"] == 5.0 and rated["one"]["score"] == 3.5
+    assert rated["three"]["unit"] == "conversation" and rated["three"]["turn_scores"] is None
+
+
+# Fine-tuning on conversations with the model's chat template.
+
+def _dialog(k):
+    turns = [{"role": "system", "content": f"You are assistant number {k}."}]
+    for t in range(1 + k % 3):
+        turns += [{"role": "user", "content": f"What is {k} plus {t}?"},
+                  {"role": "assistant", "content": f"It is {k + t}. Happy to help."}]
+    return turns
+
+
+@pytest.mark.parametrize("train_on", ["all", "last"])
+def test_the_chat_loss_mask_is_the_assistant_turns_token_by_token(tmp_path, tiny_model, train_on):
+    from transformers import AutoTokenizer
+
+    from alpagasus_ray.config import TrainConfig
+    from alpagasus_ray.rules.recipe import IGNORE, collate, pack
+    from alpagasus_ray.stages.train import _tokenize
+
+    dialogs = [_dialog(k) for k in range(12)]
+    dialogs[0] = [*dialogs[0], {"role": "user", "content": "And a last question with no reply?"}]
+    data = _jsonl(tmp_path / "chats.jsonl", [{"messages": d} for d in dialogs])
+    examples, dropped = _tokenize(data, tiny_model, TrainConfig(train_on=train_on, max_length=4096))
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    assert dropped == 0 and len(examples) == len(dialogs)
+    for dialog, example in zip(dialogs, examples):
+        answers = [m["content"] for m in dialog if m["role"] == "assistant"]
+        learned = answers if train_on == "all" else answers[-1:]
+        # Every token is the template's rendering of the conversation (the unanswered last turn left out) ...
+        rendered = tokenizer.apply_chat_template([m for m in dialog if m["content"] != "And a last question with no reply?"],
+                                                 tokenize=False)
+        assert tokenizer.decode(example.input_ids) == rendered
+        # ... and exactly the learned assistant turns carry labels, each with its end-of-turn token.
+        assert all(label in (IGNORE, token) for token, label in zip(example.input_ids, example.labels))
+        spans, current = [], []
+        for token, label in zip(example.input_ids, example.labels):
+            if label != IGNORE:
+                current.append(token)
+            elif current:
+                spans.append(current)
+                current = []
+        spans += [current] if current else []
+        assert [tokenizer.decode(span) for span in spans] == [f"{a}</s>" for a in learned]
+        assert dialog[0]["content"] in tokenizer.decode([t for t, l in zip(example.input_ids, example.labels) if l == IGNORE])
+    # Packed, each example keeps its tokens and labels and its positions restart.
+    rows = pack([len(e.input_ids) for e in examples], max_length=256)
+    batch = collate([[examples[i] for i in row] for row in rows], pad_id=tokenizer.pad_token_id)
+    for row, labels, positions in zip(rows, batch["labels"], batch["position_ids"]):
+        joined = [label for i in row for label in examples[i].labels]
+        assert labels[:len(joined)] == joined and set(labels[len(joined):]) <= {IGNORE}
+        assert positions[:len(examples[row[0]].input_ids)] == list(range(len(examples[row[0]].input_ids)))
+
+
+def test_a_tokenizer_without_a_chat_template_is_an_error_that_names_the_fix(tmp_path, tiny_model):
+    import shutil
+
+    from alpagasus_ray.config import TrainConfig
+    from alpagasus_ray.stages.train import _tokenize
+
+    bare = tmp_path / "bare-model"
+    shutil.copytree(tiny_model, bare)
+    config = json.loads((bare / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (bare / "tokenizer_config.json").write_text(json.dumps(config))
+    (bare / "chat_template.jinja").unlink(missing_ok=True)
+    data = _jsonl(tmp_path / "chats.jsonl", [{"messages": _dialog(1)}])
+    with pytest.raises(InputError, match="has no chat template: set train.chat_template"):
+        _tokenize(data, str(bare), TrainConfig())
+    template = tmp_path / "template.jinja"
+    template.write_text("{% for m in messages %}<{{ m['role'] }}>{{ m['content'] }}</s>{% endfor %}"
+                        "{% if add_generation_prompt %}<assistant>{% endif %}")
+    examples, _ = _tokenize(data, str(bare), TrainConfig(chat_template=str(template)))
+    assert examples and any(label != -100 for label in examples[0].labels)
+
+
+@pytest.mark.slow
+def test_the_52k_alpaca_rows_as_conversations_select_the_same_ids(tmp_path, ray_local):
+    """Each Alpaca row as a one-turn conversation (the user turn: instruction and input; the
+    assistant turn: the output), rated against a server whose reply depends on the response alone,
+    selects exactly the ids the Alpaca path selects."""
+    from alpagasus_ray.config import load_config
+    from alpagasus_ray.stages.filter import run_filter
+    from alpagasus_ray.stages.rate import run_rate
+    from alpagasus_ray.store.formatting import content_id
+    from fake_openai_server import serve
+    from testdata import alpaca_rows, scale_data
+
+    rows = alpaca_rows()
+    ids = [content_id(r["instruction"], r["input"], r["output"]) for r in rows]
+    chats = _jsonl(tmp_path / "chats.jsonl", [
+        {"id": rid, "messages": [{"role": "user", "content": r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "")},
+                                 {"role": "assistant", "content": r["output"]}]}
+        for rid, r in zip(ids, rows)])
+    replies = [f"{s}\nA reply." for s in ("4.5", "4", "3.5", "5", "2")]
+    selected = {}
+    with serve({"replies": replies, "replies_by_response": True}) as url:
+        for name, data in (("alpaca", scale_data("alpaca_52k_reconstructed.json")), ("chat", chats)):
+            run_dir = tmp_path / name
+            config = load_config(None, [f"run_dir={run_dir}", f"data.path={data}", "rate.backend=openai",
+                                        f"rate.base_url={url}", "rate.model=fake", "rate.concurrency=64",
+                                        "rate.num_workers=2", "rate.logprobs=false", "filter.plots=false"])
+            summary = run_rate(config)
+            assert summary["rows_out"] == len(rows) and summary["by_status"]["ok"] == len(rows)
+            run_filter(config)
+            selected[name] = [json.loads(line)["id"] for line in open(run_dir / "selected.jsonl")]
+    assert 9_000 < len(selected["alpaca"]) < 25_000  # two replies in five score >= 4.5
+    assert sorted(selected["chat"]) == sorted(selected["alpaca"])
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_mid_rating_then_rerun_resends_only_the_turns_in_flight(tmp_path, reap_ray_orphans):
+    """The driver and every Ray process it started are killed at once while turns are in flight;
+    the same command again rates every conversation, sending again only turns that were not saved."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from alpagasus_ray.store.rated import TurnStore
+    from fake_openai_server import serve, stats
+
+    n = 32
+    conversations = []
+    for c in range(n):
+        turns = [SYSTEM]
+        for t in range(3):
+            turns += [{"role": "user", "content": f"Question {t}?"},
+                      {"role": "assistant", "content": f"Answer C{c:02d}-T{t}."}]
+        conversations.append({"id": f"c{c:02d}", "messages": turns})
+    data = _jsonl(tmp_path / "chats.jsonl", conversations)
+    # A turn's request holds the turns before it too: the rule of its own (latest) marker comes first.
+    rules = [{"match": f"C{c:02d}-T{t}"} for c in range(n) for t in (2, 1, 0)]
+    run_dir = tmp_path / "run"
+    with serve({"latency": 0.25, "rules": rules}) as url:
+        command = [sys.executable, "-m", "alpagasus_ray.cli", "rate", "--config", "configs/rate_openai_compatible.yaml",
+                   f"rate.base_url={url}", f"data.path={data}", f"run_dir={run_dir}", "rate.concurrency=4",
+                   "rate.num_workers=1", "rate.batch_size=4"]
+        env = {**os.environ, "OPENAI_API_KEY": "sk-test"}
+        log1 = tmp_path / "first.log"
+        turns = TurnStore(str(run_dir))
+        with open(log1, "w") as out:
+            driver = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
+            while len(turns.parts()) < 3:
+                assert driver.poll() is None, log1.read_text()[-2000:]
+                time.sleep(0.1)
+            doomed = [psutil.Process(driver.pid)]
+            doomed += doomed[0].children(recursive=True)
+            for proc in doomed:
+                proc.send_signal(signal.SIGKILL)
+            driver.wait()
+        saved = turns.read()["id"].to_pylist()
+        assert not (run_dir / "rated").exists() or not os.listdir(run_dir / "rated")  # killed before assembling
+        second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        seen = stats(url)
+    assert second.returncode == 0, second.stderr[-3000:]
+    rated = _rated(tmp_path)
+    assert len(rated) == n and {r["status"] for r in rated.values()} == {"ok"}
+    assert all(len(r["turn_scores"]) == 3 for r in rated.values())
+    # Turns saved before the kill were never sent again; sent twice at most: the turns in flight
+    # (rate.concurrency=4) and the answered turns of the batches partly done.
+    markers = {f"C{int(i[1:3]):02d}-T{(int(i.split('@')[1]) - 3) // 2}" for i in saved}
+    assert saved and all(seen["by_rule"][m] == 1 for m in markers)
+    print("turns sent again after the kill:", seen["requests"] - 3 * n)
+    assert seen["requests"] - 3 * n <= 4 + 4 + 3
+
+
+@pytest.mark.slow
+def test_the_chat_demo_runs_the_method_on_conversations(tmp_path):
+    """`alpagasus demo --chat`: the conversation sample rated turn by turn by the stand-in, the kept
+    conversations trained with its chat template, then answered, judged and reported."""
+    import os
+    import subprocess
+    import sys
+
+    run = tmp_path / "demo-chat"
+    env = {**os.environ, "ALPAGASUS_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-m", "alpagasus_ray.cli", "demo", "--chat", "--run-dir", str(run),
+                           "data.limit=30", "train.max_steps=2", "generate.limit=1", "generate.max_tokens=16"],
+                          capture_output=True, text=True, timeout=900, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == str(run / "report.md")
+    summary = json.load(open(run / "rated_summary.json"))
+    assert summary["rows_in"] == summary["rows_out"] == 30
+    turns = sum(1 + k % 3 for k in range(30))  # the sample chains 1, 2, 3, 1, ... rows per conversation
+    assert summary["turns"]["rated"] == turns and summary["turns"]["by_status"]["ok"] == turns
+    selection = json.load(open(run / "selection.json"))
+    assert selection["rows_are"] == "conversations" and selection["selected"] > 0
+    kept = [json.loads(line) for line in open(run / "selected.jsonl")]
+    assert len(kept) == selection["selected"] and all(r["messages"][-1]["role"] in ("assistant", "user") for r in kept)
+    log = [json.loads(line) for line in open(run / "train_log.jsonl")]
+    assert len(log) == 2 and all(math.isfinite(m["loss"]) for m in log)
+    report = json.loads((run / "report.json").read_text())["demo-chat_vs_tiny-llama-base"]
+    assert all(report[ts]["n"] == 1 for ts in ("koala", "vicuna", "wizardlm", "sinstruct"))
