@@ -354,15 +354,12 @@ def test_kill_minus_nine_mid_rating_then_rerun_resends_only_the_turns_in_flight(
     """The driver and every Ray process it started are killed at once while turns are in flight;
     the same command again rates every conversation, sending again only turns that were not saved."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
-
-    import psutil
 
     from alpagasus_ray.store.rated import TurnStore
     from fake_openai_server import serve, stats
+    from processes import kill_job_when
 
     n = 32
     conversations = []
@@ -381,18 +378,8 @@ def test_kill_minus_nine_mid_rating_then_rerun_resends_only_the_turns_in_flight(
                    f"rate.base_url={url}", f"data.path={data}", f"run_dir={run_dir}", "rate.concurrency=4",
                    "rate.num_workers=1", "rate.batch_size=4"]
         env = {**os.environ, "OPENAI_API_KEY": "sk-test"}
-        log1 = tmp_path / "first.log"
         turns = TurnStore(str(run_dir))
-        with open(log1, "w") as out:
-            driver = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-            while len(turns.parts()) < 3:
-                assert driver.poll() is None, log1.read_text()[-2000:]
-                time.sleep(0.1)
-            doomed = [psutil.Process(driver.pid)]
-            doomed += doomed[0].children(recursive=True)
-            for proc in doomed:
-                proc.send_signal(signal.SIGKILL)
-            driver.wait()
+        kill_job_when(command, env, tmp_path / "first.log", lambda: len(turns.parts()) >= 3)
         saved = turns.read()["id"].to_pylist()
         assert not (run_dir / "rated").exists() or not os.listdir(run_dir / "rated")  # killed before assembling
         second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)

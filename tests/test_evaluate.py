@@ -240,14 +240,11 @@ def test_generate_killed_mid_way_resumes_without_asking_again_for_saved_answers(
     are saved, then run the same command again: every prompt is answered once in the output, and
     the answers saved before the kill were never asked for again."""
     import os
-    import signal
     import subprocess
     import sys
-    import time
-
-    import psutil
 
     from alpagasus_ray.testsets import load_test_set
+    from processes import kill_job_when
 
     n = 40
     prompts = load_test_set("koala", n)
@@ -259,17 +256,7 @@ def test_generate_killed_mid_way_resumes_without_asking_again_for_saved_answers(
                    "generate.test_sets=[koala]", f"generate.limit={n}", "generate.concurrency=4",
                    "generate.batch_size=4", "generate.max_tokens=16", "generate.template=chat"]
         env = {**os.environ, "OPENAI_API_KEY": "sk-unused"}
-        log = tmp_path / "first.log"
-        with open(log, "w") as out:
-            driver = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-            while len(list(parts.glob("part-*.parquet"))) < 3:
-                assert driver.poll() is None, log.read_text()[-2000:]
-                time.sleep(0.1)
-            doomed = [psutil.Process(driver.pid)]
-            doomed += doomed[0].children(recursive=True)
-            for proc in doomed:
-                proc.send_signal(signal.SIGKILL)
-            driver.wait()
+        kill_job_when(command, env, tmp_path / "first.log", lambda: len(list(parts.glob("part-*.parquet"))) >= 3)
         saved = pq.read_table(parts, columns=["id", "status"]).to_pylist()
         saved_ids = {r["id"] for r in saved if r["status"] == "ok"}
         assert 0 < len(saved_ids) < n, saved

@@ -27,9 +27,9 @@ from alpagasus_ray import columns as C
 from alpagasus_ray.config import RateConfig
 from alpagasus_ray.rules.prompts import CHAT_PROMPT_VERSION, conversation_rating_messages
 from alpagasus_ray.llm.results import PartResults
-from alpagasus_ray.stages.rating import LIGHT, RatingTask, RowRating, rating_meta
+from alpagasus_ray.stages.rating import LIGHT, RatingTask, RowRating, rating_meta, set_aside_dataset
 from alpagasus_ray.store.inputs import INVALID_REASON
-from alpagasus_ray.store.parts import PartWriter
+from alpagasus_ray.store.parts import PartStore, PartWriter
 from alpagasus_ray.store.rated import (
     CHAT_RATED_SCHEMA,
     CONVERSATION,
@@ -92,15 +92,9 @@ def chat_rated_rows(batch: pa.Table, meta: dict) -> pa.Table:
     return _conversation_rows(batch, meta, {UNIT: pa.array(["conversation"] * batch.num_rows, pa.string())})
 
 
-def chat_set_aside_dataset(rows, store: RatedStore, meta: dict, progress):
-    """The conversations of `rows` that cannot be rated, written as invalid_input rows by the
-    workers (unit=conversation; with unit=turn `assemble` writes them)."""
-    sink = PartWriter(store.uri, store.schema, functools.partial(_chat_set_aside, meta=meta))
-    return rows.map_batches(_set_aside_rows, fn_kwargs={"sink": sink, "progress": progress},
-                            batch_format="pyarrow", batch_size=None, **LIGHT)
-
-
-def _chat_set_aside(batch: pa.Table, meta: dict) -> pa.Table:
+def chat_set_aside_rows(batch: pa.Table, meta: dict) -> pa.Table:
+    """Conversations that cannot be rated, as stored rows with status invalid_input and the reason
+    (unit=conversation; with unit=turn `assemble` writes them)."""
     n = batch.num_rows
     return _conversation_rows(batch.select(CHAT_SENT), meta, {
         C.STATUS: pa.array([C.INVALID_INPUT] * n, pa.string()), C.ERROR: batch[INVALID_REASON],
@@ -108,14 +102,6 @@ def _chat_set_aside(batch: pa.Table, meta: dict) -> pa.Table:
         C.TOKENS_IN: pa.array([0] * n, pa.int64()), C.TOKENS_OUT: pa.array([0] * n, pa.int64()),
         UNIT: pa.array(["conversation"] * n, pa.string()),
     })
-
-
-def _set_aside_rows(batch: pa.Table, sink, progress=None) -> pa.Table:
-    batch = batch.filter(pc.is_valid(batch[INVALID_REASON]))
-    sink(batch)
-    if progress is not None:
-        progress.add(pa.table({C.STATUS: pa.array([C.INVALID_INPUT] * batch.num_rows, pa.string())}))
-    return pa.table({"rows": [batch.num_rows]})
 
 
 def conversations_to_send(batch: pa.Table) -> pa.Table:
@@ -202,14 +188,9 @@ def _conversation_side(batch: pa.Table) -> pa.Table:
 
 
 def _turn_side(batch: pa.Table, uri: str) -> pa.Table:
-    import pyarrow.dataset as pds
-
-    from alpagasus_ray.store.layout import open_filesystem
-
-    fs, _ = open_filesystem(uri)
     names = [CONVERSATION, TURN, C.SCORE, C.SCORE_EXPECTED, C.STATUS, C.ATTEMPTS, C.ERROR, C.TOKENS_IN, C.TOKENS_OUT]
-    table = pds.dataset(batch["parts"][0].as_py(), schema=TURN_SCHEMA, format="parquet", filesystem=fs).to_table(
-        columns=names)
+    read = PartStore(uri, TURN_SCHEMA).batches(names, parts=batch["parts"][0].as_py())
+    table = pa.Table.from_batches(list(read), schema=pa.schema([TURN_SCHEMA.field(n) for n in names]))
     n = table.num_rows
     columns = {name: table[name] for name in names[1:]}
     return _side({_KEY: table[CONVERSATION], _KIND: pa.array([1] * n, pa.int8()), **columns}, n)
@@ -276,7 +257,7 @@ class ConversationRating(RowRating):
         return sum(len(m["content"]) for m in self.task.messages({C.MESSAGES: []}))
 
     def set_aside(self, rows, progress):
-        return chat_set_aside_dataset(rows, self.store, self.meta, progress)
+        return set_aside_dataset(rows, self.store, functools.partial(chat_set_aside_rows, meta=self.meta), progress)
 
     def to_ask(self, rows, skip):
         return skip(rows).map_batches(conversations_to_send, batch_format="pyarrow", batch_size=None, **LIGHT)

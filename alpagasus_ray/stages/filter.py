@@ -454,6 +454,9 @@ class ChatWriter:
 
     def __init__(self, config: Config):
         self.layouts = {f: turns_for(f, config.data) for f in CONVERSATIONS}
+        # Each role under its first name in the layout, as the input has it.
+        self.names = {f: {role: name for name, role in reversed(layout.roles.items())}
+                      for f, layout in self.layouts.items()}
         self.turns = 0
 
     def write(self, selected: Iterable[pa.Table], json_path: str, jsonl_path: str) -> None:
@@ -464,10 +467,7 @@ class ChatWriter:
         return {C.MESSAGES: row[C.MESSAGES], C.ID: row[C.ID], C.SCORE: row[C.SCORE]}
 
     def as_read(self, row: dict) -> dict:
-        layout = self.layouts[row[C.FORMATTING]]
-        names = {}
-        for name, role in layout.roles.items():
-            names.setdefault(role, name)  # the first name of each role, as the input's layout has it
+        layout, names = self.layouts[row[C.FORMATTING]], self.names[row[C.FORMATTING]]
         turns = list(row[C.MESSAGES])
         shaped = {}
         if layout.system_column and turns and turns[0]["role"] == SYSTEM:

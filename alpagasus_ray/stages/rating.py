@@ -79,15 +79,15 @@ def rating_meta(cfg: RateConfig) -> dict:
     return {C.GRADER: f"{cfg.backend}:{cfg.model}", C.DIMENSION: cfg.dimension, C.PROMPT_VERSION: PROMPT_VERSION}
 
 
-def set_aside_dataset(rows, store: RatedStore, meta: dict, progress):
-    """The rows of `rows` that cannot be rated, written as invalid_input parts by the workers
-    (a Dataset of one row of counts per batch)."""
-    sink = PartWriter(store.uri, store.schema, functools.partial(_set_aside, meta=meta))
+def set_aside_dataset(rows, store, to_stored, progress):
+    """The rows of `rows` that cannot be rated, written to `store` as `to_stored` makes them
+    (invalid_input rows) by the workers (a Dataset of one row of counts per batch)."""
+    sink = PartWriter(store.uri, store.schema, to_stored)
     return rows.map_batches(_set_aside_rows, fn_kwargs={"sink": sink, "progress": progress},
                             batch_format="pyarrow", batch_size=None, **LIGHT)
 
 
-def _set_aside(batch: pa.Table, meta: dict) -> pa.Table:
+def set_aside_rows(batch: pa.Table, meta: dict) -> pa.Table:
     """Rows that cannot be rated, as rated rows with status invalid_input and the reason."""
     n = batch.num_rows
     results = {
@@ -150,7 +150,7 @@ class RowRating:
 
     def set_aside(self, rows, progress):
         """A Dataset writing the rows that cannot be rated (None: `finish` writes them)."""
-        return set_aside_dataset(rows, self.store, self.meta, progress)
+        return set_aside_dataset(rows, self.store, functools.partial(set_aside_rows, meta=self.meta), progress)
 
     def to_ask(self, rows, skip):
         """The LLM layer's rows from the input's rows not yet done (`skip` drops the done ids)."""

@@ -438,6 +438,8 @@ def _thin(block: pa.Table) -> pa.Table:
 def _conversation_sizes(messages: pa.ChunkedArray) -> tuple[list[int], list[int], list[int]]:
     """Of each conversation (0 for a row that is not one): the characters of its turns, its
     assistant turns, and the characters each assistant turn is sent with (the turns up to it)."""
+    if messages.null_count == len(messages):  # alpaca rows: no conversation to measure
+        return [0] * len(messages), [0] * len(messages), [0] * len(messages)
     chars, turns, turn_chars = [], [], []
     for conversation in messages.to_pylist():
         total = answers = sent = 0
