@@ -282,9 +282,6 @@ class TurnRating(ConversationRating):
     def requests(self, scan) -> tuple[int, int]:
         return scan.turns, scan.turn_chars
 
-    def asked_before(self) -> int:
-        return sum(self.turns.status_counts().values())
-
     def set_aside(self, rows, progress):
         return None  # `assemble` writes every conversation, set aside or rated
 

@@ -72,7 +72,8 @@ def run_rate(config: Config, dry_run: bool = False, detach: bool = False, cancel
     for store in plan.stores:
         _check_same_grader(store, grader, cfg.dimension, plan.meta[C.PROMPT_VERSION])
     requests, text_chars = plan.requests(scan)
-    asked = plan.asked_before()
+    before = plan.results.store.status_counts()  # what earlier runs saved: rows, or turns
+    asked = sum(before.values()) - before[C.INVALID_INPUT]
     log.info("rate: %s rows from %s (%s invalid); %s of %s requests (one per %s) to send to %s", f"{scan.rows:,}",
              ", ".join(scan.files), f"{scan.invalid:,}", f"{max(0, requests - asked):,}", f"{requests:,}",
              plan.unit, grader)
@@ -85,8 +86,8 @@ def run_rate(config: Config, dry_run: bool = False, detach: bool = False, cancel
                               text_chars / requests if requests else 0, plan.prompt_chars())
 
     write_json(RunDir(config.run_dir).rate_config, config_for_record(config))
-    total, done_before = (requests, asked) if plan.unit == "turn" else (scan.rows, sum(plan.store.status_counts().values()))
-    with watch("rate", total=total, cost=engine.cost, done=done_before, unit=plan.unit) as progress:
+    total = requests if plan.unit == "turn" else scan.rows  # the rows set aside count as done too
+    with watch("rate", total=total, cost=engine.cost, done=sum(before.values()), unit=plan.unit) as progress:
         for store in plan.stores:
             store.remove_unfinished()  # what a kill left half-written
         rows = input_dataset(config.data, scan.files, scan.repeats)

@@ -143,11 +143,6 @@ class RowRating:
         empty = {C.INSTRUCTION: "", C.INPUT: "", C.OUTPUT: ""}
         return sum(len(m["content"]) for m in self.task.messages(empty))
 
-    def asked_before(self) -> int:
-        """Requests answered (or failed) in earlier runs."""
-        counts = self.store.status_counts()
-        return sum(counts.values()) - counts[C.INVALID_INPUT]
-
     def set_aside(self, rows, progress):
         """A Dataset writing the rows that cannot be rated (None: `finish` writes them)."""
         return set_aside_dataset(rows, self.store, functools.partial(set_aside_rows, meta=self.meta), progress)
