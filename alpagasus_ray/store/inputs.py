@@ -425,13 +425,12 @@ def _thin(block: pa.Table) -> pa.Table:
 
     chars = pc.add(pc.add(pc.utf8_length(block[C.INSTRUCTION]), pc.utf8_length(block[C.INPUT])),
                    pc.utf8_length(block[C.OUTPUT]))
-    sizes = _conversation_sizes(block[C.MESSAGES])
-    chars = pc.coalesce(pc.cast(chars, pa.int64()), pa.array(sizes[0], pa.int64()))
+    turn_chars, turns, sent_chars = (pa.array(v, pa.int64()) for v in _conversation_sizes(block[C.MESSAGES]))
+    sizes = {"chars": pc.coalesce(pc.cast(chars, pa.int64()), turn_chars), "turns": turns, "turn_chars": sent_chars}
     invalid = pc.is_valid(block[INVALID_REASON])
     thin = block.select([C.ID, POSITION, C.SOURCE, INVALID_REASON, C.FORMATTING])
-    for name, values in (("chars", chars), ("turns", sizes[1]), ("turn_chars", sizes[2])):
-        thin = thin.append_column(name, pc.if_else(invalid, 0, pa.array(values, pa.int64()) if isinstance(values, list)
-                                                   else values))
+    for name, values in sizes.items():
+        thin = thin.append_column(name, pc.if_else(invalid, 0, values))
     return thin
 
 
