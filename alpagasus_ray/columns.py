@@ -27,7 +27,9 @@ OK = "ok"
 PARSE_FAILED = "parse_failed"
 REQUEST_FAILED = "request_failed"
 INVALID_INPUT = "invalid_input"
-STATUSES = (OK, PARSE_FAILED, REQUEST_FAILED, INVALID_INPUT)
+TOO_LONG = "too_long"  # longer than the grader's context: set aside before sending
+STATUSES = (OK, PARSE_FAILED, REQUEST_FAILED, INVALID_INPUT, TOO_LONG)
+SET_ASIDE = (INVALID_INPUT, TOO_LONG)  # the statuses of rows never sent
 
 # Asks per row: a reply that cannot be read is asked once more, then kept as parse_failed.
 MAX_ASKS = 2

@@ -106,6 +106,9 @@ class _Api(_Body):
     api_key_env: str = operational("OPENAI_API_KEY", description="Environment variable holding the API key (never the key itself).")
     max_retries: int = operational(5, ge=0, description="Retries of a failed request (429, 5xx, timeouts) by the openai client, honouring Retry-After.")
     request_timeout: float = operational(120.0, gt=0, description="Seconds before a request is abandoned (then retried).")
+    context_tokens: int | None = Field(
+        None, gt=0, description="The model's context window in tokens. A rating request estimated to need more (4 characters a "
+        "token, plus max_tokens) is set aside too_long before sending; None: not checked.")
     price_input_per_million: float | None = operational(None, ge=0, description="USD per million prompt tokens, for the cost estimate.")
     price_output_per_million: float | None = operational(None, ge=0, description="USD per million completion tokens, for the cost estimate.")
 

@@ -185,7 +185,7 @@ def test_each_turn_is_rated_in_its_context_and_the_conversation_takes_the_aggreg
         assert stats(url)["requests"] == sent
 
     assert summary["rows_in"] == summary["rows_out"] == 4 == len(rated)  # one row per conversation
-    assert summary["by_status"] == {"ok": 2, "parse_failed": 1, "request_failed": 0, "invalid_input": 1}
+    assert summary["by_status"] == {"ok": 2, "parse_failed": 1, "request_failed": 0, "invalid_input": 1, "too_long": 0}
     # 3 + 2 + 2 assistant turns; the unreadable one is asked once more
     assert summary["turns"]["by_status"]["ok"] == 6 and summary["turns"]["rated"] == 7 and sent == 8
     three = rated["three"]
@@ -233,6 +233,52 @@ def test_a_conversation_rated_whole_is_one_request(tmp_path, ray_local):
     # The grader sees the whole exchange, so the last marker is the last turn's.
     assert rated["three"]["score"] == 5.0 and rated["one"]["score"] == 3.5
     assert rated["three"]["unit"] == "conversation" and rated["three"]["turn_scores"] is None
+
+
+def test_a_conversation_too_long_for_the_grader_is_set_aside_before_sending(tmp_path, ray_local):
+    from fake_openai_server import serve, stats
+
+    long_answer = "word " * 1600  # ~2,000 estimated tokens: more than the context below
+    data = _jsonl(tmp_path / "chats.jsonl", [
+        {"id": "short", "messages": _conversation(4, 3)},
+        # The long answer comes first: rating the last turn shows it, so the conversation cannot be rated.
+        {"id": "long-early", "messages": [SYSTEM, {"role": "user", "content": "Question 1?"},
+                                          {"role": "assistant", "content": long_answer}, *_conversation(2, system=False)]},
+        {"id": "no-answer", "messages": [{"role": "user", "content": "Hello?"}]},
+    ])
+    context = ["rate.context_tokens=1500"]
+    with serve({"marker": MARKER}) as url:
+        from alpagasus_ray.config import load_config
+        from alpagasus_ray.stages.rate import run_rate
+
+        dry = run_rate(load_config(None, [f"run_dir={tmp_path / 'run'}", f"data.path={data}", "rate.backend=openai",
+                                          f"rate.base_url={url}", "rate.model=fake", *context]), dry_run=True)
+        summary = _rate(tmp_path, url, data, *context)
+        sent = stats(url)["requests"]
+    assert dry["too_long"] == 1 and dry["invalid_input"] == 1 and dry["to_send"] == 2  # the short one's two turns
+    assert dry["context"] == {"tokens": 1500, "key": "rate.context_tokens",
+                              "counted_by": "an estimate of 4 characters a token"}
+    assert sent == 2 and summary["rows_in"] == summary["rows_out"] == 3
+    assert summary["by_status"] == {"ok": 1, "parse_failed": 0, "request_failed": 0, "invalid_input": 1, "too_long": 1}
+    long = _rated(tmp_path)["long-early"]
+    assert long["status"] == "too_long" and long["score"] is None and long["turn_scores"] is None
+    assert "more than the grader's context of 1,500 (rate.context_tokens" in long["error"]
+
+
+def test_the_context_is_counted_exactly_with_the_graders_tokenizer(tiny_model):
+    """Against a vLLM engine's context, a request is measured with the model's own tokenizer and
+    chat template: it fits at exactly max_model_len tokens, and not one more."""
+    from transformers import AutoTokenizer
+
+    from alpagasus_ray.llm.context import Context
+    from alpagasus_ray.llm.task import Request
+
+    messages = [SYSTEM, {"role": "user", "content": "Rate this. " * 300}]
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    prompt = len(tokenizer(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False))["input_ids"])
+    request = Request(messages=messages, max_tokens=4)
+    assert Context(prompt + 4, "max_model_len", tiny_model).too_long(request) is None
+    assert Context(prompt + 3, "max_model_len", tiny_model).too_long(request) == prompt + 4
 
 
 # Fine-tuning on conversations with the model's chat template.

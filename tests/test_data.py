@@ -7,7 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from alpagasus_ray.config import DataConfig
-from alpagasus_ray.store.inputs import INVALID_REASON, read_rows
+from alpagasus_ray.store.inputs import INVALID_REASON, SET_ASIDE_STATUS, read_rows
 from alpagasus_ray.errors import InputError
 
 from testdata import DOLLY_400, scale_data
@@ -118,7 +118,7 @@ def test_field_map_renames_custom_fields(tmp_path):
     result = read_rows(DataConfig(path=str(path), id_field="uid", field_map={"prompt": "instruction", "completion": "output"}))
     assert result.table.to_pylist()[0] | {"source": None} == {
         "id": "7", "instruction": "p", "input": "", "output": "c", "messages": None, "formatting": "alpaca",
-        "source": None, INVALID_REASON: None,
+        "source": None, INVALID_REASON: None, SET_ASIDE_STATUS: None,
     }
 
 

@@ -67,7 +67,7 @@ def test_each_way_a_batch_ends_gives_exact_statuses_then_retry_failed_resends_on
     assert errors["ROW-001"].startswith("batch line 500") and "fake fault" in errors["ROW-001"]
     assert all("the batch expired before this row was answered" in errors[m] for m in ("ROW-004", "ROW-005"))
     assert all("the batch failed: invalid_request" in errors[m] for m in ("ROW-006", "ROW-007", "ROW-008"))
-    assert summary["by_status"] == {"ok": 6, "parse_failed": 0, "request_failed": 6, "invalid_input": 1}
+    assert summary["by_status"] == {"ok": 6, "parse_failed": 0, "request_failed": 6, "invalid_input": 1, "too_long": 0}
     # 4 request files and one re-ask file; the 429'd create was retried by the client, not resent.
     assert first["files_uploaded"] == 5 and first["batches_created"] == 5 and first["batch_create_attempts"] == 6
     assert first["batch_lines"] == 12 + 1
@@ -77,7 +77,7 @@ def test_each_way_a_batch_ends_gives_exact_statuses_then_retry_failed_resends_on
     assert summary["tokens_in"] > 0
 
     # retry_failed: the 6 failed rows go out again in one new batch; nothing else is sent.
-    assert again["by_status"] == {"ok": 12, "parse_failed": 0, "request_failed": 0, "invalid_input": 1}
+    assert again["by_status"] == {"ok": 12, "parse_failed": 0, "request_failed": 0, "invalid_input": 1, "too_long": 0}
     assert second["batches_created"] - first["batches_created"] == 2  # 3 + 3 rows in files of 3
     assert second["batch_lines"] - first["batch_lines"] == 6
     rerated = pq.read_table(tmp_path / "run" / "rated")
@@ -164,8 +164,8 @@ def test_kill_minus_nine_while_waiting_then_rerun_collects_the_same_batches(tmp_
 @pytest.mark.slow
 def test_vllm_run_batch_executes_the_request_files_and_the_collector_reads_them(tmp_path, tiny_model, ray_local):
     """rate.backend=vllm_batch: vLLM's own batch runner (`python -m vllm.entrypoints.openai.run_batch`)
-    runs the request files as written for the Batch API; a row too long for the model comes back
-    in its output as an error line."""
+    runs the request files as written for the Batch API; a row too long for the model is set aside
+    before a request file is written."""
     rows = json.load(open("alpagasus_ray/sample/alpaca_sample.json"))[:6]
     rows.append({"id": "too-long", "instruction": "Summarize.", "input": "", "output": "word " * 3000})
     data = tmp_path / "rows.json"
@@ -178,9 +178,8 @@ def test_vllm_run_batch_executes_the_request_files_and_the_collector_reads_them(
     summary = run_rate(config)
     rated = {r["id"]: r for r in pq.read_table(tmp_path / "run" / "rated").to_pylist()}
     assert summary["rows_in"] == summary["rows_out"] == len(rated) == 7
-    assert summary["by_status"] == {"ok": 6, "parse_failed": 0, "request_failed": 1, "invalid_input": 0}
-    failed = rated.pop("too-long")
-    assert failed["error"].startswith("batch line 400") and "context length" in failed["error"].lower()
+    assert summary["by_status"] == {"ok": 6, "parse_failed": 0, "request_failed": 0, "invalid_input": 0, "too_long": 1}
+    assert rated.pop("too-long")["status"] == "too_long"
     for row in rated.values():
         assert f"{row['score']:g}" in SCORE_CHOICES and row["attempts"] == 1 and row["tokens_in"] > 100
     assert summary["batches"]["by_status"] == {"completed": 1} and summary["cost_usd"] is None

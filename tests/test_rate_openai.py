@@ -55,7 +55,7 @@ def test_faults_parse_failures_and_bad_rows_each_end_with_the_right_status(tmp_p
     rated = pq.read_table(tmp_path / "run" / "rated")
     rows = _by_marker(rated)
     assert rated.num_rows == 10 == summary["rows_in"] == summary["rows_out"]
-    assert summary["by_status"] == {"ok": 6, "parse_failed": 1, "request_failed": 2, "invalid_input": 1}
+    assert summary["by_status"] == {"ok": 6, "parse_failed": 1, "request_failed": 2, "invalid_input": 1, "too_long": 0}
     expect = {  # marker: (status, score, attempts)
         "ROW-000": ("ok", 4.5, 1), "ROW-001": ("ok", 4.5, 1), "ROW-002": ("request_failed", None, 1),
         "ROW-003": ("request_failed", None, 1), "ROW-004": ("ok", 4.5, 2), "ROW-005": ("ok", 3.0, 2),
@@ -172,7 +172,7 @@ def test_a_429_without_retry_after_is_retried_and_an_exhausted_quota_is_not(tmp_
         ])
         summary = run_rate(config)
         seen = stats(url)
-    assert summary["by_status"] == {"ok": 7, "parse_failed": 0, "request_failed": 1, "invalid_input": 0}
+    assert summary["by_status"] == {"ok": 7, "parse_failed": 0, "request_failed": 1, "invalid_input": 0, "too_long": 0}
     assert seen["by_rule"]["ROW-002"] == 3 and seen["by_rule"]["ROW-005"] == 1  # two backoffs; no retry
     rows = _by_marker(RatedStore(str(tmp_path / "run")).read())
     failed = rows["ROW-005"]

@@ -34,9 +34,13 @@ def test_vllm_engine_scores_constrained_with_expected_score(tmp_path, tiny_model
     summary = run_rate(_vllm_config(tmp_path, tiny_model, data))
     rated = {r["id"]: r for r in pq.read_table(tmp_path / "run" / "rated").to_pylist()}
     assert summary["rows_in"] == summary["rows_out"] == len(rated) == 13
-    assert summary["by_status"] == {"ok": 12, "parse_failed": 0, "request_failed": 1, "invalid_input": 0}
+    # The row longer than the engine's context is counted with its tokenizer and never sent.
+    assert summary["by_status"] == {"ok": 12, "parse_failed": 0, "request_failed": 0, "invalid_input": 0, "too_long": 1}
+    assert summary["context"] == {"tokens": 2048, "key": "rate.max_model_len",
+                                  "counted_by": "the grader's tokenizer and chat template"}
     failed = rated.pop("too-long")
-    assert failed["status"] == "request_failed" and "context length" in failed["error"] and failed["score"] is None
+    assert failed["status"] == "too_long" and failed["score"] is None and failed["tokens_in"] == 0
+    assert "more than the grader's context of 2,048 (rate.max_model_len" in failed["error"]
     for row in rated.values():
         assert f"{row['score']:g}" in SCORE_CHOICES  # structured outputs: only valid scores
         assert 0.0 <= row["score_expected"] <= 5.0

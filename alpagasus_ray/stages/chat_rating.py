@@ -25,10 +25,11 @@ import pyarrow.compute as pc
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import RateConfig
-from alpagasus_ray.rules.prompts import CHAT_PROMPT_VERSION, conversation_rating_messages
+from alpagasus_ray.llm.context import Context
 from alpagasus_ray.llm.results import PartResults
+from alpagasus_ray.rules.prompts import CHAT_PROMPT_VERSION, conversation_rating_messages
 from alpagasus_ray.stages.rating import LIGHT, RatingTask, RowRating, rating_meta, set_aside_dataset
-from alpagasus_ray.store.inputs import INVALID_REASON
+from alpagasus_ray.store.inputs import INVALID_REASON, SET_ASIDE_STATUS
 from alpagasus_ray.store.parts import PartStore, PartWriter
 from alpagasus_ray.store.rated import (
     CHAT_RATED_SCHEMA,
@@ -93,11 +94,11 @@ def chat_rated_rows(batch: pa.Table, meta: dict) -> pa.Table:
 
 
 def chat_set_aside_rows(batch: pa.Table, meta: dict) -> pa.Table:
-    """Conversations that cannot be rated, as stored rows with status invalid_input and the reason
-    (unit=conversation; with unit=turn `assemble` writes them)."""
+    """Conversations that cannot be rated, as stored rows with the status they were set aside
+    with and the reason (unit=conversation; with unit=turn `assemble` writes them)."""
     n = batch.num_rows
     return _conversation_rows(batch.select(CHAT_SENT), meta, {
-        C.STATUS: pa.array([C.INVALID_INPUT] * n, pa.string()), C.ERROR: batch[INVALID_REASON],
+        C.STATUS: batch[SET_ASIDE_STATUS], C.ERROR: batch[INVALID_REASON],
         C.REVIEW: pa.array([""] * n, pa.string()), C.ATTEMPTS: pa.array([0] * n, pa.int32()),
         C.TOKENS_IN: pa.array([0] * n, pa.int64()), C.TOKENS_OUT: pa.array([0] * n, pa.int64()),
         UNIT: pa.array(["conversation"] * n, pa.string()),
@@ -170,7 +171,7 @@ def assemble(rows, turns: TurnStore, store: RatedStore, cfg: RateConfig, meta: d
 
 _SIDE = pa.schema([
     (_KEY, pa.string()), (_KIND, pa.int8()), (C.MESSAGES, MESSAGES_TYPE), (C.FORMATTING, pa.string()),
-    (C.SOURCE, pa.string()), (INVALID_REASON, pa.string()), (TURN, pa.int32()),
+    (C.SOURCE, pa.string()), (INVALID_REASON, pa.string()), (SET_ASIDE_STATUS, pa.string()), (TURN, pa.int32()),
     *(TURN_SCHEMA.field(n) for n in (C.SCORE, C.SCORE_EXPECTED, C.STATUS, C.ATTEMPTS, C.ERROR, C.TOKENS_IN,
                                      C.TOKENS_OUT)),
 ])
@@ -184,7 +185,8 @@ def _side(columns: dict, n: int) -> pa.Table:
 def _conversation_side(batch: pa.Table) -> pa.Table:
     n = batch.num_rows
     return _side({_KEY: batch[C.ID], _KIND: pa.array([0] * n, pa.int8()), C.MESSAGES: _messages(batch[C.MESSAGES]),
-                  C.FORMATTING: batch[C.FORMATTING], C.SOURCE: batch[C.SOURCE], INVALID_REASON: batch[INVALID_REASON]}, n)
+                  C.FORMATTING: batch[C.FORMATTING], C.SOURCE: batch[C.SOURCE], INVALID_REASON: batch[INVALID_REASON],
+                  SET_ASIDE_STATUS: batch[SET_ASIDE_STATUS]}, n)
 
 
 def _turn_side(batch: pa.Table, uri: str) -> pa.Table:
@@ -210,7 +212,7 @@ def _assemble_group(group: pa.Table, aggregate: str, meta: dict) -> pa.Table:
     row = {C.ID: conversation[_KEY], C.MESSAGES: conversation[C.MESSAGES], C.FORMATTING: conversation[C.FORMATTING],
            C.SOURCE: conversation[C.SOURCE], UNIT: "turn", C.ATTEMPTS: 0, C.TOKENS_IN: 0, C.TOKENS_OUT: 0, **meta}
     if conversation[INVALID_REASON] is not None:
-        row.update({C.STATUS: C.INVALID_INPUT, C.ERROR: conversation[INVALID_REASON], C.REVIEW: ""})
+        row.update({C.STATUS: conversation[SET_ASIDE_STATUS], C.ERROR: conversation[INVALID_REASON], C.REVIEW: ""})
     else:
         positions = [p for p, t in enumerate(conversation[C.MESSAGES], 1) if t["role"] == "assistant"]
         turns = [best.get(p) for p in positions]
@@ -236,6 +238,41 @@ def _aggregated(positions: list[int], turns: list[dict | None], aggregate: str) 
     row.update({C.STATUS: C.OK, C.SCORE: float(AGGREGATES[aggregate](scores)),
                 C.SCORE_EXPECTED: float(AGGREGATES[aggregate](expected)) if None not in expected else None})
     return row
+
+
+class TooLong:
+    """Sets aside as too_long, as they are read, the rows whose longest request needs more than
+    the grader's context: an alpaca row's one request; a conversation's whole exchange (unit=
+    conversation) or its last assistant turn with every turn before it (unit=turn)."""
+
+    def __init__(self, cfg: RateConfig, engine, context: Context):
+        self.context, self.unit = context, cfg.unit
+        self.row_task, self.chat_task = RatingTask(cfg, engine), ChatRatingTask(cfg, engine)
+
+    def longest(self, row: dict):
+        turns = row[C.MESSAGES]
+        if turns is None:
+            return self.row_task.request(row)
+        if self.unit == "turn":
+            last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+            turns = turns[:last + 1]
+        return self.chat_task.request({C.MESSAGES: turns})
+
+    def __call__(self, block: pa.Table) -> pa.Table:
+        reasons, statuses = block[INVALID_REASON].to_pylist(), block[SET_ASIDE_STATUS].to_pylist()
+        rows = block.select([C.INSTRUCTION, C.INPUT, C.OUTPUT, C.MESSAGES]).to_pylist()
+        context = self.context
+        for i, row in enumerate(rows):
+            needed = None if reasons[i] is not None else context.too_long(self.longest(row))
+            if needed is not None:
+                reasons[i] = (f"needs {needed:,} tokens (the rating prompt and its longest reply), more than "
+                              f"the grader's context of {context.tokens:,} (rate.{context.key}; counted by "
+                              f"{context.counted_by})")
+                statuses[i] = C.TOO_LONG
+        block = block.set_column(block.schema.get_field_index(INVALID_REASON), INVALID_REASON,
+                                 pa.array(reasons, pa.string()))
+        return block.set_column(block.schema.get_field_index(SET_ASIDE_STATUS), SET_ASIDE_STATUS,
+                                pa.array(statuses, pa.string()))
 
 
 def _write(batch: pa.Table, sink) -> pa.Table:

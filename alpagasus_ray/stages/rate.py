@@ -31,7 +31,7 @@ from alpagasus_ray.llm.engines.base import run_to_end
 from alpagasus_ray.progress import watch
 from alpagasus_ray.ray_runtime import ensure_ray
 from alpagasus_ray.stages.rate_summary import dry_run_report, summarize
-from alpagasus_ray.stages.chat_rating import ConversationRating, TurnRating
+from alpagasus_ray.stages.chat_rating import ConversationRating, TooLong, TurnRating
 from alpagasus_ray.stages.rating import LIGHT, RowRating
 from alpagasus_ray.store.inputs import input_dataset, scan_input
 from alpagasus_ray.store.layout import RunDir, write_json
@@ -61,7 +61,9 @@ def run_rate(config: Config, dry_run: bool = False, detach: bool = False, cancel
     if not dry_run:
         engine.check("rate")
     ensure_ray()
-    scan = scan_input(config.data)
+    context = engine.context()
+    check = TooLong(cfg, engine, context) if context else None
+    scan = scan_input(config.data, check)
     plan = rating_plan(config, engine, scan)
     if cancel:
         return {**engine.cancel(plan.task, plan.results), "by_status": plan.store.status_counts()}
@@ -73,7 +75,7 @@ def run_rate(config: Config, dry_run: bool = False, detach: bool = False, cancel
         _check_same_grader(store, grader, cfg.dimension, plan.meta[C.PROMPT_VERSION])
     requests, text_chars = plan.requests(scan)
     before = plan.results.store.status_counts()  # what earlier runs saved: rows, or turns
-    asked = sum(before.values()) - before[C.INVALID_INPUT]
+    asked = sum(before.values()) - sum(before[s] for s in C.SET_ASIDE)
     log.info("rate: %s rows from %s (%s invalid); %s of %s requests (one per %s) to send to %s", f"{scan.rows:,}",
              ", ".join(scan.files), f"{scan.invalid:,}", f"{max(0, requests - asked):,}", f"{requests:,}",
              plan.unit, grader)
@@ -83,14 +85,14 @@ def run_rate(config: Config, dry_run: bool = False, detach: bool = False, cancel
                     len(scan.repeats), rid, ", ".join(sources[:3]))
     if dry_run:
         return dry_run_report(scan, cfg, engine, max(0, requests - asked),
-                              text_chars / requests if requests else 0, plan.prompt_chars())
+                              text_chars / requests if requests else 0, plan.prompt_chars(), context)
 
     write_json(RunDir(config.run_dir).rate_config, config_for_record(config))
     total = requests if plan.unit == "turn" else scan.rows  # the rows set aside count as done too
     with watch("rate", total=total, cost=engine.cost, done=sum(before.values()), unit=plan.unit) as progress:
         for store in plan.stores:
             store.remove_unfinished()  # what a kill left half-written
-        rows = input_dataset(config.data, scan.files, scan.repeats)
+        rows = input_dataset(config.data, scan.files, scan.repeats, check=check)
         done = done_ids(plan.results.store, engine.in_flight())
 
         def skip(dataset):
@@ -106,10 +108,11 @@ def run_rate(config: Config, dry_run: bool = False, detach: bool = False, cancel
                              retry_failed=cfg.retry_failed, detach=detach)
     if running:
         return {"running_batches": [{"batch_id": r.batch_id, "status": r.status, "rows": r.rows} for r in running]}
-    plan.finish(input_dataset(config.data, scan.files, scan.repeats), scan)
+    plan.finish(input_dataset(config.data, scan.files, scan.repeats, check=check), scan)
     counts = progress.final
-    sent = counts.get("rows", 0) - counts.get(C.INVALID_INPUT, 0)
-    summary = summarize(scan, plan.store, cfg, engine, time.time() - started, sent, plan.meta[C.PROMPT_VERSION])
+    sent = counts.get("rows", 0) - sum(counts.get(s, 0) for s in C.SET_ASIDE)
+    summary = summarize(scan, plan.store, cfg, engine, time.time() - started, sent, plan.meta[C.PROMPT_VERSION],
+                        context)
     summary.update(plan.summary(sent))
     if engine.summary() is not None:
         summary["batches"] = engine.summary()

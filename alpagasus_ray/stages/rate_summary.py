@@ -11,6 +11,7 @@ import pyarrow.compute as pc
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import RateConfig
+from alpagasus_ray.llm.context import Context
 from alpagasus_ray.llm.engines import Engine
 from alpagasus_ray.rules.prompts import CHARS_PER_TOKEN, PROMPT_VERSION
 from alpagasus_ray.store.inputs import InputScan
@@ -21,14 +22,17 @@ REQUEST_LINE_OVERHEAD = 300
 
 
 def dry_run_report(scan: InputScan, cfg: RateConfig, engine: Engine, to_send: int, chars_per_request: float,
-                   fixed: int) -> dict:
+                   fixed: int, context: Context | None = None) -> dict:
     """What rating would send: `to_send` requests (one per row, or per assistant turn), each with
-    `chars_per_request` characters of text on average and the prompt's own `fixed` characters."""
+    `chars_per_request` characters of text on average and the prompt's own `fixed` characters;
+    the rows too long for the grader's `context` are among those set aside."""
     text_chars = chars_per_request * to_send
     prompt_tokens = math.ceil((text_chars + fixed * to_send) / CHARS_PER_TOKEN)
     report = {
         "rows_in": scan.rows,
-        "invalid_input": scan.invalid,
+        "invalid_input": scan.invalid - scan.too_long,
+        "too_long": scan.too_long,
+        "context": context_record(context),
         "to_send": to_send,
         "prompt_tokens_estimate": prompt_tokens,
         "completion_tokens_at_most": to_send * cfg.max_tokens,
@@ -47,8 +51,15 @@ def dry_run_report(scan: InputScan, cfg: RateConfig, engine: Engine, to_send: in
     return report
 
 
+def context_record(context: Context | None) -> dict | None:
+    """What a summary says of the grader's context: its tokens, the key that set it, how counted."""
+    if context is None:
+        return None
+    return {"tokens": context.tokens, "key": f"rate.{context.key}", "counted_by": context.counted_by}
+
+
 def summarize(scan: InputScan, store: RatedStore, cfg: RateConfig, engine: Engine, seconds: float, sent: int,
-              prompt_version: str = PROMPT_VERSION) -> dict:
+              prompt_version: str = PROMPT_VERSION, context: Context | None = None) -> dict:
     """The summary, counted by one streaming scan of the parts."""
     statuses, scores, tokens, rows = Counter(), Counter(), Counter(), 0
     not_ok = []
@@ -70,6 +81,7 @@ def summarize(scan: InputScan, store: RatedStore, cfg: RateConfig, engine: Engin
         "rows_in": scan.rows,
         "rows_out": rows,
         "by_status": {s: statuses.get(s, 0) for s in C.STATUSES},
+        "context": context_record(context),
         "grader": engine.name,
         "dimension": cfg.dimension,
         "prompt_version": prompt_version,

@@ -23,7 +23,7 @@ from alpagasus_ray.rules.prompts import (
     rating_messages,
 )
 from alpagasus_ray.llm.results import PartResults
-from alpagasus_ray.store.inputs import INVALID_REASON
+from alpagasus_ray.store.inputs import INVALID_REASON, SET_ASIDE_STATUS
 from alpagasus_ray.store.parts import PartWriter
 from alpagasus_ray.store.rated import RATED_SCHEMA, RatedStore
 
@@ -81,18 +81,19 @@ def rating_meta(cfg: RateConfig) -> dict:
 
 def set_aside_dataset(rows, store, to_stored, progress):
     """The rows of `rows` that cannot be rated, written to `store` as `to_stored` makes them
-    (invalid_input rows) by the workers (a Dataset of one row of counts per batch)."""
+    by the workers (a Dataset of one row of counts per batch)."""
     sink = PartWriter(store.uri, store.schema, to_stored)
     return rows.map_batches(_set_aside_rows, fn_kwargs={"sink": sink, "progress": progress},
                             batch_format="pyarrow", batch_size=None, **LIGHT)
 
 
 def set_aside_rows(batch: pa.Table, meta: dict) -> pa.Table:
-    """Rows that cannot be rated, as rated rows with status invalid_input and the reason."""
+    """Rows that cannot be rated, as rated rows with the status they were set aside with
+    (invalid_input, too_long) and the reason."""
     n = batch.num_rows
     results = {
         C.SCORE: pa.nulls(n, pa.float64()), C.SCORE_EXPECTED: pa.nulls(n, pa.float64()),
-        C.STATUS: pa.array([C.INVALID_INPUT] * n, pa.string()), C.REVIEW: pa.array([""] * n, pa.string()),
+        C.STATUS: batch[SET_ASIDE_STATUS], C.REVIEW: pa.array([""] * n, pa.string()),
         C.ATTEMPTS: pa.array([0] * n, pa.int32()), C.ERROR: batch[INVALID_REASON],
         C.TOKENS_IN: pa.array([0] * n, pa.int64()), C.TOKENS_OUT: pa.array([0] * n, pa.int64()),
     }
@@ -111,7 +112,7 @@ def _set_aside_rows(batch: pa.Table, sink, progress=None) -> pa.Table:
     batch = batch.filter(pc.is_valid(batch[INVALID_REASON]))
     sink(batch)
     if progress is not None:
-        progress.add(pa.table({C.STATUS: pa.array([C.INVALID_INPUT] * batch.num_rows, pa.string())}))
+        progress.add(pa.table({C.STATUS: batch[SET_ASIDE_STATUS]}))
     return pa.table({"rows": [batch.num_rows]})
 
 

@@ -31,6 +31,8 @@ from alpagasus_ray.store.rated import MESSAGES_TYPE
 log = logging.getLogger(__name__)
 
 INVALID_REASON = "invalid_reason"
+# The status a row set aside gets: invalid_input (its shape), or too_long (a stage's `check`).
+SET_ASIDE_STATUS = "set_aside_status"
 # A row's place in the input (file index << 32 | row index): orders rows across files and blocks.
 POSITION = "_position"
 # Rows per block read: small enough to stream, large enough that per-block costs do not show.
@@ -103,7 +105,7 @@ def row_schema(extra_fields: tuple[str, ...] = ()) -> pa.Schema:
     """The columns of a read row: an alpaca row fills instruction, input and output, a conversation
     `messages`; `POSITION` orders rows across files and is dropped before output."""
     names = [C.ID, C.INSTRUCTION, C.INPUT, C.OUTPUT]
-    after = [C.FORMATTING, C.SOURCE, INVALID_REASON, *extra_fields]
+    after = [C.FORMATTING, C.SOURCE, INVALID_REASON, SET_ASIDE_STATUS, *extra_fields]
     return pa.schema([*((n, pa.string()) for n in names), (C.MESSAGES, MESSAGES_TYPE),
                       *((n, pa.string()) for n in after), (POSITION, pa.int64())])
 
@@ -259,7 +261,7 @@ class _Unreadable:
 def _normalize(source: str, item: Any, formatting: str, cfg: DataConfig, chosen_by: str) -> dict[str, Any]:
     """One input item as a flat record; problems go to `invalid_reason`, the row is kept."""
     record = {C.ID: None, C.INSTRUCTION: None, C.INPUT: None, C.OUTPUT: None, C.MESSAGES: None,
-              C.FORMATTING: formatting, C.SOURCE: source, INVALID_REASON: None}
+              C.FORMATTING: formatting, C.SOURCE: source, INVALID_REASON: None, SET_ASIDE_STATUS: None}
     if formatting == ALPACA:
         record.update(dict.fromkeys(C.TEXT_FIELDS, ""))
     else:
@@ -271,6 +273,8 @@ def _normalize(source: str, item: Any, formatting: str, cfg: DataConfig, chosen_
     normalized = normalize(item, formatting, cfg, chosen_by)
     record[INVALID_REASON] = normalized.pop("reason")
     record.update(normalized)
+    if record[INVALID_REASON] is not None:
+        record[SET_ASIDE_STATUS] = C.INVALID_INPUT
     return record
 
 
@@ -279,18 +283,19 @@ def _normalize(source: str, item: Any, formatting: str, cfg: DataConfig, chosen_
 
 
 def input_dataset(cfg: DataConfig, files: list[str], repeats: dict[str, list[int]] | None = None,
-                  extra_fields: tuple[str, ...] = (), rows_per_block: int = BLOCK_ROWS):
+                  extra_fields: tuple[str, ...] = (), rows_per_block: int = BLOCK_ROWS, check=None):
     """A Ray Dataset of the rows of `files` (the columns of `row_schema`), read on the workers.
 
     `repeats` (from `scan_input`) gives repeated ids their '~N' suffix as the rows are read, so
-    ids are final the moment a row exists. With `cfg.limit` one task reads the files in order.
-    Blocks hold up to `rows_per_block` rows.
+    ids are final the moment a row exists. `check` (a block -> block function) may set aside
+    more rows as they are read, e.g. those too long for the grader. With `cfg.limit` one task
+    reads the files in order. Blocks hold up to `rows_per_block` rows.
     """
     import ray
 
     # A quarter CPU per read task: beside a vLLM engine (a whole CPU on a CPU node), its light
     # stages and the API actors, a two-core machine still runs every stage at once.
-    source = _InputSource(cfg, files, repeats or {}, extra_fields, rows_per_block)
+    source = _InputSource(cfg, files, repeats or {}, extra_fields, rows_per_block, check)
     # As many blocks as read tasks: Ray would otherwise split each task's output into many tiny blocks.
     tasks = 1 if cfg.limit is not None else len(files)
     return ray.data.read_datasource(source, num_cpus=0.25, override_num_blocks=tasks)
@@ -303,10 +308,10 @@ def _input_source_class():
     class InputSource(Datasource):
         """Instruction-tuning rows of JSON, JSONL and Parquet files, normalized as they are read."""
 
-        def __init__(self, cfg, files, repeats, extra_fields, rows_per_block):
+        def __init__(self, cfg, files, repeats, extra_fields, rows_per_block, check):
             super().__init__()
             self.cfg, self.files, self.repeats, self.extra_fields = cfg, files, repeats, extra_fields
-            self.rows_per_block = rows_per_block
+            self.rows_per_block, self.check = rows_per_block, check
 
         def estimate_inmemory_data_size(self):
             return None
@@ -318,7 +323,7 @@ def _input_source_class():
             for group in groups:
                 files = [self.files[i] for i in group]
                 read = functools.partial(_read_task, files, group, self.cfg, self.extra_fields, self.repeats,
-                                         self.rows_per_block)
+                                         self.rows_per_block, self.check)
                 meta = BlockMetadata(num_rows=None, size_bytes=None, input_files=files, exec_stats=None)
                 tasks.append(ReadTask(read, meta, schema=row_schema(self.extra_fields)))
             return tasks
@@ -333,9 +338,10 @@ def _InputSource(*args):
     return _input_source_class()(*args)
 
 
-def _read_task(files, indices, cfg, extra_fields, repeats, rows_per_block) -> Iterator[pa.Table]:
+def _read_task(files, indices, cfg, extra_fields, repeats, rows_per_block, check) -> Iterator[pa.Table]:
     for block in _read_files(files, indices, cfg, extra_fields, cfg.limit, rows_per_block):
-        yield suffix_repeats(block, repeats)
+        block = suffix_repeats(block, repeats)
+        yield check(block) if check is not None else block
 
 
 @dataclass
@@ -344,7 +350,7 @@ class InputScan:
 
     files: list[str]
     rows: int
-    invalid: int
+    invalid: int  # rows set aside: invalid_input, or too_long
     text_chars: int  # characters of instruction + input + output (or all turns) of the rows that can be rated
     repeats: dict[str, list[int]]  # repeated id -> positions of its rows, in input order
     repeat_sources: dict[str, list[str]]  # repeated id -> sources of its rows (at most 20 ids)
@@ -352,6 +358,7 @@ class InputScan:
     formattings: dict[str, str] = field(default_factory=dict)  # file -> the formatting it was read as
     turns: int = 0  # assistant turns of the conversations that can be rated
     turn_chars: int = 0  # characters the assistant turns are sent with, each with the turns before it
+    too_long: int = 0  # rows set aside as too long for the grader (by the scan's `check`)
 
     @property
     def conversations(self) -> bool:
@@ -363,10 +370,11 @@ class InputScan:
         return self.rows - self.invalid
 
 
-def scan_input(cfg: DataConfig) -> InputScan:
+def scan_input(cfg: DataConfig, check=None) -> InputScan:
     """Read the input once on the workers, keeping a thin copy of each row (id, position, source,
     reason, size) in Ray's object store; count it, and find its repeated ids with a Ray Data
-    aggregation. The driver receives a small row per block and the repeats only.
+    aggregation. The driver receives a small row per block and the repeats only. `check` is
+    `input_dataset`'s.
 
     Raises:
         InputError: a file cannot be read at all, or the input has no rows.
@@ -375,7 +383,7 @@ def scan_input(cfg: DataConfig) -> InputScan:
 
     files = list_files(cfg.path)
     with reading_errors():
-        thin = input_dataset(cfg, files).map_batches(_thin, batch_format="pyarrow", batch_size=None).materialize()
+        thin = input_dataset(cfg, files, check=check).map_batches(_thin, batch_format="pyarrow", batch_size=None).materialize()
     per_block = thin.map_batches(_block_counts, batch_format="pyarrow", batch_size=None).take_all()
     rows = sum(b["rows"] for b in per_block)
     if rows == 0:
@@ -401,6 +409,7 @@ def scan_input(cfg: DataConfig) -> InputScan:
         invalid_examples=sorted(examples, key=lambda e: e["position"])[:3],
         formattings={f: formattings[f] for f in files if f in formattings},
         turns=sum(b["turns"] for b in per_block), turn_chars=sum(b["turn_chars"] for b in per_block),
+        too_long=sum(b["too_long"] for b in per_block),
     )
 
 
@@ -428,7 +437,7 @@ def _thin(block: pa.Table) -> pa.Table:
     turn_chars, turns, sent_chars = (pa.array(v, pa.int64()) for v in _conversation_sizes(block[C.MESSAGES]))
     sizes = {"chars": pc.coalesce(pc.cast(chars, pa.int64()), turn_chars), "turns": turns, "turn_chars": sent_chars}
     invalid = pc.is_valid(block[INVALID_REASON])
-    thin = block.select([C.ID, POSITION, C.SOURCE, INVALID_REASON, C.FORMATTING])
+    thin = block.select([C.ID, POSITION, C.SOURCE, INVALID_REASON, SET_ASIDE_STATUS, C.FORMATTING])
     for name, values in sizes.items():
         thin = thin.append_column(name, pc.if_else(invalid, 0, values))
     return thin
@@ -461,7 +470,8 @@ def _block_counts(block: pa.Table) -> pa.Table:
     examples = [{"source": r[C.SOURCE], "reason": r[INVALID_REASON], "position": r[POSITION]} for r in first]
     files = pc.shift_right(block[POSITION], 32).to_pylist()
     formattings = dict(zip(files, block[C.FORMATTING].to_pylist()))  # file index -> how it was read
-    return pa.table({"rows": [block.num_rows], "invalid": [pc.sum(invalid).as_py() or 0],
+    too_long = pc.sum(pc.equal(block[SET_ASIDE_STATUS], C.TOO_LONG)).as_py() or 0
+    return pa.table({"rows": [block.num_rows], "invalid": [pc.sum(invalid).as_py() or 0], "too_long": [too_long],
                      "text_chars": [pc.sum(block["chars"]).as_py() or 0], "turns": [pc.sum(block["turns"]).as_py() or 0],
                      "turn_chars": [pc.sum(block["turn_chars"]).as_py() or 0], "invalid_examples": [json.dumps(examples)],
                      "formattings": [json.dumps(formattings)]})

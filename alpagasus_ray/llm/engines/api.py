@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import ConfigError, api_key, pool_size
 from alpagasus_ray.llm import wire
+from alpagasus_ray.llm.context import api_context
 from alpagasus_ray.llm.engines.base import StreamingEngine
 from alpagasus_ray.llm.task import (
     MAX_ASKS,
@@ -53,6 +54,9 @@ class ApiEngine(StreamingEngine):
 
     def check(self, section: str) -> None:
         require_key(self.cfg, section)
+
+    def context(self):
+        return api_context(self.cfg)
 
     def price_factor(self) -> float | None:
         return 1.0

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import ConfigError
+from alpagasus_ray.llm.context import Context
 from alpagasus_ray.llm.task import FIRST, LLMTask, Results, Sink
 
 
@@ -41,6 +42,10 @@ class Engine:
 
     def check(self, section: str) -> None:
         """Raise ConfigError (or InputError) when the engine cannot run, before anything is sent."""
+
+    def context(self) -> Context | None:
+        """The model's context, which no request may exceed; None when not known."""
+        return None
 
     def price_factor(self) -> float | None:
         """The fraction of the configured prices this engine pays; None when it is not paid."""

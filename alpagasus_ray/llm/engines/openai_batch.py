@@ -32,6 +32,9 @@ class OpenAIBatchEngine(FileEngine):
     def check(self, section: str) -> None:
         require_key(self.cfg, section)
 
+    def context(self):
+        return api_context(self.cfg)
+
     def price_factor(self) -> float | None:
         return self.cfg.batch_price_factor
 

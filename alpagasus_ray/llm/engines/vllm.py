@@ -14,6 +14,7 @@ import math
 import pyarrow as pa
 
 from alpagasus_ray.config import pool_size
+from alpagasus_ray.llm.context import engine_context
 from alpagasus_ray.llm.engines.base import StreamingEngine
 from alpagasus_ray.llm.task import (
     LENGTH,
@@ -39,6 +40,9 @@ class VllmEngine(StreamingEngine):
         from alpagasus_ray.tiny_model import check_model_dir
 
         check_model_dir(self.cfg.model)
+
+    def context(self):
+        return engine_context(self.cfg)
 
     def map(self, rows, task, *, attempt: int = 1, sink=None, progress=None):
         endpoint = self.cfg

@@ -33,6 +33,9 @@ class VllmBatchEngine(FileEngine):
 
         check_model_dir(self.cfg.model)
 
+    def context(self):
+        return engine_context(self.cfg)
+
     def submit(self, record: BatchRecord) -> None:
         from alpagasus_ray.llm.engines.vllm import engine_env
         from alpagasus_ray.tiny_model import resolve_model
