@@ -37,6 +37,8 @@ Config keys (a JSON-able dict, every key optional):
 ``marker``        a regular expression with one group: a request that matches no rule is answered
                   with the group of its *last* match as the score (e.g. ``SCORE=(\\d\\.?\\d?)``
                   scores a conversation's turn by the marker in it: the turn to rate comes last)
+``echo``          a prefix: a request that matches no rule is answered ``<echo> after <n> messages:
+                  <the last message's content>`` (a model whose answer shows what it was shown)
 ``model``         model id listed by ``/v1/models`` and echoed when a request has none
 ``retry_after``   seconds sent in ``Retry-After`` / ``retry-after-ms`` with a 429 (1)
 ``hang_seconds``  how long a ``"hang"`` fault sleeps before answering (30)
@@ -83,6 +85,7 @@ DEFAULTS: dict[str, Any] = {
     "replies": None,
     "replies_by_response": False,
     "marker": None,
+    "echo": None,
     "model": "fake-model",
     "retry_after": 1.0,
     "hang_seconds": 30.0,
@@ -395,6 +398,8 @@ class FakeOpenAI:
 
         if fault == "empty":
             reply = ""
+        elif rule is None and config["echo"] is not None:
+            reply = f"{config['echo']} after {len(messages)} messages: {messages[-1]['content']}"
         elif rule is None and config["marker"] and (found := re.findall(config["marker"], text)):
             reply = f"{found[-1]}\nScored by its marker."
         elif rule is None and config["replies"]:

@@ -136,6 +136,57 @@ def test_pair_prompt_and_a_rerun_asks_only_for_missing_judgments(tmp_path, ray_l
     assert (run / "plots" / "winning_score_vs_size.png").stat().st_size > 10_000
 
 
+def test_a_multi_turn_prompt_is_answered_turn_by_turn_and_judged_per_turn(tmp_path, ray_local, capsys):
+    """Test sets as files (JSONL of `messages` and MT-Bench `turns`, Parquet of Alpaca rows): each
+    later turn is asked with the model's own earlier answers in context, judged in both orders
+    with each model's conversation, and the report counts each turn and all of them."""
+    import pyarrow as pa
+
+    run = tmp_path / "run"
+    mt, single = tmp_path / "mt.jsonl", tmp_path / "single.parquet"
+    mt.write_text(json.dumps({"id": "a", "messages": [
+        {"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "a reference answer, not used"}, {"role": "user", "content": "Q2"}]}) + "\n"
+        + json.dumps({"question_id": 7, "category": "writing", "turns": ["W1", "W2", "W3"]}) + "\n")
+    pq.write_table(pa.Table.from_pylist([{"id": "s", "instruction": "S1", "input": ""}]), single)
+    sets = f"generate.test_sets=[{mt}, {single}]"
+    for name in ("cand", "base"):
+        with serve({"echo": name.upper()}) as url:
+            assert main(["generate", "--config", "/dev/null", f"run_dir={run}", sets, "generate.backend=openai",
+                         f"generate.base_url={url}", "generate.model=fake", f"generate.name={name}",
+                         "generate.template=chat"]) == 0
+            assert stats(url)["requests"] == 6  # 2 + 3 + 1 turns
+    answers = {(a["id"], a["turn"]): a for a in read_jsonl(run / "answers" / "cand" / "mt.jsonl")}
+    assert sorted(answers) == [("mt-7", 1), ("mt-7", 2), ("mt-7", 3), ("mt-a", 1), ("mt-a", 2)]
+    assert answers["mt-a", 1]["answer"] == "CAND after 2 messages: Q1"  # the system turn, the question
+    second = answers["mt-a", 2]
+    assert second["answer"] == "CAND after 4 messages: Q2" and second["instruction"] == "Q2"
+    assert second["history"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Q1"},
+                                 {"role": "assistant", "content": "CAND after 2 messages: Q1"}]
+    assert answers["mt-7", 3]["answer"] == "CAND after 5 messages: W3" and answers["mt-7", 3]["category"] == "writing"
+    assert read_jsonl(run / "answers" / "cand" / "single.jsonl")[0]["answer"] == "CAND after 1 messages: S1"
+
+    # The judge prefers the candidate's first answers and the baseline's later ones.
+    rules = [{"match": f"Assistant A's Answer]\n{first}", "reply": verdict} for first, verdict in
+             (("CAND", "[[A]]"), ("BASE", "[[B]]"))]
+    rules += [{"match": f"Assistant A's Conversation with the User]\n### User:\n{q}\n\n### Assistant:\n{first}",
+               "reply": verdict} for q in ("Q1", "W1") for first, verdict in (("CAND", "[[B]]"), ("BASE", "[[A]]"))]
+    with serve({"rules": rules}) as url:
+        assert main(["judge", *_judge_args(run, url, "judge.prompt=pair")]) == 0
+        assert stats(url)["requests"] == 12 and stats(url)["by_status"] == {"200": 12}
+    judged = read_jsonl(run / "judgments" / "cand_vs_base" / "mt.jsonl")
+    assert {(j["id"], j["turn"], j["outcome"]) for j in judged} == {
+        ("mt-a", 1, "win"), ("mt-a", 2, "lose"), ("mt-7", 1, "win"), ("mt-7", 2, "lose"), ("mt-7", 3, "lose")}
+    assert main(["report", "--config", "/dev/null", f"run_dir={run}", "report.plots=false"]) == 0
+    report = json.loads((run / "report.json").read_text())["cand_vs_base"]
+    everything = report["all"]
+    assert (everything["win"], everything["lose"], everything["n"], everything["winning_score"]) == (3, 3, 6, 1.0)
+    assert {turn: (t["win"], t["lose"], t["n"]) for turn, t in everything["turns"].items()} == {
+        "1": (3, 0, 3), "2": (0, 2, 2), "3": (0, 1, 1)}
+    assert (report["mt"]["win"], report["mt"]["lose"]) == (2, 3) and "turns" not in report["single"]
+    assert "| mt | 2 | 0 | 0 | 2 | 2 | 0.0000 |" in (run / "report.md").read_text()
+
+
 def test_bad_inputs_name_the_file_and_ids(tmp_path, capsys):
     run = tmp_path / "run"
     _write_answers(run, "cand", "koala", ["a", "b", "c"])
@@ -176,6 +227,8 @@ def test_answers_brought_from_elsewhere_are_checked_before_anything_is_sent(tmp_
         ({"id": 1, "test_set": "koala", "instruction": "Q1?", "answer": "A"}, "vicuna.jsonl:2: an answer of test set 'koala'"),
         ({"id": 0, "test_set": "vicuna", "instruction": "Q1?", "answer": "A"}, "vicuna.jsonl:2: id '0' again (first at line 1)"),
         ({"id": 1, "test_set": "vicuna", "instruction": "Q1?", "answer": "A", "status": 3}, "field 'status' is int, expected str"),
+        ({"id": 1, "test_set": "vicuna", "instruction": "Q1?", "answer": "A", "turn": 2},
+         "vicuna.jsonl:2: turn 2 needs a 'history' of the 1 exchanges before it"),
     ]
     cand = run / "answers" / "cand" / "vicuna.jsonl"
     with serve({"reply": "8 6"}) as url:
@@ -201,10 +254,15 @@ def test_generate_judge_report_on_vllm_with_the_tiny_model(tmp_path, tiny_model,
     prompts; the tiny model then judges them (mostly unreadably: it is random, and a prompt longer
     than the server's context fails alone) and the report adds up."""
     run = tmp_path / "run"
+    mt = tmp_path / "mt.jsonl"  # one prompt of two turns: the second asked after the model's first answer
+    mt.write_text(json.dumps({"question_id": 1, "turns": ["Name a colour.", "And another?"]}) + "\n")
     common = ["--config", "/dev/null", f"run_dir={run}", f"generate.model={tiny_model}", "generate.limit=2",
-              "generate.max_tokens=12"]
+              "generate.max_tokens=12", f"generate.test_sets=[{', '.join(SETS)}, {mt}]"]
     assert main(["generate", *common, "generate.name=engine", "generate.use_gpu=false", "generate.max_model_len=1024"]) == 0
     assert main(["generate", *common, "generate.name=server", "generate.backend=openai", f"generate.base_url={vllm_server}"]) == 0
+    engine, server = (read_jsonl(run / "answers" / name / "mt.jsonl") for name in ("engine", "server"))
+    assert [(a["turn"], a["answer"]) for a in engine] == [(a["turn"], a["answer"]) for a in server]
+    assert engine[1]["prompt"].endswith(engine[0]["answer"] + "\n\n### Instruction:\nAnd another?\n\n### Response:")
     for ts in SETS:
         engine = read_jsonl(run / "answers" / "engine" / f"{ts}.jsonl")
         server = read_jsonl(run / "answers" / "server" / f"{ts}.jsonl")
@@ -217,8 +275,8 @@ def test_generate_judge_report_on_vllm_with_the_tiny_model(tmp_path, tiny_model,
 
     assert main(["judge", "--config", "/dev/null", f"run_dir={run}", "judge.backend=openai", f"judge.base_url={vllm_server}",
                  f"judge.model={tiny_model}", "judge.max_tokens=8", "judge.candidate=engine", "judge.baseline=server"]) == 0
-    judgments = [j for ts in SETS for j in read_jsonl(run / "judgments" / "engine_vs_server" / f"{ts}.jsonl")]
-    assert len(judgments) == 16
+    judgments = [j for ts in (*SETS, "mt") for j in read_jsonl(run / "judgments" / "engine_vs_server" / f"{ts}.jsonl")]
+    assert len(judgments) == 20
     for j in judgments:
         assert (j["outcome"] is None) == (j["status"] != "ok")
         if j["status"] == "parse_failed":
@@ -227,9 +285,10 @@ def test_generate_judge_report_on_vllm_with_the_tiny_model(tmp_path, tiny_model,
             assert "maximum context length" in j["error"]
     assert main(["report", "--config", "/dev/null", f"run_dir={run}"]) == 0
     report = json.loads((run / "report.json").read_text())["engine_vs_server"]
-    for ts in SETS:
+    for ts in (*SETS, "mt"):
         t = report[ts]
         assert t["win"] + t["tie"] + t["lose"] + t["parse_failed"] + t["failed"] == 2
+    assert set(report["mt"]["turns"]) == {"1", "2"}
     md = (run / "report.md").read_text()
     assert "these scores carry no meaning" in md and "answers/engine/koala.jsonl" in md
 

@@ -45,6 +45,23 @@ PAIR_USER = (
 )
 PROMPTS = {"vicuna": (VICUNA_SYSTEM, VICUNA_USER), "pair": (PAIR_SYSTEM, PAIR_USER)}
 
+# A later turn of a multi-turn prompt (ours, after the two above): each assistant's whole
+# conversation with the user, its own earlier answers included; only the answer to the last
+# question is judged, with the same instructions and verdict format as the single-turn prompt.
+_LAST_ANSWER = ("The two conversations hold the same user questions. Judge only each assistant's answer to the "
+                "user's last question; the earlier answers are context.")
+VICUNA_TURN_USER = (
+    "[The Start of Assistant 1's Conversation with the User]\n{answer_1}\n[The End of Assistant 1's Conversation]\n\n"
+    "[The Start of Assistant 2's Conversation with the User]\n{answer_2}\n[The End of Assistant 2's Conversation]\n\n"
+    f"[System]\n{_LAST_ANSWER}\n" + VICUNA_USER[VICUNA_USER.index("We would like"):]
+)
+PAIR_TURN_USER = (
+    "[The Start of Assistant A's Conversation with the User]\n{answer_1}\n[The End of Assistant A's Conversation]\n\n"
+    "[The Start of Assistant B's Conversation with the User]\n{answer_2}\n[The End of Assistant B's Conversation]\n\n"
+    f"{_LAST_ANSWER}"
+)
+TURN_PROMPTS = {"vicuna": VICUNA_TURN_USER, "pair": PAIR_TURN_USER}
+
 WIN, TIE, LOSE = "win", "tie", "lose"
 
 
@@ -60,6 +77,29 @@ def judge_messages(question: str, first: str, second: str, prompt: str = "vicuna
     system, user = PROMPTS[prompt]
     return [{"role": "system", "content": system},
             {"role": "user", "content": user.format(question=question, answer_1=first, answer_2=second)}]
+
+
+def judge_turn_messages(first: list[dict], second: list[dict], prompt: str = "vicuna") -> list[dict]:
+    """Chat messages asking the judge to compare two assistants' answers to the last question of
+    a multi-turn prompt, each shown in its own conversation (`first`, `second`: the turns, ending
+    with the assistant's answer to the last question).
+
+    >>> talk = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"},
+    ...         {"role": "user", "content": "Bye?"}, {"role": "assistant", "content": "Bye"}]
+    >>> m = judge_turn_messages(talk, talk)
+    >>> "### User:\\nBye?\\n\\n### Assistant:\\nBye\\n[The End of Assistant 1's" in m[1]["content"]
+    True
+    >>> m[1]["content"].count("single line containing only two values")
+    1
+    """
+    system = PROMPTS[prompt][0]
+    user = TURN_PROMPTS[prompt].format(answer_1=transcript(first), answer_2=transcript(second))
+    return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def transcript(turns: list[dict]) -> str:
+    """A conversation as the judge reads it: each turn under its role's heading."""
+    return "\n\n".join(f"### {t['role'].capitalize()}:\n{t['content']}" for t in turns)
 
 
 @dataclass(frozen=True)

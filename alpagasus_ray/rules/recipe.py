@@ -46,6 +46,16 @@ def alpaca_prompt(instruction: str, input: str = "") -> str:
     return PROMPT_NO_INPUT.format(instruction=instruction)
 
 
+def alpaca_follow_up(instruction: str) -> str:
+    """A later user turn in the Alpaca template, after the answer to the one before.
+
+    >>> text = alpaca_prompt("Name a colour.") + "Red." + alpaca_follow_up("Another?")
+    >>> text.endswith("### Response:Red.\\n\\n### Instruction:\\nAnother?\\n\\n### Response:")
+    True
+    """
+    return f"\n\n### Instruction:\n{instruction}\n\n### Response:"
+
+
 @dataclass(frozen=True)
 class Example:
     """One tokenized training row: `labels` is IGNORE on the prompt, the token id on the target."""

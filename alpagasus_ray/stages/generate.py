@@ -19,6 +19,7 @@ written whole from the parts at the end.
 
 from __future__ import annotations
 
+import functools
 import glob
 import logging
 import os
@@ -42,9 +43,10 @@ from alpagasus_ray.llm.results import PartResults
 from alpagasus_ray.llm.task import Reply, Request, result_schema
 from alpagasus_ray.progress import watch
 from alpagasus_ray.ray_runtime import ensure_ray
-from alpagasus_ray.rules.recipe import alpaca_prompt
+from alpagasus_ray.rules.recipe import alpaca_follow_up, alpaca_prompt
 from alpagasus_ray.store.layout import GENERATION_FILE, RunDir, join, trained_model_dir, write_json
 from alpagasus_ray.store.parts import PartStore
+from alpagasus_ray.store.rated import MESSAGES_TYPE
 from alpagasus_ray.store.records import (
     file_stamps,
     read_jsonl,
@@ -100,31 +102,86 @@ def _generate(config: Config, model: str, name: str) -> dict:
     if start_outputs(out_dir, made_from):
         log.info("generate: %s changed since its answers in %s were made; generating them again", model, out_dir)
     task = AnswerTask(cfg)
-    store = PartStore(join(out_dir, PARTS), pa.schema([*SENT, *result_schema(task)]))
+    schema = pa.schema([*SENT, *result_schema(task)])
+    store = PartStore(join(out_dir, PARTS), schema)
+    results_of = PartResults(store, SENT.names, functools.partial(_stored, schema=schema))
     store.remove_unfinished()
-    done = set(store.read()[C.ID].to_pylist())
-    pending = [p for p in prompts if p[C.ID] not in done]
-    log.info("generate: %d prompts of %s for %s (%d already answered); %d to generate with %s",
-             len(prompts), ", ".join(cfg.test_sets), name, len(done), len(pending), cfg.backend)
+    turns = sum(1 + len(p["follow_ups"]) for p in prompts)
+    log.info("generate: %d prompts (%d turns) of %s for %s with %s", len(prompts), turns, ", ".join(cfg.test_sets),
+             name, cfg.backend)
     record = {"name": name, "model": model, "backend": cfg.backend, "config": config_for_record(config)["generate"]}
-    again = cfg.retry_failed and store.ids_to_ask_again(retry_failed=True, reask=False)
-    if pending or again or store.ids_to_ask_again(retry_failed=False, reask=True):
-        ensure_ray()
-        with watch(f"generate {name}", total=len(pending)) as progress:
-            driver.ask(engine, task, rows_dataset([{C.ID: p[C.ID], "prompt": p["prompt"]} for p in pending], SENT,
-                                                  cfg.batch_size),
-                       PartResults(store, SENT.names), progress=progress, retry_failed=cfg.retry_failed)
-        log.debug("generate: %d answers %s", len(pending), dict(progress.final))
+    # Turn k of a prompt is asked once its turn k-1 is answered: its answer is in the context.
+    sent = 0
+    for turn in range(1, 1 + max(1 + len(p["follow_ups"]) for p in prompts)):
+        results = {r[C.ID]: r for r in store.read().to_pylist()}
+        rows = [_turn_row(p, turn, results, cfg.template) for p in prompts if len(p["follow_ups"]) + 1 >= turn]
+        pending = [r for r in rows if r is not None and r[C.ID] not in results]
+        again = cfg.retry_failed and store.ids_to_ask_again(retry_failed=True, reask=False)
+        if pending or again or store.ids_to_ask_again(retry_failed=False, reask=True):
+            ensure_ray()
+            label = f"generate {name}" + (f" turn {turn}" if turn > 1 else "")
+            with watch(label, total=len(pending)) as progress:
+                driver.ask(engine, task, rows_dataset(pending, SENT, cfg.batch_size),
+                           results_of, progress=progress, retry_failed=cfg.retry_failed)
+            sent += len(pending)
     results = {r[C.ID]: r for r in store.read().to_pylist()}
-    missing = [p[C.ID] for p in prompts if p[C.ID] not in results]
-    if missing:
-        raise RuntimeError(f"prompts in != answers out: {len(missing)} prompts have no answer (e.g. {missing[:5]})")
-    answers = {p[C.ID]: _answer_record(p, results[p[C.ID]], name) for p in prompts}
+    answers = [a for p in prompts for a in _answer_records(p, results, name, cfg.template)]
     for ts in sorted({p["test_set"] for p in prompts}):
-        write_jsonl(join(out_dir, f"{ts}.jsonl"), (answers[p[C.ID]] for p in prompts if p["test_set"] == ts))
-    record.update(_counts(prompts, answers), wall_seconds=round(time.time() - started, 2), generated_this_run=len(pending))
+        write_jsonl(join(out_dir, f"{ts}.jsonl"), (a for a in answers if a["test_set"] == ts))
+    record.update(_counts(prompts, answers), wall_seconds=round(time.time() - started, 2), generated_this_run=sent)
     write_json(join(out_dir, GENERATION_FILE), record)
     return record
+
+
+def _stored(batch: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Answers as the store holds them (a row that went through an engine as JSON comes back with
+    its turns' fields in another order)."""
+    columns = {name: batch[name] for name in batch.column_names}
+    columns[C.MESSAGES] = pa.array(batch[C.MESSAGES].to_pylist(), MESSAGES_TYPE)
+    return pa.table({f.name: columns[f.name] for f in schema}, schema=schema)
+
+
+def turn_key(prompt_id: str, turn: int) -> str:
+    """The id under which turn `turn` (1-based) of a prompt is answered: the prompt's own for the
+    first, so the answers of single-turn prompts keep their ids."""
+    return prompt_id if turn == 1 else f"{prompt_id}#turn{turn}"
+
+
+def user_turns(prompt: dict, template: str) -> list[str]:
+    """The user turns of a prompt as the model is asked them (the first with its input)."""
+    first = prompt["instruction"] if template == "alpaca" else question(prompt)
+    return [first, *prompt["follow_ups"]]
+
+
+def _history(prompt: dict, turn: int, results: dict) -> list[dict] | None:
+    """The conversation before turn `turn`'s question, with the model's own earlier answers;
+    None when an earlier turn has no answer."""
+    history = [{"role": "system", "content": prompt["system"]}] if prompt["system"] else []
+    users = user_turns(prompt, "chat")
+    for earlier in range(1, turn):
+        result = results.get(turn_key(prompt[C.ID], earlier))
+        if result is None or result[C.STATUS] != C.OK:
+            return None
+        history += [{"role": "user", "content": users[earlier - 1]},
+                    {"role": "assistant", "content": result["answer"] or ""}]
+    return history
+
+
+def _turn_row(prompt: dict, turn: int, results: dict, template: str) -> dict | None:
+    """What turn `turn` of a prompt is sent with; None while an earlier turn has no answer."""
+    history = _history(prompt, turn, results)
+    if history is None:
+        return None
+    if template == "chat":
+        messages = [*history, {"role": "user", "content": user_turns(prompt, "chat")[turn - 1]}]
+        return {C.ID: turn_key(prompt[C.ID], turn), "prompt": None, C.MESSAGES: messages}
+    # The Alpaca template has no system turn and no turns: each answer follows its "### Response:",
+    # each later question comes as a new "### Instruction:" block.
+    answers = [m["content"] for m in history if m["role"] == "assistant"]
+    text = alpaca_prompt(prompt["instruction"], prompt["input"])
+    for answer, follow_up in zip(answers, prompt["follow_ups"]):
+        text += answer + alpaca_follow_up(follow_up)
+    return {C.ID: turn_key(prompt[C.ID], turn), "prompt": text, C.MESSAGES: None}
 
 
 def rows_dataset(rows: list[dict], schema: pa.Schema, batch_size: int):
@@ -156,11 +213,12 @@ def _load_prompts(cfg: GenerateConfig) -> list[dict]:
     prompts, seen = [], {}
     for name in cfg.test_sets:
         for p in load_test_set(name, cfg.limit):
-            if p[C.ID] in seen:
-                raise InputError(f"{name}: id {p[C.ID]!r} is also in {seen[p[C.ID]]}; ids must be unique across test sets")
-            seen[p[C.ID]] = name
-            text = alpaca_prompt(p["instruction"], p["input"]) if cfg.template == "alpaca" else question(p)
-            prompts.append({**p, "prompt": text})
+            for turn in range(1, 2 + len(p["follow_ups"])):
+                key = turn_key(p[C.ID], turn)
+                if key in seen:
+                    raise InputError(f"{name}: id {key!r} is also in {seen[key]}; ids must be unique across test sets")
+                seen[key] = name
+            prompts.append(p)
     return prompts
 
 
@@ -175,10 +233,12 @@ def question(prompt: dict) -> str:
 
 
 # The answer record as the judge reads it, whoever wrote it. Optional fields: `input` (default ""),
-# `category`, and `status` (default "ok"; any other value means the model has no answer to the
-# prompt, which is then not judged). Other fields are kept but not read.
+# `category`, `status` (default "ok"; any other value means the model has no answer to the
+# prompt, which is then not judged), and for a turn after the first of a multi-turn prompt `turn`
+# (default 1) and `history` (the conversation before the turn's question, with the model's own
+# earlier answers). Other fields are kept but not read.
 ANSWER_REQUIRED = {C.ID: (str, int), "test_set": (str,), C.INSTRUCTION: (str,), "answer": (str,)}
-ANSWER_OPTIONAL = {C.INPUT: (str,), "category": (str, int), C.STATUS: (str,)}
+ANSWER_OPTIONAL = {C.INPUT: (str,), "category": (str, int), C.STATUS: (str,), "turn": (int,), "history": (list,)}
 
 
 def read_answers(path: str) -> list[dict]:
@@ -203,44 +263,68 @@ def read_answers(path: str) -> list[dict]:
                                  + " or ".join(t.__name__ for t in types))
         if record["test_set"] != expected_set:
             raise InputError(f"{where}: an answer of test set {record['test_set']!r} in {expected_set}.jsonl")
-        key = str(record[C.ID])
-        if key in seen:
-            raise InputError(f"{where}: id {key!r} again (first at line {seen[key]})")
-        seen[key] = lineno
-        records.append({**record, C.ID: key, C.INPUT: record.get(C.INPUT) or "", C.STATUS: record.get(C.STATUS) or C.OK})
+        key, turn = str(record[C.ID]), record.get("turn") or 1
+        if (key, turn) in seen:
+            of = f" turn {turn}" if turn > 1 else ""
+            raise InputError(f"{where}: id {key!r}{of} again (first at line {seen[key, turn]})")
+        seen[key, turn] = lineno
+        history = record.get("history") or []
+        if turn < 1 or (turn > 1 and not _is_history(history, turn)):
+            raise InputError(f"{where}: turn {turn} needs a 'history' of the {turn - 1} exchanges before it "
+                             "(a list of {role, content}: an optional system turn, then user and assistant turns)")
+        records.append({**record, C.ID: key, C.INPUT: record.get(C.INPUT) or "", C.STATUS: record.get(C.STATUS) or C.OK,
+                        "turn": turn, "history": history})
     return records
 
 
-def _answer_record(prompt: dict, result: dict, name: str) -> dict:
-    ok = result[C.STATUS] == C.OK
-    return {
-        C.ID: prompt[C.ID], "test_set": prompt["test_set"], "category": prompt["category"],
-        C.INSTRUCTION: prompt[C.INSTRUCTION], C.INPUT: prompt[C.INPUT], "prompt": prompt["prompt"],
-        "answer": result["answer"] or "", "model": name, "finish_reason": result["finish_reason"] if ok else ERROR,
-        C.STATUS: C.OK if ok else C.REQUEST_FAILED, C.ERROR: result[C.ERROR],
-        C.TOKENS_IN: result[C.TOKENS_IN], C.TOKENS_OUT: result[C.TOKENS_OUT],
-    }
+def _is_history(history: list, turn: int) -> bool:
+    turns = history[1:] if history and isinstance(history[0], dict) and history[0].get("role") == "system" else history
+    roles = [t.get("role") if isinstance(t, dict) and isinstance(t.get("content"), str) else None for t in turns]
+    return roles == ["user", "assistant"] * (turn - 1)
 
 
-def _counts(prompts: list[dict], answers: dict) -> dict:
-    by_set = Counter(p["test_set"] for p in prompts)
+def _answer_records(prompt: dict, results: dict, name: str, template: str) -> list[dict]:
+    """One record per turn of a prompt; a turn after one with no answer has none either."""
+    records = []
+    for turn, user in enumerate(user_turns(prompt, "alpaca"), start=1):
+        result = results.get(turn_key(prompt[C.ID], turn))
+        if result is None and (not records or records[-1][C.STATUS] == C.OK):
+            raise RuntimeError(f"prompts in != answers out: no answer to {turn_key(prompt[C.ID], turn)}")
+        ok = result is not None and result[C.STATUS] == C.OK
+        error = result[C.ERROR] if result is not None else f"turn {turn - 1} has no answer, so this turn was not asked"
+        row = _turn_row(prompt, turn, results, template) or {}
+        records.append({
+            C.ID: prompt[C.ID], "test_set": prompt["test_set"], "category": prompt["category"], "turn": turn,
+            "turns": 1 + len(prompt["follow_ups"]), C.INSTRUCTION: user, C.INPUT: prompt[C.INPUT] if turn == 1 else "",
+            "history": _history(prompt, turn, results) or [],
+            "prompt": row.get("prompt") or (row[C.MESSAGES][-1]["content"] if row.get(C.MESSAGES) else ""),
+            "answer": (result or {}).get("answer") or "", "model": name,
+            "finish_reason": result["finish_reason"] if ok else ERROR, C.STATUS: C.OK if ok else C.REQUEST_FAILED,
+            C.ERROR: error, C.TOKENS_IN: (result or {}).get(C.TOKENS_IN), C.TOKENS_OUT: (result or {}).get(C.TOKENS_OUT),
+        })
+    return records
+
+
+def _counts(prompts: list[dict], answers: list[dict]) -> dict:
     return {
         "prompts": len(prompts),
-        "by_test_set": dict(by_set),
-        "by_finish_reason": dict(Counter(answers[p[C.ID]]["finish_reason"] for p in prompts)),
-        "tokens_in": sum(answers[p[C.ID]][C.TOKENS_IN] or 0 for p in prompts),
-        "tokens_out": sum(answers[p[C.ID]][C.TOKENS_OUT] or 0 for p in prompts),
+        "turns": len(answers),
+        "by_test_set": dict(Counter(p["test_set"] for p in prompts)),
+        "by_finish_reason": dict(Counter(a["finish_reason"] for a in answers)),
+        "tokens_in": sum(a[C.TOKENS_IN] or 0 for a in answers),
+        "tokens_out": sum(a[C.TOKENS_OUT] or 0 for a in answers),
     }
 
 
 # What a prompt is sent with, and where its answers are kept until the JSONL files are written.
-SENT = pa.schema([(C.ID, pa.string()), ("prompt", pa.string())])
+SENT = pa.schema([(C.ID, pa.string()), ("prompt", pa.string()), (C.MESSAGES, MESSAGES_TYPE)])
 PARTS = "parts"
 
 
 class AnswerTask:
-    """A model's answer to a prompt, for the LLM layer: greedy, up to `generate.max_tokens`, with
-    the Alpaca prompt as plain text (no chat template) or the question as a chat message."""
+    """A model's answer to a prompt's turn, for the LLM layer: greedy, up to `generate.max_tokens`,
+    with the Alpaca prompt as plain text (no chat template) or the conversation so far as chat
+    messages."""
 
     fields = pa.schema([("answer", pa.string()), ("finish_reason", pa.string())])
 
@@ -250,7 +334,7 @@ class AnswerTask:
 
     def request(self, row: dict) -> Request:
         if self.chat:
-            return Request(messages=[{"role": "user", "content": row["prompt"]}], max_tokens=self.cfg.max_tokens)
+            return Request(messages=row[C.MESSAGES], max_tokens=self.cfg.max_tokens)
         return Request(prompt=row["prompt"], max_tokens=self.cfg.max_tokens)
 
     def read(self, row: dict, reply: Reply) -> tuple[dict, str | None]:

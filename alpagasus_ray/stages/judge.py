@@ -2,14 +2,15 @@
 
     alpagasus judge --config configs/paper_alpagasus_9k.yaml judge.candidate=alpagasus-9k judge.baseline=runs/alpaca-52k/answers/alpaca-52k
 
-For every prompt answered by both models the judge is asked twice, candidate first and then
-baseline first, with the paper's App. C prompt (`judge.prompt=vicuna`: two scores 1-10) or the
-FastChat pair prompt (`pair`: a verdict [[A]]/[[B]]/[[C]]). A reply that cannot be read is asked
+For every prompt (and every turn of a multi-turn prompt) answered by both models the judge is
+asked twice, candidate first and then baseline first, with the paper's App. C prompt (`judge.prompt=vicuna`: two scores 1-10) or the
+FastChat pair prompt (`pair`: a verdict [[A]]/[[B]]/[[C]]); a later turn is judged with each
+model's own conversation up to its answer, the answer to the last question judged. A reply that cannot be read is asked
 once more, then kept as parse_failed: it is never a score. The judge runs on the same backends as
 rating (an OpenAI-compatible API under concurrency and rate limits, or vLLM engines on Ray Data).
 
 Writes `<run_dir>/judgments/<candidate>_vs_<baseline>/<test_set>.jsonl`, one line per judgment
-(two per prompt), each from the candidate's side: id, test_set, category, order, status, outcome,
+(two per prompt and turn), each from the candidate's side: id, turn, test_set, category, order, status, outcome,
 score_candidate, score_baseline, review, attempts, error, tokens, judge, prompt. Judgments are
 saved by the worker where each batch finished, as Parquet parts under `parts/` beside them; a rerun
 asks only for the missing ones, and the JSONL files are written whole from the parts at the end.
@@ -18,6 +19,7 @@ asks only for the missing ones, and the JSONL files are written whole from the p
 from __future__ import annotations
 
 import functools
+import json
 import logging
 import time
 from collections import Counter
@@ -33,12 +35,13 @@ from alpagasus_ray.llm.results import PartResults
 from alpagasus_ray.llm.task import Reply, Request, result_schema
 from alpagasus_ray.progress import watch
 from alpagasus_ray.ray_runtime import ensure_ray
-from alpagasus_ray.rules.judging import PARSERS, flip, judge_messages
+from alpagasus_ray.rules.judging import PARSERS, flip, judge_messages, judge_turn_messages
 from alpagasus_ray.stages.generate import (
     answers_names,
     question,
     read_answers,
     rows_dataset,
+    turn_key,
 )
 from alpagasus_ray.store.layout import (
     GENERATION_FILE, JUDGE_FILE, RunDir, exists, is_dir, join, list_dir, read_json, write_json,
@@ -102,7 +105,7 @@ def run_judge(config: Config) -> dict:
         store.ids_to_ask_again(retry_failed=False, reask=True)
     if to_send or again:
         ensure_ray()
-        rows = [{C.ID: t["key"], **{k: t[k] for k in ("question", "first", "second")}} for t in to_send]
+        rows = [{C.ID: t["key"], **{k: t[k] for k in ("question", "first", "second", "turn")}} for t in to_send]
         with watch("judge", total=len(rows), cost=engine.cost) as progress:
             driver.ask(engine, task, rows_dataset(rows, SENT, cfg.batch_size),
                        PartResults(store, SENT.names, functools.partial(_with_meta, meta=meta)), progress=progress,
@@ -128,8 +131,11 @@ def run_judge(config: Config) -> dict:
     return record
 
 
-# What a judgment is sent with (its id is `<prompt id>|<order>`), and the judge beside each verdict.
-SENT = pa.schema([(C.ID, pa.string()), ("question", pa.string()), ("first", pa.string()), ("second", pa.string())])
+# What a judgment is sent with (its id is `<prompt id>|<order>`, or `<prompt id>#turn<k>|<order>`
+# for a later turn, whose `first` and `second` are the two conversations as JSON), and the judge
+# beside each verdict.
+SENT = pa.schema([(C.ID, pa.string()), ("question", pa.string()), ("first", pa.string()), ("second", pa.string()),
+                  ("turn", pa.int32())])
 META = pa.schema([("judge", pa.string()), ("prompt", pa.string())])
 PARTS = "parts"
 
@@ -159,9 +165,9 @@ def _key(prompt_id: str, order: str) -> str:
 
 
 def _tasks(cand_file: str, base_file: str) -> list[dict]:
-    """Two judgments per prompt. The two files must answer the same prompts."""
-    cand = {r[C.ID]: r for r in read_answers(cand_file)}
-    base = {r[C.ID]: r for r in read_answers(base_file)}
+    """Two judgments per prompt and turn. The two files must answer the same prompts and turns."""
+    cand = {turn_key(r[C.ID], r["turn"]): r for r in read_answers(cand_file)}
+    base = {turn_key(r[C.ID], r["turn"]): r for r in read_answers(base_file)}
     if cand.keys() != base.keys():
         only_c, only_b = sorted(cand.keys() - base.keys()), sorted(base.keys() - cand.keys())
         raise InputError(
@@ -169,16 +175,31 @@ def _tasks(cand_file: str, base_file: str) -> list[dict]:
             f"(e.g. {only_c[:5]}), {len(only_b)} only in the second (e.g. {only_b[:5]})"
         )
     tasks = []
-    for pid, c in cand.items():
-        b = base[pid]
+    for key, c in cand.items():
+        b = base[key]
+        if c[C.INSTRUCTION] != b[C.INSTRUCTION]:
+            raise InputError(f"{cand_file} and {base_file} ask {key} different questions")
         missing = c.get(C.STATUS) != C.OK or b.get(C.STATUS) != C.OK
-        common = {C.ID: pid, "test_set": c["test_set"], "category": c.get("category"), "question": question(c),
+        common = {C.ID: c[C.ID], "turn": c["turn"], "test_set": c["test_set"], "category": c.get("category"),
                   "missing": missing}
-        tasks.append({**common, "order": CANDIDATE_FIRST, "key": _key(pid, CANDIDATE_FIRST),
-                      "first": c["answer"], "second": b["answer"]})
-        tasks.append({**common, "order": BASELINE_FIRST, "key": _key(pid, BASELINE_FIRST),
-                      "first": b["answer"], "second": c["answer"]})
+        if c["turn"] == 1:
+            common["question"] = question(c)
+            answers = c["answer"], b["answer"]
+        else:  # each model's own conversation up to its answer to this turn's question
+            common["question"] = c[C.INSTRUCTION]
+            answers = tuple(json.dumps(_conversation(r)) for r in (c, b))
+        tasks.append({**common, "order": CANDIDATE_FIRST, "key": _key(key, CANDIDATE_FIRST),
+                      "first": answers[0], "second": answers[1]})
+        tasks.append({**common, "order": BASELINE_FIRST, "key": _key(key, BASELINE_FIRST),
+                      "first": answers[1], "second": answers[0]})
     return tasks
+
+
+def _conversation(answer: dict) -> list[dict]:
+    """A later turn's answer in its conversation (the system turn is not shown to the judge)."""
+    turns = [t for t in answer["history"] if t["role"] != "system"]
+    return [*({"role": t["role"], "content": t["content"]} for t in turns),
+            {"role": "user", "content": answer[C.INSTRUCTION]}, {"role": "assistant", "content": answer["answer"]}]
 
 
 def _check_same_judge(store: PartStore, judge: str, prompt: str, where: str) -> None:
@@ -203,7 +224,8 @@ def _record(task: dict, result: dict, meta: dict) -> dict:
     outcome = result["outcome"]
     scores = (result["score_1"], result["score_2"]) if first_is_candidate else (result["score_2"], result["score_1"])
     return {
-        C.ID: task[C.ID], "test_set": task["test_set"], "category": task["category"], "order": task["order"],
+        C.ID: task[C.ID], "turn": task["turn"], "test_set": task["test_set"], "category": task["category"],
+        "order": task["order"],
         C.STATUS: result[C.STATUS], "outcome": outcome if outcome is None or first_is_candidate else flip(outcome),
         "score_candidate": scores[0], "score_baseline": scores[1], C.REVIEW: result[C.REVIEW] or "",
         C.ATTEMPTS: result[C.ATTEMPTS], C.ERROR: result[C.ERROR], C.TOKENS_IN: result[C.TOKENS_IN],
@@ -228,8 +250,11 @@ class VerdictTask:
         self.constraint = VERDICT_FORMATS[cfg.prompt] if engine.constrains and cfg.constrained else None
 
     def request(self, row: dict) -> Request:
-        return Request(messages=judge_messages(row["question"], row["first"], row["second"], self.cfg.prompt),
-                       max_tokens=self.cfg.max_tokens, constraint=self.constraint)
+        if (row.get("turn") or 1) > 1:
+            messages = judge_turn_messages(json.loads(row["first"]), json.loads(row["second"]), self.cfg.prompt)
+        else:
+            messages = judge_messages(row["question"], row["first"], row["second"], self.cfg.prompt)
+        return Request(messages=messages, max_tokens=self.cfg.max_tokens, constraint=self.constraint)
 
     def read(self, row: dict, reply: Reply) -> tuple[dict, str | None]:
         verdict = PARSERS[self.cfg.prompt](reply.text)

@@ -9,9 +9,10 @@ Reads `<run_dir>/judgments/*/` and writes `<run_dir>/report.json`, shaped
 With `report.runs` (e.g. the 3k/6k/9k runs, each judged against the 52k model) it also plots the
 winning score against training size, as the paper's Fig. 2.
 
-A prompt counts once: its two judgments combine by the rule of Sec. 3.3 (`judging.combine`). A
-prompt whose judgment could not be read is `parse_failed`, one whose judgment or answer failed is
-`failed`; neither is part of N.
+A prompt counts once (a multi-turn prompt once per turn, with "turns" giving each turn's counts):
+its two judgments combine by the rule of Sec. 3.3 (`judging.combine`). A prompt whose judgment
+could not be read is `parse_failed`, one whose judgment or answer failed is `failed`; neither is
+part of N.
 """
 
 from __future__ import annotations
@@ -50,9 +51,9 @@ def tally(judgments: list[dict]) -> dict:
     >>> t["win"], t["tie"], t["lose"], t["parse_failed"], t["failed"], t["winning_score"], t["capacity"]
     (1, 0, 0, 1, 0, 2.0, 1.1538)
     """
-    by_prompt: dict[str, dict[str, dict]] = defaultdict(dict)
+    by_prompt: dict[tuple[str, int], dict[str, dict]] = defaultdict(dict)
     for j in judgments:
-        by_prompt[j[C.ID]][j["order"]] = j
+        by_prompt[j[C.ID], j.get("turn") or 1][j["order"]] = j
     counts = Counter({WIN: 0, TIE: 0, LOSE: 0, C.PARSE_FAILED: 0, "failed": 0})
     mine, theirs = [], []
     for orders in by_prompt.values():
@@ -81,15 +82,25 @@ def summarize_pair(pair_dir: str) -> dict:
     for name in sets:
         judgments = read_jsonl(join(pair_dir, f"{name}.jsonl"))
         everything += judgments
-        entry[name] = tally(judgments)
+        entry[name] = _with_turns(tally(judgments), judgments)
         by_category = defaultdict(list)
         for j in judgments:
             if j.get("category") is not None:
                 by_category[j["category"]].append(j)
         if len(by_category) > 1:
             entry[name]["categories"] = {c: _short(tally(js)) for c, js in sorted(by_category.items())}
-    entry[ALL] = tally(everything)
+    entry[ALL] = _with_turns(tally(everything), everything)
     return entry
+
+
+def _with_turns(result: dict, judgments: list[dict]) -> dict:
+    """`result` with each turn's counts under "turns", when there are multi-turn prompts."""
+    by_turn = defaultdict(list)
+    for j in judgments:
+        by_turn[j.get("turn") or 1].append(j)
+    if len(by_turn) > 1:
+        result["turns"] = {str(turn): _short(tally(js)) for turn, js in sorted(by_turn.items())}
+    return result
 
 
 def run_report(config: Config) -> dict:
@@ -183,6 +194,11 @@ def _markdown(report: dict, about: dict, smoke: bool, plots_written: list[str], 
             label = f"**{name}**" if name == ALL else name
             lines.append(f"| {label} | {t[WIN]} | {t[TIE]} | {t[LOSE]} | {t[C.PARSE_FAILED]} | {t['failed']} | "
                          f"{t['n']} | {t['winning_score']:.4f} | {cap} |")
+        if "turns" in entry[ALL]:
+            lines += ["", "### By turn (multi-turn prompts: each later turn judged in its conversation)", "",
+                      "| test set | turn | win | tie | lose | N | winning score |", "|---|---|---|---|---|---|---|"]
+            lines += [f"| {name} | {turn} | {v[WIN]} | {v[TIE]} | {v[LOSE]} | {v['n']} | {v['winning_score']:.4f} |"
+                      for name, t in entry.items() if "turns" in t for turn, v in t["turns"].items()]
         for name, t in entry.items():
             if "categories" in t:
                 lines += ["", f"### {name} by category", "", "| category | win | tie | lose | N | winning score |",
