@@ -345,7 +345,7 @@ class _Generating(_Strict):
 
     model: str | None = Field(None, description="Model directory or hub id (vllm), or model name at the API; default <run_dir>/model, what train wrote.")
     name: str | None = Field(None, description="What the model is called in outputs (answers/<name>/); default the model directory's name.")
-    test_sets: list[str] = Field(default_factory=lambda: list(TEST_SETS), min_length=1, description="Shipped test sets by name (koala, vicuna, wizardlm, sinstruct) or JSONL files in one of their formats.")
+    test_sets: list[str] = Field(default_factory=lambda: list(TEST_SETS), min_length=1, description="Shipped test sets by name (koala, vicuna, wizardlm, sinstruct) or JSONL / Parquet files of prompts, MT-Bench turns or conversations (multi-turn prompts are answered turn by turn).")
     limit: int | None = Field(None, gt=0, description="Only the first N prompts of each test set (for trials).")
     max_tokens: int = Field(1024, gt=0, description="Answer length cap in tokens (the paper: 1024). Formerly max_new_tokens.")
     template: Literal["alpaca", "chat"] = Field("alpaca", description="alpaca: the Alpaca prompt the model was trained on, as a plain completion; chat: the instruction (and input) as a chat message, for chat models and APIs.")
