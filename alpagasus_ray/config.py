@@ -300,6 +300,18 @@ class FilterConfig(_Strict):
     plots: bool = Field(True, description="Write the PNG plots under <run_dir>/plots/.")
 
 
+class LoraConfig(_Strict):
+    """A LoRA adapter (peft) in place of full fine-tuning: low-rank updates of the chosen modules,
+    the base model's weights frozen."""
+
+    rank: int = Field(16, gt=0, description="The rank of each update (peft's r).")
+    alpha: float = Field(32, gt=0, description="The updates' scale numerator (peft's lora_alpha): updates scale by alpha / rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="Modules that get an adapter: names such as [q_proj, v_proj], or all-linear (every "
+        "linear layer but the output head).")
+
+
 class TrainConfig(_Strict):
     """Fine-tuning with the Stanford Alpaca recipe on Ray Train + DeepSpeed (the paper's Table 5)."""
 
@@ -310,6 +322,13 @@ class TrainConfig(_Strict):
     train_on: Literal["all", "last"] = Field("all", description="With the chat template: the loss on every assistant turn, or on the last only.")
     chat_template: str | None = Field(None, description="A Jinja chat template (the text, or a file holding it) for a tokenizer that has none, or to replace its own.")
     model: str = Field("builtin:tiny-llama", description="Base model: a local Hugging Face directory or a hub id.")
+    adapter: Literal["none", "lora"] = Field(
+        "none", description="none: every weight is trained (the paper's recipe); lora: a LoRA adapter on the frozen "
+        "base model (train.lora).")
+    lora: LoraConfig = Field(default_factory=LoraConfig, description="The adapter, with train.adapter=lora (see below).")
+    merge: bool = Field(
+        True, description="With adapter=lora: export the model with the adapter merged into it (it loads wherever a "
+        "model does, vLLM included); false writes the adapter alone (PEFT format) for use with train.model.")
     num_workers: int = Field(2, gt=0, description="Ray Train workers (one per GPU on a cluster).")
     use_gpu: bool = Field(False, description="Train on GPUs (bf16) or CPUs (fp32, gloo).")
     resources_per_worker: dict[str, float] = operational(default_factory=dict, description="Ray resources per worker, e.g. {CPU: 8, GPU: 1}.")

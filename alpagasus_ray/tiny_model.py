@@ -139,6 +139,9 @@ def check_model_dir(model: str) -> None:
         return
     if not os.path.isdir(model):
         raise InputError(f"{model}: no such model directory (train first, or set generate.model)")
+    if os.path.isfile(os.path.join(model, "adapter_config.json")) and not os.path.isfile(os.path.join(model, "config.json")):
+        raise InputError(f"{model}: holds a LoRA adapter, not a whole model: export the model with the adapter merged "
+                         "(train.merge=true) to serve it, or load the adapter with peft over train.model")
     from transformers import AutoConfig, AutoTokenizer
 
     try:

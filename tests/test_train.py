@@ -121,12 +121,16 @@ def test_zero3_with_packing_takes_steps_of_examples_and_exports_the_whole_model(
 
 
 @pytest.mark.slow
-def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_at_the_same_step(tmp_path, tiny_model, ray_local):
+def test_a_killed_lora_worker_resumes_from_the_last_checkpoint_and_exports_a_merged_model(tmp_path, tiny_model, ray_local):
+    """A LoRA adapter on ZeRO-3: a worker killed after a checkpoint, the group restarted from it,
+    and the adapter merged into the exported model, which a vLLM engine serves."""
     import ray
     from ray._private.state import actors  # from the GCS: the session's Ray runs without a dashboard
 
     config = load_config(None, _overrides(tmp_path, _data(tmp_path, 96), tiny_model, "train.max_steps=8",
-                                          "train.checkpoint_every=2", "train.max_failures=1", "train.packing=false"))
+                                          "train.checkpoint_every=2", "train.max_failures=1", "train.packing=false",
+                                          "train.zero_stage=3", "train.adapter=lora", "train.lr=1e-2",
+                                          "train.lora={rank: 4, alpha: 8, target_modules: [q_proj, v_proj]}"))
     job = ray.get_runtime_context().get_job_id()
     killed = []
 
@@ -149,6 +153,43 @@ def test_a_killed_worker_resumes_from_the_last_checkpoint_and_ends_at_the_same_s
     resumed = [m["resumed_after"] for m in log if "resumed_after" in m]
     assert len(resumed) == 1 and resumed[0] % 2 == 0 and 2 <= resumed[0] < 8
     assert metrics["step"] == 8 and [m["step"] for m in log] == list(range(1, 9))
+    # Merged: a plain model whose adapted weights moved and whose other weights are the base's.
+    model_dir = RunDir(str(tmp_path / "run")).model
+    assert "adapter_config.json" not in os.listdir(model_dir)
+    trained = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    base = AutoModelForCausalLM.from_pretrained(tiny_model).state_dict()
+    assert trained.keys() == base.keys()
+    moved = {k for k in base if not torch.equal(trained[k], base[k])}
+    assert moved and all(k.endswith(("q_proj.weight", "v_proj.weight")) for k in moved), sorted(moved)[:5]
+    rows = tmp_path / "rate.json"
+    rows.write_text(json.dumps(alpaca_rows(4)))
+    summary = run_rate(load_config(None, [f"run_dir={tmp_path / 'graded'}", f"data.path={rows}", "rate.backend=vllm",
+                                          f"rate.model={model_dir}", "rate.use_gpu=false", "rate.max_model_len=2048"]))
+    assert summary["by_status"]["ok"] == 4
+
+
+@pytest.mark.slow
+def test_lora_on_zero2_without_merging_keeps_the_adapter_beside_the_base_model(tmp_path, tiny_model, ray_local):
+    from peft import PeftModel
+
+    from alpagasus_ray.tiny_model import check_model_dir
+
+    config = load_config(None, _overrides(tmp_path, _data(tmp_path, 48), tiny_model, "train.max_steps=2",
+                                          "train.zero_stage=2", "train.adapter=lora", "train.merge=false",
+                                          "train.lr=1e-2", "train.packing=false"))
+    run_train(config)
+    model_dir = RunDir(str(tmp_path / "run")).model
+    files = set(os.listdir(model_dir))
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    assert "model.safetensors" not in files
+    adapter = json.loads((tmp_path / "run" / "model" / "adapter_config.json").read_text())
+    assert adapter["r"] == 16 and adapter["base_model_name_or_path"] == tiny_model
+    base = AutoModelForCausalLM.from_pretrained(tiny_model)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    merged = PeftModel.from_pretrained(base, model_dir).merge_and_unload().state_dict()
+    assert any(not torch.equal(merged[k], before[k]) for k in before)  # the adapter was trained
+    with pytest.raises(InputError, match="holds a LoRA adapter, not a whole model"):
+        check_model_dir(str(model_dir))
 
 
 @pytest.mark.slow

@@ -12,6 +12,7 @@ The final model lands in `<run_dir>/model/` as a Hugging Face directory.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -277,6 +278,10 @@ def _train_loop(loop_config: dict) -> None:
     if tokenizer.pad_token_id is None:
         tokenizer.add_special_tokens({"pad_token": "<pad>"})
         model.resize_token_embeddings(len(tokenizer))
+    if t.adapter == "lora":
+        from peft import get_peft_model
+
+        model = get_peft_model(model, peft_config(t))
     total, warmup = len(plan), math.ceil(t.warmup_ratio * len(plan))
     zero = {"stage": t.zero_stage}
     if t.offload:
@@ -368,22 +373,60 @@ def _train_loop(loop_config: dict) -> None:
                                                   for k, v in metrics.items()), flush=True)
         last = step + 1 == total
         if (step + 1) % t.checkpoint_every == 0 or last:
-            _report_checkpoint(engine, tokenizer, history, rank, export=last, zero_stage=t.zero_stage)
+            export = functools.partial(_export, t=t, model_path=loop_config["model"], dtype=dtype) if last else None
+            _report_checkpoint(engine, tokenizer, history, rank, export=export, zero_stage=t.zero_stage)
         else:
             ray.train.report(metrics)
 
 
-def _report_checkpoint(engine, tokenizer, history: list[dict], rank: int, export: bool, zero_stage: int) -> None:
-    """Save DeepSpeed state (every rank its shard), the step, and at the end the HF model."""
+def peft_config(t: TrainConfig):
+    """peft's LoraConfig of `train.lora`."""
+    from peft import LoraConfig
+
+    lora = t.lora
+    return LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+                      task_type="CAUSAL_LM")
+
+
+def _export(module, state: dict, directory: str, t: TrainConfig, model_path: str, dtype) -> None:
+    """The trained model as a Hugging Face directory. With a LoRA adapter the weights are loaded
+    into a fresh copy of the base model on the CPU (under ZeRO-3 the module's own are shards), then
+    merged into it (`train.merge`) or saved alone as a PEFT adapter."""
+    if t.adapter != "lora":
+        module.save_pretrained(directory, state_dict=state, safe_serialization=True)
+        return
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, torch_dtype=dtype)
+    embeddings = base.get_input_embeddings().weight
+    name = next(n for n, p in base.named_parameters() if p is embeddings)
+    trained = state.get(f"base_model.model.{name}")
+    if trained is not None and trained.shape[0] != embeddings.shape[0]:
+        base.resize_token_embeddings(trained.shape[0])  # the pad token added for training
+    adapted = get_peft_model(base, peft_config(t))
+    missing, unexpected = adapted.load_state_dict(state, strict=False)
+    if unexpected or any("lora_" in name for name in missing):
+        raise RuntimeError(f"the trained adapter does not fit the base model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if t.merge:
+        adapted.merge_and_unload().save_pretrained(directory, safe_serialization=True)
+    else:
+        adapted.save_pretrained(directory)
+
+
+def _report_checkpoint(engine, tokenizer, history: list[dict], rank: int, export, zero_stage: int) -> None:
+    """Save DeepSpeed state (every rank its shard), the step, and at the end (`export`: a function
+    of the module, its whole state and the directory) the HF model."""
     import ray.train
     from ray.train import Checkpoint
 
     with tempfile.TemporaryDirectory() as directory:
         engine.save_checkpoint(directory, tag="ds")
         if export:
+            # Under ZeRO-3 every rank holds a shard of each weight: all take part in gathering them.
             state = engine._zero3_consolidated_16bit_state_dict() if zero_stage == 3 else engine.module.state_dict()
             if rank == 0:
-                engine.module.save_pretrained(os.path.join(directory, HF_SUBDIR), state_dict=state, safe_serialization=True)
+                export(engine.module, state, os.path.join(directory, HF_SUBDIR))
                 tokenizer.save_pretrained(os.path.join(directory, HF_SUBDIR))
         if rank == 0:
             with open(os.path.join(directory, STATE_FILE), "w") as f:
