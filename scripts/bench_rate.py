@@ -9,6 +9,12 @@ achieved fraction of it, and the same fraction for the AlpaGasus reference patte
 (asyncio.gather over batches of 5 requests, one batch after another) measured in the same run on
 a slice of the rows, plus the driver's peak memory.
 
+    python scripts/bench_rate.py --conversations 3 [--rows 2700]
+
+rates conversations instead: every 3 consecutive rows become one conversation (a system turn,
+then 3 user / assistant exchanges), rated turn by turn (`rate.unit=turn`: one request per
+assistant turn, each with the turns before it); `--rows` counts conversations.
+
     python scripts/bench_rate.py --client-only [--latency 1.0] [--seconds 40]
 
 measures instead the ceiling of one event loop with no Ray: `concurrency` coroutines sending
@@ -108,6 +114,22 @@ def client_only(args, ideal: float) -> None:
             print(f"client only, {how}: {rate:.1f} req/s, {rate / ideal:.3f} of C/L")
 
 
+def conversations_file(directory: str, conversations: int, turns: int) -> str:
+    """A JSONL file of `conversations` conversations, each a system turn and `turns` exchanges made
+    of consecutive rows (their instruction and input as the user turn, their output as the reply)."""
+    rows = json.load(open(DATA))
+    path = os.path.join(directory, "conversations.jsonl")
+    with open(path, "w") as f:
+        for c in range(conversations):
+            messages = [{"role": "system", "content": "You are a helpful assistant."}]
+            for r in rows[(c * turns) % (len(rows) - turns):][:turns]:
+                question = r["instruction"] + (f"\n\n{r['input']}" if r["input"].strip() else "")
+                messages += [{"role": "user", "content": question},
+                             {"role": "assistant", "content": r["output"] or "(no answer)"}]
+            f.write(json.dumps({"id": f"conv-{c}", "messages": messages}) + "\n")
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--latency", type=float, default=0.2, help="server latency L in seconds")
@@ -118,14 +140,17 @@ def main() -> None:
     parser.add_argument("--reference-rows", type=int, default=500, help="rows for the reference pattern")
     parser.add_argument("--client-only", action="store_true", help="the openai client on one event loop, no Ray")
     parser.add_argument("--seconds", type=float, default=40, help="how long each --client-only loop runs")
+    parser.add_argument("--conversations", type=int, default=0, metavar="TURNS",
+                        help="rate conversations of this many assistant turns, made of consecutive rows")
     args = parser.parse_args()
     ideal = args.concurrency / args.latency
     if args.client_only:
         return client_only(args, ideal)
 
     with serve({"latency": args.latency}) as url, tempfile.TemporaryDirectory() as run_dir:
+        data = conversations_file(run_dir, args.rows, args.conversations) if args.conversations else DATA
         config = load_config(None, [
-            f"run_dir={run_dir}", f"data.path={DATA}", f"data.limit={args.rows}", "rate.backend=openai",
+            f"run_dir={run_dir}/run", f"data.path={data}", f"data.limit={args.rows}", "rate.backend=openai",
             f"rate.base_url={url}", "rate.model=fake", f"rate.concurrency={args.concurrency}",
             f"rate.num_workers={args.workers}", f"rate.logprobs={not args.no_logprobs}",
         ])
@@ -143,6 +168,7 @@ def main() -> None:
     result = {
         "latency_s": args.latency, "concurrency": args.concurrency, "workers": args.workers,
         "rows": summary["rows_in"], "ok": summary["by_status"]["ok"], "requests": requests,
+        "assistant_turns_per_row": args.conversations or None,
         "ideal_req_per_s": round(ideal, 1),
         "alpagasus_ray_req_per_s": round(ours, 1),
         "alpagasus_ray_ratio": round(ours / ideal, 3),

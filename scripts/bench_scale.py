@@ -4,6 +4,7 @@
     python scripts/bench_scale.py rate [--sizes 52002 520020] [--latency 0.01] [--concurrency 64]
     python scripts/bench_scale.py filter --run-dirs RUN_52K RUN_520K   (again, on the rate runs' directories)
     python scripts/bench_scale.py batch [--sizes 52002 520020]   (rate.backend=openai_batch, instant batches)
+    python scripts/bench_scale.py rate --conversations 2   (conversations of 2 assistant turns, rated by turn)
 
 Builds copies of the Alpaca 52k set (a suffix per copy, so every row is new) as JSONL files under
 a temporary directory, and runs `alpagasus rate` (with --dry-run, or against a local fake
@@ -35,20 +36,29 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from testdata import scale_data  # noqa: E402
 
 
-def make_input(rows: int, out_dir: str) -> str:
-    """`rows` rows of Alpaca copies (copy k has ' [copy k]' after each instruction), as JSONL."""
-    path = os.path.join(out_dir, f"alpaca_{rows}.jsonl")
+def make_input(rows: int, out_dir: str, turns: int = 0) -> str:
+    """`rows` rows of Alpaca copies (copy k has ' [copy k]' after each instruction), as JSONL; with
+    `turns`, `rows` conversations instead, each a system turn and `turns` exchanges made of
+    consecutive rows (an empty output answered "(no answer)")."""
+    path = os.path.join(out_dir, f"alpaca_{rows}.jsonl" if not turns else f"chat{turns}_{rows}.jsonl")
     if os.path.exists(path):
         return path
     with open(scale_data("alpaca_52k_reconstructed.json")) as f:
         base = json.load(f)
     with open(path, "w") as out:
-        written, copy = 0, 0
-        while written < rows:
-            for row in base[: rows - written]:
-                out.write(json.dumps({**row, "instruction": f"{row['instruction']} [copy {copy}]"}) + "\n")
-            written += min(len(base), rows - (written))
-            copy += 1
+        for n in range(rows):
+            if not turns:
+                row = base[n % len(base)]
+                out.write(json.dumps({**row, "instruction": f"{row['instruction']} [copy {n // len(base)}]"}) + "\n")
+                continue
+            messages = [{"role": "system", "content": "You are a helpful assistant."}]
+            for t in range(turns):
+                k = n * turns + t
+                row = base[k % len(base)]
+                question = f"{row['instruction']} [copy {k // len(base)}]" + (f"\n\n{row['input']}" if row["input"] else "")
+                messages += [{"role": "user", "content": question},
+                             {"role": "assistant", "content": row["output"] or "(no answer)"}]
+            out.write(json.dumps({"messages": messages}) + "\n")
     return path
 
 
@@ -117,13 +127,13 @@ REPLIES = [f"{score}\nThe response is {word}." for score, word in
            (("4.5", "accurate"), ("4", "mostly accurate"), ("3.5", "partly accurate"), ("3", "vague"), ("4", "fine"))]
 
 
-def rate_and_filter(sizes: list[int], work: str, latency: float, concurrency: int) -> None:
+def rate_and_filter(sizes: list[int], work: str, latency: float, concurrency: int, turns: int = 0) -> None:
     from fake_openai_server import serve
 
     results = []
     with serve({"latency": latency, "replies": REPLIES}) as url:
         for rows in sizes:
-            data = make_input(rows, work)
+            data = make_input(rows, work, turns)
             run_dir = f"{work}/run-{rows}-{time.time():.0f}"
             rate = run_measured(alpagasus("rate", "--config", "configs/rate_openai_compatible.yaml",
                                           f"rate.base_url={url}", f"data.path={data}", f"run_dir={run_dir}",
@@ -196,6 +206,8 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+")
     parser.add_argument("--latency", type=float, default=0.01)
     parser.add_argument("--concurrency", type=int, default=64)
+    parser.add_argument("--conversations", type=int, default=0, metavar="TURNS",
+                        help="rate: conversations of this many assistant turns instead of Alpaca rows")
     parser.add_argument("--work", default=os.path.join(tempfile.gettempdir(), "alpagasus-bench-scale"))
     args = parser.parse_args()
     os.makedirs(args.work, exist_ok=True)
@@ -206,7 +218,7 @@ def main() -> None:
     elif args.what == "batch":
         batch_rate(args.sizes or [52_002, 520_020], args.work)
     else:
-        rate_and_filter(args.sizes or [52_002, 520_020], args.work, args.latency, args.concurrency)
+        rate_and_filter(args.sizes or [52_002, 520_020], args.work, args.latency, args.concurrency, args.conversations)
 
 
 if __name__ == "__main__":
