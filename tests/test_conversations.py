@@ -2,7 +2,6 @@
 trained on with the chat template; the chat demo."""
 
 import json
-import math
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -440,32 +439,3 @@ def test_kill_minus_nine_mid_rating_then_rerun_resends_only_the_turns_in_flight(
     assert saved and all(seen["by_rule"][m] == 1 for m in markers)
     print("turns sent again after the kill:", seen["requests"] - 3 * n)
     assert seen["requests"] - 3 * n <= 4 + 4 + 3
-
-
-@pytest.mark.slow
-def test_the_chat_demo_runs_the_method_on_conversations(tmp_path):
-    """`alpagasus demo --chat`: the conversation sample rated turn by turn by the stand-in, the kept
-    conversations trained with its chat template, then answered, judged and reported."""
-    import os
-    import subprocess
-    import sys
-
-    run = tmp_path / "demo-chat"
-    env = {**os.environ, "ALPAGASUS_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run([sys.executable, "-m", "alpagasus_ray.cli", "demo", "--chat", "--run-dir", str(run),
-                           "data.limit=30", "train.max_steps=2", "generate.limit=1", "generate.max_tokens=16"],
-                          capture_output=True, text=True, timeout=900, env=env)
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.strip().splitlines()[-1] == str(run / "report.md")
-    summary = json.load(open(run / "rated_summary.json"))
-    assert summary["rows_in"] == summary["rows_out"] == 30
-    turns = sum(1 + k % 3 for k in range(30))  # the sample chains 1, 2, 3, 1, ... rows per conversation
-    assert summary["turns"]["rated"] == turns and summary["turns"]["by_status"]["ok"] == turns
-    selection = json.load(open(run / "selection.json"))
-    assert selection["rows_are"] == "conversations" and selection["selected"] > 0
-    kept = [json.loads(line) for line in open(run / "selected.jsonl")]
-    assert len(kept) == selection["selected"] and all(r["messages"][-1]["role"] in ("assistant", "user") for r in kept)
-    log = [json.loads(line) for line in open(run / "train_log.jsonl")]
-    assert len(log) == 2 and all(math.isfinite(m["loss"]) for m in log)
-    report = json.loads((run / "report.json").read_text())["demo-chat_vs_tiny-llama-base"]
-    assert all(report[ts]["n"] == 1 for ts in ("koala", "vicuna", "wizardlm", "sinstruct"))

@@ -8,6 +8,7 @@ must carry what they need (their KV cache size) to their workers themselves.
 """
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -66,13 +67,16 @@ def head_node(s3):
 
 
 @pytest.mark.slow
-def test_the_demo_runs_as_a_submitted_job_with_its_run_directory_on_s3(head_node, tmp_path):
-    """The whole method as a job on a running cluster: every stage reads and writes the run directory
-    on s3://, the trained model goes to train.model_dir, and a rerun skips every stage."""
+def test_the_chat_demo_runs_as_a_submitted_job_with_its_run_directory_on_s3(head_node, tmp_path):
+    """`alpagasus demo --chat`, the whole method on conversations, as a job on a running cluster:
+    the sample rated turn by turn by the stand-in, the kept conversations trained with its chat
+    template, then answered, judged and reported; every stage reads and writes the run directory on
+    s3://, the trained model goes to train.model_dir, and a rerun skips every stage. (The Alpaca
+    demo runs on a local Ray in test_pipeline.)"""
     address, env, fs = head_node
     run_dir = "s3://bucket/runs/demo"
     model_dir = tmp_path / "demo" / "model"
-    demo = ["alpagasus", "demo", "--run-dir", run_dir, f"train.model_dir={model_dir}", "data.limit=24",
+    demo = ["alpagasus", "demo", "--chat", "--run-dir", run_dir, f"train.model_dir={model_dir}", "data.limit=30",
             "train.max_steps=2", "generate.limit=1", "generate.max_tokens=8"]
     job_env = {**env, "RAY_AUTH_MODE": "token"}  # Ray 2.60's head uses token auth; its client defaults to none
     submitted = subprocess.run(
@@ -87,11 +91,25 @@ def test_the_demo_runs_as_a_submitted_job_with_its_run_directory_on_s3(head_node
                      "judge.json", "report.json", "report.md", "plots/demo_vs_tiny-llama-base_win_tie_lose.png",
                      "stages/report.json", "logs/alpagasus.log"):
         assert any(f.endswith(artifact) for f in found), artifact
-    assert any("/rated/" in f for f in found) and any("/answers/demo/parts/" in f for f in found)
+    assert any("/rated/" in f for f in found) and any("/rated_turns/" in f for f in found)
+    assert any("/answers/demo/parts/" in f for f in found)
     assert any("/checkpoints/" in f for f in found)
     assert (model_dir / "config.json").is_file() and not any("/model/" in f for f in found)
-    with fs.open_input_stream("bucket/runs/demo/report.json") as f:
-        report = json.loads(f.read())["demo_vs_tiny-llama-base"]
+    def read(name):
+        with fs.open_input_stream(f"bucket/runs/demo/{name}") as f:
+            return f.read().decode()
+
+    summary = json.loads(read("rated_summary.json"))
+    assert summary["rows_in"] == summary["rows_out"] == 30
+    turns = sum(1 + k % 3 for k in range(30))  # the sample chains 1, 2, 3, 1, ... exchanges per conversation
+    assert summary["turns"]["rated"] == turns and summary["turns"]["by_status"]["ok"] == turns
+    selection = json.loads(read("selection.json"))
+    assert selection["rows_are"] == "conversations" and selection["selected"] > 0
+    kept = [json.loads(line) for line in read("selected.jsonl").splitlines()]
+    assert len(kept) == selection["selected"] and all(r["messages"][-1]["role"] in ("assistant", "user") for r in kept)
+    log = [json.loads(line) for line in read("train_log.jsonl").splitlines()]
+    assert len(log) == 2 and all(math.isfinite(m["loss"]) for m in log)
+    report = json.loads(read("report.json"))["demo_vs_tiny-llama-base"]
     assert all(report[ts]["n"] == 1 for ts in ("koala", "vicuna", "wizardlm", "sinstruct"))
     with fs.open_input_stream("bucket/runs/demo/report.md") as f:
         assert "`answers/demo/koala.jsonl`" in f.read().decode()

@@ -84,12 +84,7 @@ def test_zero2_trains_checkpoints_and_exports_a_model_that_generates(tmp_path, t
     assert not torch.equal(model.lm_head.weight, base.lm_head.weight)  # the export holds the trained weights
     prompt = tokenizer(alpaca_prompt("Say hello."), return_tensors="pt").input_ids
     assert model.generate(prompt, max_new_tokens=4, do_sample=False).shape[1] == prompt.shape[1] + 4
-    # vLLM serves it too: the exported directory as the grader of a small rating run.
-    rows = tmp_path / "rate.json"
-    rows.write_text(json.dumps(alpaca_rows(4)))
-    summary = run_rate(load_config(None, [f"run_dir={tmp_path / 'graded'}", f"data.path={rows}", "rate.backend=vllm",
-                                          f"rate.model={model_dir}", "rate.use_gpu=false", "rate.max_model_len=2048"]))
-    assert summary["by_status"]["ok"] == 4
+    # (vLLM serves such an export: the demos generate with it, the LoRA test rates with one.)
 
 
 @pytest.mark.slow

@@ -147,17 +147,16 @@ def turn_key(prompt_id: str, turn: int) -> str:
     return prompt_id if turn == 1 else f"{prompt_id}#turn{turn}"
 
 
-def user_turns(prompt: dict, template: str) -> list[str]:
-    """The user turns of a prompt as the model is asked them (the first with its input)."""
-    first = prompt["instruction"] if template == "alpaca" else question(prompt)
-    return [first, *prompt["follow_ups"]]
+def user_turns(prompt: dict) -> list[str]:
+    """The user turns of a prompt as a chat model is asked them (the first with its input)."""
+    return [question(prompt), *prompt["follow_ups"]]
 
 
 def _history(prompt: dict, turn: int, results: dict) -> list[dict] | None:
     """The conversation before turn `turn`'s question, with the model's own earlier answers;
     None when an earlier turn has no answer."""
     history = [{"role": "system", "content": prompt["system"]}] if prompt["system"] else []
-    users = user_turns(prompt, "chat")
+    users = user_turns(prompt)
     for earlier in range(1, turn):
         result = results.get(turn_key(prompt[C.ID], earlier))
         if result is None or result[C.STATUS] != C.OK:
@@ -173,7 +172,7 @@ def _turn_row(prompt: dict, turn: int, results: dict, template: str) -> dict | N
     if history is None:
         return None
     if template == "chat":
-        messages = [*history, {"role": "user", "content": user_turns(prompt, "chat")[turn - 1]}]
+        messages = [*history, {"role": "user", "content": user_turns(prompt)[turn - 1]}]
         return {C.ID: turn_key(prompt[C.ID], turn), "prompt": None, C.MESSAGES: messages}
     # The Alpaca template has no system turn and no turns: each answer follows its "### Response:",
     # each later question comes as a new "### Instruction:" block.
@@ -269,7 +268,8 @@ def read_answers(path: str) -> list[dict]:
             raise InputError(f"{where}: id {key!r}{of} again (first at line {seen[key, turn]})")
         seen[key, turn] = lineno
         history = record.get("history") or []
-        if turn < 1 or (turn > 1 and not _is_history(history, turn)):
+        answered = (record.get(C.STATUS) or C.OK) == C.OK
+        if turn < 1 or (turn > 1 and answered and not _is_history(history, turn)):
             raise InputError(f"{where}: turn {turn} needs a 'history' of the {turn - 1} exchanges before it "
                              "(a list of {role, content}: an optional system turn, then user and assistant turns)")
         records.append({**record, C.ID: key, C.INPUT: record.get(C.INPUT) or "", C.STATUS: record.get(C.STATUS) or C.OK,
@@ -286,7 +286,7 @@ def _is_history(history: list, turn: int) -> bool:
 def _answer_records(prompt: dict, results: dict, name: str, template: str) -> list[dict]:
     """One record per turn of a prompt; a turn after one with no answer has none either."""
     records = []
-    for turn, user in enumerate(user_turns(prompt, "alpaca"), start=1):
+    for turn, user in enumerate([prompt[C.INSTRUCTION], *prompt["follow_ups"]], start=1):
         result = results.get(turn_key(prompt[C.ID], turn))
         if result is None and (not records or records[-1][C.STATUS] == C.OK):
             raise RuntimeError(f"prompts in != answers out: no answer to {turn_key(prompt[C.ID], turn)}")

@@ -12,6 +12,7 @@ import time
 from typing import Iterator
 
 from alpagasus_ray.config import api_key
+from alpagasus_ray.llm.context import api_context
 from alpagasus_ray.llm.engines.api import require_key
 from alpagasus_ray.llm.engines.files import BatchRecord, FileEngine
 

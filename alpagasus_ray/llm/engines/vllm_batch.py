@@ -13,6 +13,7 @@ import sys
 from typing import Iterator
 
 from alpagasus_ray.errors import ConfigError
+from alpagasus_ray.llm.context import engine_context
 from alpagasus_ray.llm.engines.files import BatchRecord, FileEngine
 from alpagasus_ray.store.layout import is_local
 
