@@ -37,9 +37,9 @@ class Context:
         """The tokens `request` needs (its prompt and up to `max_tokens` of reply) when more than
         the context; None when it fits.
 
-        >>> context = Context(20, "context_tokens")
-        >>> context.too_long(Request(messages=[{"role": "user", "content": "x" * 40}], max_tokens=5))
+        >>> context = Context(20, "context_tokens")  # 40 characters: 10 tokens, and 4 for the message
         >>> context.too_long(Request(messages=[{"role": "user", "content": "x" * 40}], max_tokens=6))
+        >>> context.too_long(Request(messages=[{"role": "user", "content": "x" * 40}], max_tokens=7))
         21
         """
         if request.messages is None:
