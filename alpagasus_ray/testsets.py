@@ -18,6 +18,7 @@ import os
 
 from alpagasus_ray.config import TEST_SETS
 from alpagasus_ray.errors import InputError
+from alpagasus_ray.store.formatting import DEFAULT_TURNS, MESSAGES, SHAREGPT
 
 TESTSET_DIR = os.path.join(os.path.dirname(__file__), "testsets")
 
@@ -102,11 +103,6 @@ def _prompt(row: dict, name: str, where: str, number: int) -> dict:
             "follow_ups": follow_ups, "system": system}
 
 
-# A conversation's turns: (the key of its turns, the role key, the content key, role names).
-_LAYOUTS = {"messages": ("role", "content"), "conversations": ("from", "value")}
-_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant"}
-
-
 def _conversation(row: dict, where: str) -> tuple[str | None, list[str]]:
     """The system turn (or None) and the user turns of a conversation, checked.
 
@@ -114,8 +110,8 @@ def _conversation(row: dict, where: str) -> tuple[str | None, list[str]]:
     ...                             {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "Bye"}]}, "f:1")
     ('Be brief.', ['Hi', 'Bye'])
     """
-    key = "messages" if "messages" in row else "conversations"
-    role_key, content_key = _LAYOUTS[key]
+    layout = DEFAULT_TURNS[MESSAGES if "messages" in row else SHAREGPT]
+    key, role_key, content_key = layout.column, layout.role, layout.content
     turns = row[key]
     if not isinstance(turns, list) or not turns:
         raise InputError(f"{where}: {key!r} must be a non-empty list of turns")
@@ -123,10 +119,10 @@ def _conversation(row: dict, where: str) -> tuple[str | None, list[str]]:
     for position, turn in enumerate(turns, start=1):
         if not isinstance(turn, dict) or not isinstance(turn.get(content_key), str) or not turn[content_key].strip():
             raise InputError(f"{where}: turn {position}: expected an object with a non-empty {content_key!r}")
-        role = _ROLES.get(turn.get(role_key))
+        role = layout.roles.get(turn.get(role_key))
         if role is None:
             raise InputError(f"{where}: turn {position}: unknown role {turn.get(role_key)!r} "
-                             f"(known: {', '.join(_ROLES)})")
+                             f"(known: {', '.join(layout.roles)})")
         if role == "system":
             if position != 1:
                 raise InputError(f"{where}: turn {position}: a system turn after the first turn")

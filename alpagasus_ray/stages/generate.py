@@ -114,7 +114,8 @@ def _generate(config: Config, model: str, name: str) -> dict:
     sent = 0
     for turn in range(1, 1 + max(1 + len(p["follow_ups"]) for p in prompts)):
         results = {r[C.ID]: r for r in store.read().to_pylist()}
-        rows = [_turn_row(p, turn, results, cfg.template) for p in prompts if len(p["follow_ups"]) + 1 >= turn]
+        rows = [_turn_row(p, turn, _history(p, turn, results), cfg.template)
+                for p in prompts if len(p["follow_ups"]) + 1 >= turn]
         pending = [r for r in rows if r is not None and r[C.ID] not in results]
         again = cfg.retry_failed and store.ids_to_ask_again(retry_failed=True, reask=False)
         if pending or again or store.ids_to_ask_again(retry_failed=False, reask=True):
@@ -166,9 +167,9 @@ def _history(prompt: dict, turn: int, results: dict) -> list[dict] | None:
     return history
 
 
-def _turn_row(prompt: dict, turn: int, results: dict, template: str) -> dict | None:
-    """What turn `turn` of a prompt is sent with; None while an earlier turn has no answer."""
-    history = _history(prompt, turn, results)
+def _turn_row(prompt: dict, turn: int, history: list[dict] | None, template: str) -> dict | None:
+    """What turn `turn` of a prompt is sent with, after `history` (`_history`); None while an
+    earlier turn has no answer."""
     if history is None:
         return None
     if template == "chat":
@@ -292,11 +293,12 @@ def _answer_records(prompt: dict, results: dict, name: str, template: str) -> li
             raise RuntimeError(f"prompts in != answers out: no answer to {turn_key(prompt[C.ID], turn)}")
         ok = result is not None and result[C.STATUS] == C.OK
         error = result[C.ERROR] if result is not None else f"turn {turn - 1} has no answer, so this turn was not asked"
-        row = _turn_row(prompt, turn, results, template) or {}
+        history = _history(prompt, turn, results)
+        row = _turn_row(prompt, turn, history, template) or {}
         records.append({
             C.ID: prompt[C.ID], "test_set": prompt["test_set"], "category": prompt["category"], "turn": turn,
             "turns": 1 + len(prompt["follow_ups"]), C.INSTRUCTION: user, C.INPUT: prompt[C.INPUT] if turn == 1 else "",
-            "history": _history(prompt, turn, results) or [],
+            "history": history or [],
             "prompt": row.get("prompt") or (row[C.MESSAGES][-1]["content"] if row.get(C.MESSAGES) else ""),
             "answer": (result or {}).get("answer") or "", "model": name,
             "finish_reason": result["finish_reason"] if ok else ERROR, C.STATUS: C.OK if ok else C.REQUEST_FAILED,
