@@ -2,6 +2,7 @@
 
     alpagasus rate --config configs/rate_openai.yaml rate.concurrency=64 [--dry-run]
     alpagasus rate --config configs/rate_openai_batch.yaml [--detach | --cancel]
+    alpagasus rate --config configs/pilot_chatgpt_vs_claude.yaml --pilot 500
     alpagasus filter --config configs/filter_alpagasus_9k.yaml [--compare OTHER.json]
     alpagasus train --config configs/train_llama_7b.yaml
     alpagasus generate --config FILE generate.model=runs/x/model
@@ -12,7 +13,8 @@
 
 Every subcommand takes `--config FILE` and `dotted.key=value` overrides. Exit code 0 means the
 stage finished (for rate: every row has a final status); 2 means bad config or input, with the
-reason on stderr and nothing sent; 3 (rate --detach) means batches are still running.
+reason on stderr and nothing sent; 3 (rate --detach) means batches are still running; 4 means the
+stage stopped at its spending cap (`max_cost_usd`), what came back saved: raise the cap and rerun.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import sys
 
 from alpagasus_ray import console
 from alpagasus_ray.config import load_config
-from alpagasus_ray.errors import user_error
+from alpagasus_ray.errors import EXIT_CAP_REACHED, CapReached, user_error
 from alpagasus_ray.store.layout import RunDir, trained_model_dir
 
 RUNNING = 3  # exit code of `rate --detach` while batches run
@@ -40,6 +42,9 @@ def main(argv: list[str] | None = None) -> int:
     console.setup(args.verbose)
     try:
         return args.func(args)
+    except CapReached as e:  # not an error: what came back is saved, and a rerun with a higher cap goes on
+        print(f"alpagasus {args.command}: stopped at the spending cap: {e}", file=sys.stderr)
+        return EXIT_CAP_REACHED
     except Exception as e:
         error = user_error(e)  # the user's to fix; anything else is a bug, with its traceback
         if error is None:
@@ -64,6 +69,10 @@ def _parser() -> argparse.ArgumentParser:
                          "rerun the same command to collect")
     sending.add_argument("--cancel", action="store_true",
                          help="batch backends: cancel the run's batches and keep what they had answered")
+    sending.add_argument("--pilot", nargs="?", type=int, const=0, default=None, metavar="N",
+                         help="rate a random sample of N rows (default pilot.size, 500) with the rate grader and each "
+                         "of pilot.graders, and compare them in <run_dir>/pilot/pilot.md; a full rating with one of "
+                         "them takes its ratings as they are")
     filt = _stage(sub, "filter", _filter,
                   "select the training rows from the ratings (threshold, top-k, random-k, subsample, balanced)",
                   "Select rows from <run_dir>/rated/ and write <run_dir>/selected.json, selected.jsonl, "
@@ -132,6 +141,12 @@ def _rate(args) -> int:
     from alpagasus_ray.stages.rate import run_rate
 
     config = _load(args, logs=not args.dry_run)
+    if args.pilot is not None:
+        from alpagasus_ray.stages.pilot import run_pilot
+
+        run_pilot(config, args.pilot or None)
+        print(RunDir(config.run_dir).pilot("pilot.md"))
+        return 0
     summary = run_rate(config, dry_run=args.dry_run, detach=args.detach, cancel=args.cancel)
     if args.dry_run or args.cancel:
         print(json.dumps(summary, indent=2))

@@ -111,6 +111,17 @@ class _Api(_Body):
         "token, plus max_tokens) is set aside too_long before sending; None: not checked.")
     price_input_per_million: float | None = operational(None, ge=0, description="USD per million prompt tokens, for the cost estimate.")
     price_output_per_million: float | None = operational(None, ge=0, description="USD per million completion tokens, for the cost estimate.")
+    max_cost_usd: float | None = operational(
+        None, gt=0, description="A spending cap in USD for the stage, earlier runs included: the usage the API reported, "
+        "priced, plus the worst case of the requests in flight never passes it. At the cap the stage stops sending, "
+        "saves what came back and exits with code 4; rerun with a higher cap to go on. Needs both prices.")
+
+    @model_validator(mode="after")
+    def _cap_needs_prices(self):
+        if self.max_cost_usd is not None and (self.price_input_per_million is None or self.price_output_per_million is None):
+            raise ValueError("max_cost_usd needs price_input_per_million and price_output_per_million (USD per million "
+                             "tokens at the API) to count what is spent")
+        return self
 
 
 class _Pool(_Strict):
@@ -447,6 +458,19 @@ class ReportConfig(_Strict):
     plots: bool = Field(True, description="Write the PNG plots under <run_dir>/plots/.")
 
 
+class PilotConfig(_Strict):
+    """`alpagasus rate --pilot N`: graders compared on a sample before the full rating."""
+
+    graders: list[RateConfig] = Field(
+        default_factory=list, description="The graders to compare, each a full endpoint as under rate (backend, model, "
+        "dimension, prices, ...). The rate endpoint itself comes first unless it is listed.")
+    size: int = Field(500, gt=0, description="Rows in the sample (--pilot N sets it): drawn at random over the whole "
+                      "input, the same rows for every grader.")
+    seed: int = Field(0, description="Seed of the sample.")
+    thresholds: list[float] = Field(
+        default_factory=lambda: [4.0, 4.5], description="Thresholds the share kept is given at, besides filter.threshold.")
+
+
 class Config(_Strict):
     """One run: the run directory and the settings of each stage."""
 
@@ -458,6 +482,7 @@ class Config(_Strict):
     generate: GenerateConfig = Field(default_factory=GenerateVllm)
     judge: JudgeConfig = Field(default_factory=JudgeOpenAI)
     report: ReportConfig = Field(default_factory=ReportConfig)
+    pilot: PilotConfig = Field(default_factory=PilotConfig)
 
 
 def load_config(path: str | None, overrides: list[str] = ()) -> Config:
@@ -575,3 +600,13 @@ OPERATIONAL = frozenset(
     name for model in _all_models() for name, field in model.model_fields.items()
     if (field.json_schema_extra or {}).get("operational")
 )
+
+
+def result_settings(section: BaseModel) -> dict[str, Any]:
+    """A section's settings that its results depend on: all but the operational keys.
+
+    >>> a = result_settings(load_config(None, ["rate.concurrency=64"]).rate)
+    >>> a == result_settings(load_config(None, []).rate), a == result_settings(load_config(None, ["rate.model=m"]).rate)
+    (True, False)
+    """
+    return {k: v for k, v in section.model_dump(mode="json").items() if k not in OPERATIONAL}

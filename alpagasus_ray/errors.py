@@ -40,3 +40,13 @@ def user_error(error: BaseException | None) -> UserError | None:
             return error
         error = inner if isinstance(inner, BaseException) else error.__cause__ or error.__context__
     return None
+
+
+class CapReached(Exception):
+    """A stage stopped sending at its spending cap (`max_cost_usd`): what came back is saved, and
+    the same command with a higher cap goes on from there. The message says what was spent, what
+    is left and how to go on. The CLI exits with `EXIT_CAP_REACHED`."""
+
+
+# The exit code of a stage stopped at its spending cap.
+EXIT_CAP_REACHED = 4

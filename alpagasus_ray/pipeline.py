@@ -23,6 +23,7 @@ import time
 from typing import Callable
 
 from alpagasus_ray.config import OPERATIONAL, Config, ConfigError, config_for_record
+from alpagasus_ray.errors import CapReached
 from alpagasus_ray.store.layout import RunDir, read_json, trained_model_dir, write_json
 from alpagasus_ray.store.records import content_digest
 
@@ -70,6 +71,8 @@ def run_pipeline(config: Config, first: str | None = None, only: str | None = No
         t0 = time.time()
         try:
             summary = RUNNERS[stage](config)
+        except CapReached:
+            raise  # not a failure: the stage stopped at its cap, and a rerun goes on
         except Exception as e:
             log.error("== %s: failed after %.1f s: %s", stage, time.time() - t0, e)
             raise StageFailed(f"stage {stage} failed: {e}") from e

@@ -3,7 +3,8 @@
 It answers ``POST /v1/chat/completions`` and ``GET /v1/models`` the way the
 OpenAI API does, with a configurable latency, scripted replies, fault injection
 (429 / 500 / hang / garbage / empty) and fake logprobs, and it keeps request
-statistics at ``GET /stats`` (cleared by ``POST /reset``).  It runs in its own
+statistics at ``GET /stats`` (cleared by ``POST /reset``), the usage of every completion
+answered among them.  It runs in its own
 process so that a client under test does not share the GIL with it.
 
 From a test::
@@ -205,6 +206,8 @@ class _Stats:
         self.arrivals: collections.deque[float] = collections.deque(maxlen=10_000)
         # Distinct Authorization headers seen, so a test can prove which key a client sent.
         self.authorization: set[str] = set()
+        # The usage of every completion answered, as a bill would add it up.
+        self.usage = {"prompt_tokens": 0, "completion_tokens": 0}
 
     def arrive(self, authorization: str | None = None) -> int:
         now = time.time()
@@ -237,6 +240,7 @@ class _Stats:
             "per_minute_max": self.per_minute_max,
             "arrivals": list(self.arrivals),
             "authorization": sorted(self.authorization),
+            "usage": dict(self.usage),
         }
 
 
@@ -426,6 +430,8 @@ class FakeOpenAI:
             logprobs = {"content": logprobs_content(tokens, k, override), "refusal": None}
 
         prompt_tokens = max(1, len(text) // 4)
+        self.stats.usage["prompt_tokens"] += prompt_tokens
+        self.stats.usage["completion_tokens"] += len(tokens)
         completion = {
             "id": f"chatcmpl-fake-{number}",
             "object": "chat.completion",

@@ -290,8 +290,8 @@ class ConversationRating(RowRating):
         self.meta = {**rating_meta(self.cfg), C.PROMPT_VERSION: chat_prompt_version(self.cfg)}
         self.results = PartResults(self.store, CHAT_SENT, functools.partial(chat_rated_rows, meta=self.meta))
 
-    def prompt_chars(self) -> int:
-        return sum(len(m["content"]) for m in self.task.messages({C.MESSAGES: []}))
+    def prompt_bytes(self) -> int:
+        return sum(len(m["content"].encode("utf-8")) for m in self.task.messages({C.MESSAGES: []}))
 
     def set_aside(self, rows, progress):
         return set_aside_dataset(rows, self.store, functools.partial(chat_set_aside_rows, meta=self.meta), progress)
@@ -317,7 +317,7 @@ class TurnRating(ConversationRating):
         return [self.store, self.turns]
 
     def requests(self, scan) -> tuple[int, int]:
-        return scan.turns, scan.turn_chars
+        return scan.turns, scan.turn_bytes
 
     def set_aside(self, rows, progress):
         return None  # `assemble` writes every conversation, set aside or rated

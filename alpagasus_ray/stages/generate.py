@@ -120,6 +120,9 @@ def _generate(config: Config, model: str, name: str) -> dict:
         again = cfg.retry_failed and store.ids_to_ask_again(retry_failed=True, reask=False)
         if pending or again or store.ids_to_ask_again(retry_failed=False, reask=True):
             ensure_ray()
+            # The cap is the stage's: the answers of both models count as spent.
+            engine.cap_spending([PartStore(join(RunDir(config.run_dir).answers(n), PARTS), schema)
+                                 for n in answers_names(config) if n], "generate")
             label = f"generate {name}" + (f" turn {turn}" if turn > 1 else "")
             with watch(label, total=len(pending)) as progress:
                 driver.ask(engine, task, rows_dataset(pending, SENT, cfg.batch_size),

@@ -105,6 +105,7 @@ def run_judge(config: Config) -> dict:
         store.ids_to_ask_again(retry_failed=False, reask=True)
     if to_send or again:
         ensure_ray()
+        engine.cap_spending([store], "judge")
         rows = [{C.ID: t["key"], **{k: t[k] for k in ("question", "first", "second", "turn")}} for t in to_send]
         with watch("judge", total=len(rows), cost=engine.cost) as progress:
             driver.ask(engine, task, rows_dataset(rows, SENT, cfg.batch_size),

@@ -20,10 +20,14 @@ rerunning the same command sends only the rest. The summary is counted by scanni
 from __future__ import annotations
 
 import logging
+import os
 import time
 
+import pyarrow as pa
+import pyarrow.compute as pc
+
 from alpagasus_ray import columns as C
-from alpagasus_ray.config import Config, ConfigError, config_for_record
+from alpagasus_ray.config import OPERATIONAL, Config, ConfigError, config_for_record, result_settings
 from alpagasus_ray.errors import InputError
 from alpagasus_ray.llm import driver
 from alpagasus_ray.llm.engines import engine_for
@@ -34,8 +38,11 @@ from alpagasus_ray.stages.rate_summary import dry_run_report, summarize
 from alpagasus_ray.stages.chat_rating import ConversationRating, TooLong, TurnRating
 from alpagasus_ray.stages.rating import LIGHT, RowRating
 from alpagasus_ray.store.inputs import input_dataset, scan_input
-from alpagasus_ray.store.layout import RunDir, write_json
-from alpagasus_ray.store.parts import done_ids, skip_done
+from alpagasus_ray.store.layout import RunDir, exists, is_dir, join, list_dir, read_json, write_json
+from alpagasus_ray.store.parts import PartStore, done_ids, skip_done
+
+# The name of the parts that hold the ratings taken from a pilot.
+PILOT_PREFIX = "pilot"
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +80,16 @@ def run_rate(config: Config, dry_run: bool = False, detach: bool = False, cancel
     grader = engine.name
     for store in plan.stores:
         _check_same_grader(store, grader, cfg.dimension, plan.meta[C.PROMPT_VERSION])
-    requests, text_chars = plan.requests(scan)
+    requests, text_bytes = plan.requests(scan)
+    piloted = pilot_ratings(config, plan.results.store)
+    if piloted is not None and not dry_run:
+        plan.results.store.write(piloted, prefix=PILOT_PREFIX)
+        log.info("rate: %s ratings the pilot made with this grader and settings taken as they are (not sent again)",
+                 f"{piloted.num_rows:,}")
     before = plan.results.store.status_counts()  # what earlier runs saved: rows, or turns
     asked = sum(before.values()) - sum(before[s] for s in C.SET_ASIDE)
+    if piloted is not None and dry_run:
+        asked += piloted.num_rows
     log.info("rate: %s rows from %s (%s invalid); %s of %s requests (one per %s) to send to %s", f"{scan.rows:,}",
              ", ".join(scan.files), f"{scan.invalid:,}", f"{max(0, requests - asked):,}", f"{requests:,}",
              plan.unit, grader)
@@ -85,9 +99,11 @@ def run_rate(config: Config, dry_run: bool = False, detach: bool = False, cancel
                     len(scan.repeats), rid, ", ".join(sources[:3]))
     if dry_run:
         return dry_run_report(scan, cfg, engine, max(0, requests - asked),
-                              text_chars / requests if requests else 0, plan.prompt_chars(), context)
+                              text_bytes / requests if requests else 0, plan.prompt_bytes(), context,
+                              plan.results.store.tokens())
 
     write_json(RunDir(config.run_dir).rate_config, config_for_record(config))
+    engine.cap_spending([plan.results.store], "rate")
     total = requests if plan.unit == "turn" else scan.rows  # the rows set aside count as done too
     with watch("rate", total=total, cost=engine.cost, done=sum(before.values()), unit=plan.unit) as progress:
         for store in plan.stores:
@@ -125,6 +141,31 @@ def rating_plan(config: Config, engine, scan) -> RowRating:
     if not scan.conversations:
         return RowRating(config, engine)
     return TurnRating(config, engine) if config.rate.unit == "turn" else ConversationRating(config, engine)
+
+
+def pilot_ratings(config: Config, store) -> pa.Table | None:
+    """The ratings a pilot (`alpagasus rate --pilot`) made into this run directory with the same
+    grader and settings as `config.rate`, as rows of `store` (this run's results), with each row's
+    source in the input; None when there are none, or they were taken already."""
+    run = RunDir(config.run_dir)
+    if not is_dir(run.pilot()) or any(os.path.basename(p).startswith(f"{PILOT_PREFIX}-") for p in store.parts()):
+        return None
+    wanted = result_settings(config.rate)
+    for name in list_dir(run.pilot()):
+        record = join(run.pilot(name), "rate_config.json")
+        if not exists(record):
+            continue
+        settings = {k: v for k, v in read_json(record)["rate"].items() if k not in OPERATIONAL}
+        if settings != wanted:
+            continue
+        rows = PartStore(join(run.pilot(name), store.uri.rstrip("/").rsplit("/", 1)[-1]), store.schema).read()
+        rows = rows.filter(pc.invert(pc.is_in(rows[C.STATUS], pa.array(C.SET_ASIDE))))
+        if C.SOURCE in rows.column_names:  # where the row is in the input, not in the sample file
+            sources = read_json(run.pilot("sample_sources.json"))
+            where = rows.schema.get_field_index(C.SOURCE)
+            rows = rows.set_column(where, C.SOURCE, pa.array([sources.get(i) for i in rows[C.ID].to_pylist()], pa.string()))
+        return rows if rows.num_rows else None
+    return None
 
 
 def _check_same_grader(store, grader: str, dimension: str, prompt_version: str) -> None:

@@ -13,21 +13,25 @@ from alpagasus_ray import columns as C
 from alpagasus_ray.config import RateConfig
 from alpagasus_ray.llm.context import Context
 from alpagasus_ray.llm.engines import Engine
+from alpagasus_ray.rules.budget import FORMAT_TOKENS, FORMAT_TOKENS_PER_MESSAGE
 from alpagasus_ray.rules.prompts import CHARS_PER_TOKEN, PROMPT_VERSION
 from alpagasus_ray.store.inputs import InputScan
 from alpagasus_ray.store.rated import RatedStore
 
 # Bytes of a rating request line besides the prompt's text: custom_id, url, model, sampling fields.
 REQUEST_LINE_OVERHEAD = 300
+# Messages of a rating request: the system message with the row, the user message with the question.
+RATING_MESSAGES = 2
 
 
-def dry_run_report(scan: InputScan, cfg: RateConfig, engine: Engine, to_send: int, chars_per_request: float,
-                   fixed: int, context: Context | None = None) -> dict:
+def dry_run_report(scan: InputScan, cfg: RateConfig, engine: Engine, to_send: int, bytes_per_request: float,
+                   fixed: int, context: Context | None = None, spent: tuple[int, int] = (0, 0)) -> dict:
     """What rating would send: `to_send` requests (one per row, or per assistant turn), each with
-    `chars_per_request` characters of text on average and the prompt's own `fixed` characters;
-    the rows too long for the grader's `context` are among those set aside."""
-    text_chars = chars_per_request * to_send
-    prompt_tokens = math.ceil((text_chars + fixed * to_send) / CHARS_PER_TOKEN)
+    `bytes_per_request` bytes of text on average and the prompt's own `fixed` bytes; the rows too
+    long for the grader's `context` are among those set aside. `spent` is the usage earlier runs
+    saved (tokens in, out), which a spending cap counts."""
+    text_bytes = bytes_per_request * to_send
+    prompt_tokens = math.ceil((text_bytes + fixed * to_send) / CHARS_PER_TOKEN)
     report = {
         "rows_in": scan.rows,
         "invalid_input": scan.invalid - scan.too_long,
@@ -43,11 +47,19 @@ def dry_run_report(scan: InputScan, cfg: RateConfig, engine: Engine, to_send: in
         report["requests_per"] = cfg.unit
     if engine.sends_files:
         # A request line is the prompt's text as JSON plus the body's other fields.
-        request_bytes = text_chars + (fixed + REQUEST_LINE_OVERHEAD) * to_send
+        request_bytes = text_bytes + (fixed + REQUEST_LINE_OVERHEAD) * to_send
         report["request_files"] = max(math.ceil(to_send / cfg.batch_max_requests),
                                       math.ceil(request_bytes / cfg.batch_max_bytes))
         report["request_bytes_estimate"] = math.ceil(request_bytes)
         report["cost_usd_at_most_synchronous"] = engine.cost(prompt_tokens, to_send * cfg.max_tokens, full_price=True)
+    cap = getattr(cfg, "max_cost_usd", None)
+    if cap is not None:
+        # As the cap counts a request before it is sent: a token a byte, and the chat format's own.
+        worst_prompt = text_bytes + to_send * (fixed + RATING_MESSAGES * FORMAT_TOKENS_PER_MESSAGE + FORMAT_TOKENS)
+        spent_usd = engine.cost(*spent)
+        worst = engine.cost(math.ceil(worst_prompt), to_send * cfg.max_tokens)
+        report["budget"] = {"max_cost_usd": cap, "spent_usd": spent_usd, "worst_case_usd": worst,
+                            "covers": spent_usd + worst <= cap}
     return report
 
 

@@ -137,12 +137,12 @@ class RowRating:
 
     def requests(self, scan) -> tuple[int, int]:
         """Requests the input makes, and the characters of text they carry (besides the prompt's own)."""
-        return scan.valid, scan.text_chars
+        return scan.valid, scan.text_bytes
 
-    def prompt_chars(self) -> int:
-        """Characters of the prompt's own text in each request."""
+    def prompt_bytes(self) -> int:
+        """UTF-8 bytes of the prompt's own text in each request."""
         empty = {C.INSTRUCTION: "", C.INPUT: "", C.OUTPUT: ""}
-        return sum(len(m["content"]) for m in self.task.messages(empty))
+        return sum(len(m["content"].encode("utf-8")) for m in self.task.messages(empty))
 
     def set_aside(self, rows, progress):
         """A Dataset writing the rows that cannot be rated (None: `finish` writes them)."""

@@ -30,8 +30,8 @@ from alpagasus_ray.errors import InputError
 from alpagasus_ray.rules.judging import LOSE, TIE, WIN, capacity, combine, winning_score
 from alpagasus_ray.stages.judge import BASELINE_FIRST, CANDIDATE_FIRST
 from alpagasus_ray.store.layout import (
-    GENERATION_FILE, JUDGE_FILE, RunDir, exists, is_dir, join, list_dir, open_filesystem, read_json, write_json,
-    write_whole,
+    GENERATION_FILE, JUDGE_FILE, RunDir, exists, is_dir, join, list_dir, open_filesystem, read_bytes, read_json,
+    write_json, write_whole,
 )
 from alpagasus_ray.store.records import read_jsonl
 from alpagasus_ray.tiny_model import is_stand_in
@@ -206,6 +206,10 @@ def _markdown(report: dict, about: dict, smoke: bool, plots_written: list[str], 
                 lines += [f"| {c} | {v[WIN]} | {v[TIE]} | {v[LOSE]} | {v['n']} | {v['winning_score']:.4f} |"
                           for c, v in t["categories"].items()]
         lines.append("")
+    pilot = RunDir(run_dir).pilot("pilot.md")
+    if exists(pilot):  # the graders compared before the rating (`rate --pilot`)
+        lines += [f"#{line}" if line.startswith("#") else line for line in read_bytes(pilot).decode().splitlines()]
+        lines.append("")
     lines += ["## Artifacts", ""]
     lines += [f"- `{_relative(p, run_dir)}`" for p in _artifacts(run_dir, plots_written)]
     return "\n".join(lines) + "\n"
@@ -229,7 +233,8 @@ def _artifacts(run_dir: str, extra: list[str]) -> list[str]:
     found = set(extra) | {run.report_md}
     for info in fs.get_file_info(pafs.FileSelector(root, recursive=True, allow_not_found=True)):
         inside = info.path[len(root):].lstrip("/")
-        if (info.type != pafs.FileType.File or any(info.path.startswith(b) for b in bulk)
+        pilot_run = inside.startswith("pilot/") and inside.count("/") > 1 and not inside.startswith("pilot/plots/")
+        if (info.type != pafs.FileType.File or any(info.path.startswith(b) for b in bulk) or pilot_run
                 or inside.split("/")[-1].startswith(".") or "parts" in inside.split("/")[:-1]):
             continue
         found.add(join(run_dir, *inside.split("/")))

@@ -35,6 +35,9 @@ INVALID_REASON = "invalid_reason"
 SET_ASIDE_STATUS = "set_aside_status"
 # A row's place in the input (file index << 32 | row index): orders rows across files and blocks.
 POSITION = "_position"
+# Bytes a rating prompt adds to each turn it shows, at most: its label ("[Assistant: the response
+# to rate]") and the blank line between turns.
+TURN_LABEL_BYTES = 40
 # Rows per block read: small enough to stream, large enough that per-block costs do not show.
 BLOCK_ROWS = 2048
 BUILTIN_PREFIX = "builtin:"
@@ -351,13 +354,13 @@ class InputScan:
     files: list[str]
     rows: int
     invalid: int  # rows set aside: invalid_input, or too_long
-    text_chars: int  # characters of instruction + input + output (or all turns) of the rows that can be rated
+    text_bytes: int  # UTF-8 bytes of instruction + input + output (or all turns) of the rows that can be rated
     repeats: dict[str, list[int]]  # repeated id -> positions of its rows, in input order
     repeat_sources: dict[str, list[str]]  # repeated id -> sources of its rows (at most 20 ids)
     invalid_examples: list[dict]  # source and reason of the first rows set aside
     formattings: dict[str, str] = field(default_factory=dict)  # file -> the formatting it was read as
     turns: int = 0  # assistant turns of the conversations that can be rated
-    turn_chars: int = 0  # characters the assistant turns are sent with, each with the turns before it
+    turn_bytes: int = 0  # bytes the assistant turns are sent with, each with the turns before it and their labels
     too_long: int = 0  # rows set aside as too long for the grader (by the scan's `check`)
 
     @property
@@ -405,10 +408,10 @@ def scan_input(cfg: DataConfig, check=None) -> InputScan:
     _check_one_kind(cfg, formattings)
     return InputScan(
         files=files, rows=rows, invalid=sum(b["invalid"] for b in per_block),
-        text_chars=sum(b["text_chars"] for b in per_block), repeats=repeats, repeat_sources=repeat_sources,
+        text_bytes=sum(b["text_bytes"] for b in per_block), repeats=repeats, repeat_sources=repeat_sources,
         invalid_examples=sorted(examples, key=lambda e: e["position"])[:3],
         formattings={f: formattings[f] for f in files if f in formattings},
-        turns=sum(b["turns"] for b in per_block), turn_chars=sum(b["turn_chars"] for b in per_block),
+        turns=sum(b["turns"] for b in per_block), turn_bytes=sum(b["turn_bytes"] for b in per_block),
         too_long=sum(b["too_long"] for b in per_block),
     )
 
@@ -432,10 +435,10 @@ def _thin(block: pa.Table) -> pa.Table:
     """What the scan keeps of a row: no text, only the size of a row that can be rated."""
     import pyarrow.compute as pc
 
-    chars = pc.add(pc.add(pc.utf8_length(block[C.INSTRUCTION]), pc.utf8_length(block[C.INPUT])),
-                   pc.utf8_length(block[C.OUTPUT]))
-    turn_chars, turns, sent_chars = (pa.array(v, pa.int64()) for v in _conversation_sizes(block[C.MESSAGES]))
-    sizes = {"chars": pc.coalesce(pc.cast(chars, pa.int64()), turn_chars), "turns": turns, "turn_chars": sent_chars}
+    size = pc.add(pc.add(pc.binary_length(block[C.INSTRUCTION]), pc.binary_length(block[C.INPUT])),
+                  pc.binary_length(block[C.OUTPUT]))
+    turn_bytes, turns, sent_bytes = (pa.array(v, pa.int64()) for v in _conversation_sizes(block[C.MESSAGES]))
+    sizes = {"bytes": pc.coalesce(pc.cast(size, pa.int64()), turn_bytes), "turns": turns, "turn_bytes": sent_bytes}
     invalid = pc.is_valid(block[INVALID_REASON])
     thin = block.select([C.ID, POSITION, C.SOURCE, INVALID_REASON, SET_ASIDE_STATUS, C.FORMATTING])
     for name, values in sizes.items():
@@ -444,22 +447,25 @@ def _thin(block: pa.Table) -> pa.Table:
 
 
 def _conversation_sizes(messages: pa.ChunkedArray) -> tuple[list[int], list[int], list[int]]:
-    """Of each conversation (0 for a row that is not one): the characters of its turns, its
-    assistant turns, and the characters each assistant turn is sent with (the turns up to it)."""
+    """Of each conversation (0 for a row that is not one): the UTF-8 bytes of its turns, its
+    assistant turns, and the bytes each assistant turn is sent with (the turns up to it, each with
+    the label a rating prompt shows it under)."""
     if messages.null_count == len(messages):  # alpaca rows: no conversation to measure
         return [0] * len(messages), [0] * len(messages), [0] * len(messages)
-    chars, turns, turn_chars = [], [], []
+    sizes, turns, turn_bytes = [], [], []
     for conversation in messages.to_pylist():
-        total = answers = sent = 0
+        total = shown = answers = sent = 0
         for turn in conversation or ():
-            total += len(turn["content"])
+            size = len(turn["content"].encode("utf-8"))
+            total += size
+            shown += size + TURN_LABEL_BYTES
             if turn["role"] == "assistant":
                 answers += 1
-                sent += total
-        chars.append(total)
+                sent += shown
+        sizes.append(total)
         turns.append(answers)
-        turn_chars.append(sent)
-    return chars, turns, turn_chars
+        turn_bytes.append(sent)
+    return sizes, turns, turn_bytes
 
 
 def _block_counts(block: pa.Table) -> pa.Table:
@@ -472,8 +478,8 @@ def _block_counts(block: pa.Table) -> pa.Table:
     formattings = dict(zip(files, block[C.FORMATTING].to_pylist()))  # file index -> how it was read
     too_long = pc.sum(pc.equal(block[SET_ASIDE_STATUS], C.TOO_LONG)).as_py() or 0
     return pa.table({"rows": [block.num_rows], "invalid": [pc.sum(invalid).as_py() or 0], "too_long": [too_long],
-                     "text_chars": [pc.sum(block["chars"]).as_py() or 0], "turns": [pc.sum(block["turns"]).as_py() or 0],
-                     "turn_chars": [pc.sum(block["turn_chars"]).as_py() or 0], "invalid_examples": [json.dumps(examples)],
+                     "text_bytes": [pc.sum(block["bytes"]).as_py() or 0], "turns": [pc.sum(block["turns"]).as_py() or 0],
+                     "turn_bytes": [pc.sum(block["turn_bytes"]).as_py() or 0], "invalid_examples": [json.dumps(examples)],
                      "formattings": [json.dumps(formattings)]})
 
 

@@ -193,6 +193,10 @@ class RunDir:
     def batches(self) -> str:
         return self.path("batches")
 
+    # rate --pilot: the sample, a run directory per grader, the comparison
+    def pilot(self, *parts: str) -> str:
+        return self.path("pilot", *parts)
+
     # filter
     @property
     def selected_json(self) -> str:

@@ -119,6 +119,14 @@ class PartStore:
             found.update(pc.unique(batch.column(0)).to_pylist())
         return found
 
+    def tokens(self) -> tuple[int, int]:
+        """(tokens_in, tokens_out) over every part: the usage the model reported for the rows saved."""
+        tokens_in = tokens_out = 0
+        for batch in self.batches([C.TOKENS_IN, C.TOKENS_OUT]):
+            tokens_in += pc.sum(batch.column(0)).as_py() or 0
+            tokens_out += pc.sum(batch.column(1)).as_py() or 0
+        return tokens_in, tokens_out
+
     def status_counts(self) -> dict[str, int]:
         """Rows per status over every part."""
         counts = dict.fromkeys(C.STATUSES, 0)

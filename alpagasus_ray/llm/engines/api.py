@@ -34,6 +34,7 @@ from alpagasus_ray.llm.task import (
     temperature,
     with_results,
 )
+from alpagasus_ray.rules.budget import usd, worst_case_tokens
 from alpagasus_ray.rules.prompts import estimate_tokens
 from alpagasus_ray.rules.ratelimit import SharedLimiter
 
@@ -94,7 +95,7 @@ class ApiEngine(StreamingEngine):
             batch_size=endpoint.batch_size,
             batch_format="pyarrow",
             fn_constructor_kwargs={"endpoint": endpoint, "slots": slots, "limiter": limiter, "task": task,
-                                   "progress": progress, "sink": sink, "attempt": attempt},
+                                   "progress": progress, "sink": sink, "attempt": attempt, "spending": self.spending},
             compute=ActorPoolStrategy(
                 min_size=fewest, max_size=most, max_tasks_in_flight_per_actor=queued, max_concurrent_calls_per_actor=calls
             ),
@@ -134,13 +135,18 @@ def require_key(endpoint, section: str) -> None:
         )
 
 
+class NotSent(Exception):
+    """The spending cap kept a request from being sent."""
+
+
 class ApiWorker:
     """An API client for a Ray actor: `slots` requests in flight on the actor's event loop, under
-    the shared limiter, and the ask-again loop."""
+    the shared limiter and the shared spending cap, and the ask-again loop."""
 
-    def __init__(self, endpoint, slots: int, limiter=None):
+    def __init__(self, endpoint, slots: int, limiter=None, spending=None):
         self.cfg = endpoint
         self.limiter = limiter
+        self.spending = spending
         self.slots = asyncio.Semaphore(slots)
         # The client's pool (1,000 connections) is larger than any slot count; the semaphore bounds use.
         http_client = openai.DefaultAsyncHttpxClient(event_hooks={"response": [self._on_response]})
@@ -159,14 +165,27 @@ class ApiWorker:
         Raises:
             openai.APIError: the request failed after the client's retries.
             ValidationError: the body is not JSON or lacks a field a result is read from.
+            NotSent: the spending cap kept it from being sent.
         """
         texts = [m["content"] for m in request.messages] if request.messages is not None else [request.prompt]
         path = wire.path(request)
         body = wire.body(request, self.cfg.model, temperature(2 if sampled else 1, self.cfg.temperature),
                          self.cfg.extra_body)
-        async with self._turn(sum(estimate_tokens(t) for t in texts) + request.max_tokens):
-            response = await self.client.post(path, body=body, cast_to=httpx.Response)
-        return wire.parse(response.content, path)
+        worst = self._price(*worst_case_tokens(texts, request.max_tokens)) if self.spending is not None else 0.0
+        async with self._turn(sum(estimate_tokens(t) for t in texts) + request.max_tokens, worst) as booked:
+            cost = worst  # what a request whose usage is not known is counted at
+            try:
+                response = await self.client.post(path, body=body, cast_to=httpx.Response)
+                completion = wire.parse(response.content, path)
+                if booked and completion.usage is not None:  # else it stays at its worst case
+                    cost = self._price(*wire.usage(completion))
+                return completion
+            except openai.APIError:
+                cost = 0.0  # a request that failed is not billed
+                raise
+            finally:
+                if booked:
+                    await self.spending.settle.remote(worst, cost)
 
     async def ask(self, task, row: dict, first: int = 1) -> dict:
         """The result of `row`: its request sent, and asked once more when the reply cannot be
@@ -180,6 +199,13 @@ class ApiWorker:
         for attempt in range(first, MAX_ASKS + 1):
             try:
                 completion = await self.send(request, sampled=first > 1)
+            except NotSent:
+                if attempt == first:
+                    return None  # never sent: the row is left for a rerun
+                # The ask again was not sent: the row keeps what its first ask got (a rerun asks again).
+                if asked.problem is not None:
+                    return failed(task, attempt - 1, asked.problem, asked.tokens_in, asked.tokens_out)
+                return asked.result
             except ValidationError as e:
                 asked.problem = f"unreadable response body: {wire.body_problem(e)}"
                 continue
@@ -200,13 +226,20 @@ class ApiWorker:
         return asked.result
 
     @contextlib.asynccontextmanager
-    async def _turn(self, tokens: int):
+    async def _turn(self, tokens: int, worst: float = 0.0):
         # Slot first, then the limiter: when a Retry-After pause begins, only requests already
-        # past the limiter (at most one per slot) can still go out.
+        # past the limiter (at most one per slot) can still go out. The cap books a request's worst
+        # case once it has its slot, so what is in flight is what is being asked, not what waits.
         async with self.slots:
+            booked = bool(worst)
+            if booked and not await self.spending.book.remote(worst):
+                raise NotSent()
             if self.limiter is not None:
                 await self.limiter.acquire.remote(tokens)
-            yield
+            yield booked
+
+    def _price(self, tokens_in: int, tokens_out: int) -> float:
+        return usd(tokens_in, tokens_out, self.cfg.price_input_per_million, self.cfg.price_output_per_million)
 
     async def _on_response(self, response) -> None:
         """On a 429: an exhausted quota is not retried (the client would retry it `max_retries`
@@ -236,11 +269,16 @@ class ApiMapper(ApiWorker):
     wait for a slot in the order they came, so a batch's rows go out before the next batch's and
     few batches are partly done at any time."""
 
-    def __init__(self, endpoint, slots: int, limiter, task, progress=None, sink=None, attempt: int = 1):
-        super().__init__(endpoint, slots, limiter)
+    def __init__(self, endpoint, slots: int, limiter, task, progress=None, sink=None, attempt: int = 1, spending=None):
+        super().__init__(endpoint, slots, limiter, spending)
         self.task, self.progress, self.sink, self.first = task, progress, sink, attempt
 
     async def __call__(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
-        results = await asyncio.gather(*(self.ask(self.task, row, self.first) for row in rows))
-        return with_results(batch, self.task, list(results), self.progress, self.sink)
+        results = list(await asyncio.gather(*(self.ask(self.task, row, self.first) for row in rows)))
+        if None in results:  # rows the spending cap kept from being sent: not saved, so a rerun sends them
+            sent = [i for i, r in enumerate(results) if r is not None]
+            batch, results = batch.take(pa.array(sent, pa.int64())), [results[i] for i in sent]
+            if not sent and self.sink is not None:
+                return pa.table({"rows": [0]})
+        return with_results(batch, self.task, results, self.progress, self.sink)

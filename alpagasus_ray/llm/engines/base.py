@@ -18,8 +18,10 @@ from __future__ import annotations
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.config import ConfigError
+from alpagasus_ray.errors import CapReached
 from alpagasus_ray.llm.context import Context
 from alpagasus_ray.llm.task import FIRST, LLMTask, Results, Sink
+from alpagasus_ray.rules.budget import SharedSpending
 
 
 class Engine:
@@ -34,6 +36,8 @@ class Engine:
     def __init__(self, endpoint, workdir: str | None = None):
         self.cfg = endpoint
         self.workdir = workdir
+        self.spending = None  # a `SharedSpending` actor under the endpoint's max_cost_usd (`cap_spending`)
+        self.section = None
 
     @property
     def name(self) -> str:
@@ -70,6 +74,36 @@ class Engine:
             return None
         usd = (tokens_in * cfg.price_input_per_million + tokens_out * cfg.price_output_per_million) / 1e6
         return round(usd * factor, 6)
+
+    def cap_spending(self, stores, section: str) -> None:
+        """Hold the requests of this engine under `<section>.max_cost_usd`, the usage saved in
+        `stores` (the stage's results, of earlier runs too) counted as spent. Without a cap, nothing."""
+        import ray
+
+        cap = getattr(self.cfg, "max_cost_usd", None)
+        if cap is None or self.spending is not None:
+            return
+        tokens_in = tokens_out = 0
+        for store in stores:
+            more_in, more_out = store.tokens()
+            tokens_in, tokens_out = tokens_in + more_in, tokens_out + more_out
+        spent = self.cost(tokens_in, tokens_out) or 0.0
+        self.section = section
+        self.spending = ray.remote(SharedSpending).options(num_cpus=0, max_concurrency=1).remote(cap, spent)
+
+    def stop_at_cap(self) -> None:
+        """Raise CapReached when the spending cap has refused a request: the end of the stage."""
+        import ray
+
+        if self.spending is None:
+            return
+        state = ray.get(self.spending.state.remote())
+        if state["stopped"]:
+            raise CapReached(
+                f"{self.section}.max_cost_usd is ${state['cap_usd']:,.4g}; spent ${state['spent_usd']:,.4f} (the usage the "
+                f"API reported, priced, earlier runs included); {state['refused']:,} requests were not sent, since the "
+                f"next could have passed the cap. What came back is saved: raise {self.section}.max_cost_usd and run "
+                "the same command again, it goes on from here and sends nothing twice.")
 
     def ask(self, rows, task: LLMTask, results: Results, *, attempt: int = 1, round: str = FIRST, progress=None,
             detach: bool = False) -> list:
@@ -109,6 +143,8 @@ class StreamingEngine(Engine):
                    for i in b[C.ID].to_pylist()]
         before = set(results.parts()) if ids else set()
         run_to_end(self.map(rows, task, attempt=attempt, sink=results.writer(), progress=progress))
+        # Before the rows asked again replace theirs: a row the cap kept from being sent keeps its old one.
+        self.stop_at_cap()
         if ids:
             results.replace(ids, round, keep_parts=set(results.parts()) - before)
         return []

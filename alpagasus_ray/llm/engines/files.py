@@ -26,10 +26,12 @@ import logging
 import os
 import time
 from collections import Counter
+from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ValidationError
@@ -48,6 +50,7 @@ from alpagasus_ray.llm.task import (
     with_results,
 )
 from alpagasus_ray.progress import batch_counts
+from alpagasus_ray.rules.budget import usd, worst_case_tokens
 from alpagasus_ray.store.layout import (
     STAGING_PREFIX,
     open_filesystem,
@@ -62,6 +65,7 @@ ENDED = ("completed", "failed", "expired", "cancelled")
 # Lines of an output or error file turned into results at a time.
 COLLECT_LINES = 4096
 REQUEST = "__request__"  # the request line of a row, made on the workers
+WORST = "__worst__"  # the most its request can be billed for: [prompt tokens, completion tokens]
 # Ray resources of the light step that makes request lines.
 LIGHT = {"num_cpus": 0.1}
 _MISSING = {
@@ -89,6 +93,9 @@ class BatchRecord(BaseModel):
     output_file_id: str | None = None
     error_file_id: str | None = None
     errors: list[str] = []
+    # The most its requests can be billed for (`rules.budget.worst_case_tokens`), for the spending cap.
+    worst_tokens_in: int = 0
+    worst_tokens_out: int = 0
     collected: bool = False
     collect_seconds: float | None = None  # how long reading its results took
     settled: bool = False  # the rows it replaces have been removed (retry and re-ask rounds)
@@ -158,22 +165,39 @@ def add_requests(batch: pa.Table, task: LLMTask, endpoint, attempts: int) -> pa.
     """`batch` with each row's request line, whose `custom_id` is the row's id (as Ray Data
     `map_batches` on the workers, or on a few rows)."""
     url, sampled = batch_url(task), temperature(attempts, endpoint.temperature)
-    lines = [json.dumps({"custom_id": row[C.ID], "method": "POST", "url": url,
-                         "body": wire.body(task.request(row), endpoint.model, sampled, endpoint.extra_body)},
-                        ensure_ascii=False)
-             for row in batch.to_pylist()]
-    return batch.append_column(REQUEST, pa.array(lines, pa.string()))
+    lines, worst = [], []
+    for row in batch.to_pylist():
+        request = task.request(row)
+        lines.append(json.dumps({"custom_id": row[C.ID], "method": "POST", "url": url,
+                                 "body": wire.body(request, endpoint.model, sampled, endpoint.extra_body)},
+                                ensure_ascii=False))
+        texts = [m["content"] for m in request.messages] if request.messages is not None else [request.prompt]
+        worst.append(list(worst_case_tokens(texts, request.max_tokens)))
+    return batch.append_column(REQUEST, pa.array(lines, pa.string())).append_column(WORST, pa.array(worst, pa.list_(pa.int64())))
+
+
+@dataclass
+class Room:
+    """What request files may still be written for under a spending cap: `usd` for their worst
+    case, priced by `price(tokens_in, tokens_out)`; `cut` counts the rows left unwritten."""
+
+    usd: float
+    price: Callable[[int, int], float]
+    cut: int = 0
 
 
 def write_requests(store: BatchStore, batches: Iterable[pa.Table], endpoint, round: str, attempts: int,
-                   url: str = "/v1/chat/completions") -> list[BatchRecord]:
-    """Write the rows of `batches` (each with its `REQUEST` column, see `add_requests`) as request
-    files of at most `batch_max_requests` lines and `batch_max_bytes` bytes, each with its rows
-    file and then its record. Holds one batch and one file's writer at a time."""
+                   url: str = "/v1/chat/completions", room: Room | None = None) -> list[BatchRecord]:
+    """Write the rows of `batches` (each with its `REQUEST` and `WORST` columns, see
+    `add_requests`) as request files of at most `batch_max_requests` lines and `batch_max_bytes`
+    bytes, each with its rows file and then its record. Holds one batch and one file's writer at a
+    time. With `room`, the files stop where the worst case of all of them would pass `room.usd`:
+    the rows after that are not written (counted in `room.cut`)."""
     store.fs.create_dir(store.path, recursive=True)
     numbers = [r.number for r in store.records()]
     written: list[BatchRecord] = []
     current = None
+    worst_in = worst_out = 0  # of every line written
 
     def close():
         nonlocal current
@@ -189,10 +213,18 @@ def write_requests(store: BatchStore, batches: Iterable[pa.Table], endpoint, rou
         current = None
 
     for batch in batches:
-        lines = batch[REQUEST].to_pylist()
-        rows = batch.drop_columns([REQUEST])
+        if room is not None and room.cut:  # past the cap: the rest is counted, not written
+            room.cut += batch.num_rows
+            continue
+        lines, worst = batch[REQUEST].to_pylist(), batch[WORST].to_pylist()
+        rows = batch.drop_columns([REQUEST, WORST])
         start = 0
         for i, line in enumerate(lines):
+            if room is not None and room.price(worst_in + worst[i][0], worst_out + worst[i][1]) > room.usd:
+                room.cut = batch.num_rows - i
+                lines = lines[:i]
+                break
+            worst_in, worst_out = worst_in + worst[i][0], worst_out + worst[i][1]
             data = (line + "\n").encode()
             if len(data) > endpoint.batch_max_bytes:
                 raise ValueError(f"row {batch[C.ID][i]}: its request alone ({len(data):,} bytes) is larger than "
@@ -212,8 +244,10 @@ def write_requests(store: BatchStore, batches: Iterable[pa.Table], endpoint, rou
             current[0].write(data)
             current[2].rows += 1
             current[2].bytes += len(data)
-        if current is not None and start < batch.num_rows:
-            current[1].write_table(rows.slice(start))
+            current[2].worst_tokens_in += worst[i][0]
+            current[2].worst_tokens_out += worst[i][1]
+        if current is not None and start < len(lines):
+            current[1].write_table(rows.slice(start, len(lines) - start))
     close()
     return written
 
@@ -229,6 +263,7 @@ class FileEngine(Engine):
         if workdir is None:
             raise ValueError(f"backend {endpoint.backend} needs a directory for its request files")
         self.store = BatchStore(workdir)
+        self._held = False  # whether the batches of earlier runs are counted in flight under the cap
 
     # Seconds between the first polls of running batches, and the most they back off to.
     poll_seconds, poll_max_seconds = 1.0, 10.0
@@ -258,10 +293,12 @@ class FileEngine(Engine):
         running: none unless `detach`."""
         sync = self.sync_engine() if round == REASK else None
         if sync is not None and rows is not None:
+            sync.spending, sync.section = self.spending, self.section  # one cap for both
             sync.ask(rows, task, results, attempt=attempt, round=round, progress=progress)
             rows = None
         store = self.store
         store.remove_unrecorded()
+        room = self._room()
         if rows is not None:
             from alpagasus_ray.llm.engines.api import small_blocks
 
@@ -269,22 +306,62 @@ class FileEngine(Engine):
                                         batch_format="pyarrow", batch_size=None, **LIGHT)
             small_blocks(requests)  # the driver writes the request lines a block at a time
             new = write_requests(store, requests.iter_batches(batch_size=None, batch_format="pyarrow"), self.cfg,
-                                 round, attempt, batch_url(task))
+                                 round, attempt, batch_url(task), room)
             if new:
                 log.info("%s rows written into %d request files (%s)", f"{sum(r.rows for r in new):,}", len(new), round)
         open_records = [r for r in store.records() if not r.collected]
+        unsent = []
         for record in open_records:
             if record.batch_id is None and not record.ended:
+                if not self._book(record):
+                    unsent.append(record)
+                    continue
                 self.submit(record)
                 log.info("request file %s (%s rows) sent as batch %s", record.name, f"{record.rows:,}",
                          record.batch_id or "(run here)")
+        if room is not None and room.cut:
+            log.info("%s rows not written into request files: their worst case would pass %s.max_cost_usd",
+                     f"{room.cut:,}", self.section)
+            self.spending.refuse.remote(room.cut)
+        open_records = [r for r in open_records if r not in unsent]
         answered = _Answered(progress)
         running = self.follow(open_records, lambda r: self._collect(r, task, results, progress), once=detach,
                               on_poll=lambda: answered.update(open_records))
         if running:
             return running
+        self.stop_at_cap()  # before the rows asked again replace theirs, as a streaming engine does
         self._settle(results)
         return []
+
+    def _worst_usd(self, record: BatchRecord) -> float:
+        return self._price(record.worst_tokens_in, record.worst_tokens_out)
+
+    def _price(self, tokens_in: int, tokens_out: int) -> float:
+        return usd(tokens_in, tokens_out, self.cfg.price_input_per_million, self.cfg.price_output_per_million,
+                   self.price_factor())
+
+    def _room(self) -> Room | None:
+        """Under a spending cap, the room left for new request files; the batches an earlier run
+        sent and this one follows are counted in flight first."""
+        import ray
+
+        if self.spending is None:
+            return None
+        if not self._held:
+            for record in self.store.records():
+                if record.batch_id is not None and not record.collected:
+                    self.spending.hold.remote(self._worst_usd(record))
+            self._held = True
+        # A hair under the room: the files' worst cases, booked one by one, then fit whatever the rounding.
+        return Room(max(0.0, ray.get(self.spending.room.remote()) - 1e-9), self._price)
+
+    def _book(self, record: BatchRecord) -> bool:
+        """Whether the request file may be sent under the spending cap (booked at its worst case)."""
+        import ray
+
+        if self.spending is None:
+            return True
+        return ray.get(self.spending.book.remote(self._worst_usd(record), record.rows))
 
     def in_flight(self) -> tuple[str, list[str]] | None:
         waiting = [self.store.file(f"{r.name}.rows.parquet") for r in self.store.records() if not r.collected]
@@ -341,9 +418,12 @@ class FileEngine(Engine):
         prefix = f"batch{record.name}"
         results.remove_parts(prefix)
         write = results.writer(prefix)
+        usage = Counter()
 
         def save(table: pa.Table) -> None:
             write(table)
+            usage.update({C.TOKENS_IN: pc.sum(table[C.TOKENS_IN]).as_py() or 0,
+                          C.TOKENS_OUT: pc.sum(table[C.TOKENS_OUT]).as_py() or 0})
             if progress is not None:  # the rows were counted from the batch's own counts
                 progress.add_counts({k: v for k, v in batch_counts(table).items() if k != "rows"})
 
@@ -351,6 +431,8 @@ class FileEngine(Engine):
         problems = collect(self, record, task, save)
         record.collected, record.collect_seconds = True, round(time.time() - started, 3)
         self.store.save(record)
+        if self.spending is not None and record.batch_id is not None:
+            self.spending.settle.remote(self._worst_usd(record), self._price(usage[C.TOKENS_IN], usage[C.TOKENS_OUT]))
         log.info("batch %s (request file %s) %s, collected%s", record.batch_id, record.name, record.status,
                  "".join(f", {v:,} {k.replace('_', ' ')}" for k, v in problems.items() if v))
 
