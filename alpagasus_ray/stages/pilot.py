@@ -268,7 +268,14 @@ def _figure(value: float | None) -> str:
 
 
 def _usd(value: float | None) -> str:
-    return "not paid" if value is None else f"${value:,.2f}"
+    """A cost as a person reads it: cents above a dollar, four significant digits below.
+
+    >>> _usd(1234.5678), _usd(0.012345), _usd(None)
+    ('$1,234.57', '$0.01235', 'not paid')
+    """
+    if value is None:
+        return "not paid"
+    return f"${value:,.2f}" if value >= 1 else f"${value:.4g}"
 
 
 def _plots(run: RunDir, graders: list[tuple[dict, dict]], tau: float) -> None:

@@ -100,7 +100,7 @@ def run_rate(config: Config, dry_run: bool = False, detach: bool = False, cancel
     if dry_run:
         return dry_run_report(scan, cfg, engine, max(0, requests - asked),
                               text_bytes / requests if requests else 0, plan.prompt_bytes(), context,
-                              plan.results.store.tokens())
+                              _spent_tokens(plan.results.store, piloted))
 
     write_json(RunDir(config.run_dir).rate_config, config_for_record(config))
     engine.cap_spending([plan.results.store], "rate")
@@ -141,6 +141,15 @@ def rating_plan(config: Config, engine, scan) -> RowRating:
     if not scan.conversations:
         return RowRating(config, engine)
     return TurnRating(config, engine) if config.rate.unit == "turn" else ConversationRating(config, engine)
+
+
+def _spent_tokens(store, piloted: pa.Table | None) -> tuple[int, int]:
+    """The usage saved in `store`, and in the pilot's ratings it is about to take."""
+    tokens_in, tokens_out = store.tokens()
+    if piloted is not None:
+        tokens_in += pc.sum(piloted[C.TOKENS_IN]).as_py() or 0
+        tokens_out += pc.sum(piloted[C.TOKENS_OUT]).as_py() or 0
+    return tokens_in, tokens_out
 
 
 def pilot_ratings(config: Config, store) -> pa.Table | None:
