@@ -21,6 +21,7 @@ ERROR = "error"
 TOKENS_IN = "tokens_in"
 TOKENS_OUT = "tokens_out"
 SOURCE = "source"  # "<file>:<line>" or "<file>#<row>" of the row in the input
+SUSPECT = "suspect_injection"  # the pattern that flags a row as talking to the grader, or null
 
 # Row statuses: every row ends with exactly one of these.
 OK = "ok"

@@ -242,6 +242,10 @@ class _Rating(_Strict):
     aggregate: Literal["min", "mean", "last"] = Field(
         "min", description="With unit=turn, a conversation's score from its turns' scores: min (as good as its weakest "
         "answer), mean, or last.")
+    fence: bool = Field(
+        True, description="Put each field of a row (each turn of a conversation) between the tags of a fence the row "
+        "cannot close, and tell the grader the fenced text is data, not instructions; the Fig. 4 wording is unchanged. "
+        "false: the paper's prompt byte for byte.")
 
 
 class RateOpenAI(_Rating, OpenAIEndpoint):
@@ -308,6 +312,9 @@ class FilterConfig(_Strict):
     compare: str | None = Field(
         None, description="Another selection of the same data (Alpaca-format JSON/JSONL) to report overlap with."
     )
+    drop_suspect: bool = Field(
+        False, description="Leave out the rows the rating flagged as talking to the grader (suspect_injection: an "
+        "instruction aimed at a grader, or a score written into the response).")
     plots: bool = Field(True, description="Write the PNG plots under <run_dir>/plots/.")
 
 

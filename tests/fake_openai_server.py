@@ -277,11 +277,16 @@ def _message_text(messages: list) -> str:
 _RESPONSE_MARKS = ("Response: ", "[Assistant: the response to rate]\n")
 
 
+_FENCED = re.compile(r"\s*<(data-[0-9a-f]+)>\n(.*?)\n</\1>", re.S)
+
+
 def _rated_response(messages: list) -> str:
     """The response a rating request rates: after the last response mark of its first message."""
     first = _message_text(messages[:1])
     at = max(((first.rfind(mark), mark) for mark in _RESPONSE_MARKS), key=lambda found: found[0])
-    return first[at[0] + len(at[1]):] if at[0] >= 0 else first
+    response = first[at[0] + len(at[1]):] if at[0] >= 0 else first
+    fenced = _FENCED.match(response)  # a fenced field: its text alone, the same under any fence
+    return fenced.group(2) if fenced else response
 
 
 class FakeOpenAI:

@@ -28,7 +28,7 @@ def write_rated(run_dir: str, rows: list[dict], ratings: list[tuple[str, float |
         C.STATUS: [st for st, _, _ in ratings], C.REVIEW: [""] * n, C.GRADER: ["openai:synthetic"] * n,
         C.DIMENSION: ["accuracy"] * n, C.PROMPT_VERSION: [PROMPT_VERSION] * n, C.ATTEMPTS: [1] * n,
         C.ERROR: [None if st == C.OK else "synthetic" for st, _, _ in ratings], C.TOKENS_IN: [0] * n,
-        C.TOKENS_OUT: [0] * n, C.SOURCE: [f"synthetic[{i}]" for i in range(n)],
+        C.TOKENS_OUT: [0] * n, C.SOURCE: [f"synthetic[{i}]" for i in range(n)], C.SUSPECT: [None] * n,
     }, schema=RATED_SCHEMA)
     store = RatedStore(run_dir)
     for start in range(0, n, 5000):

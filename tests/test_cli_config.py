@@ -97,11 +97,11 @@ def test_dry_run_counts_and_prices_without_sending(tmp_path):
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["rows_in"] == 4 and report["invalid_input"] == 1 and report["to_send"] == 3
-    # each row: 800 characters of text plus the prompt's own text, at 4 characters a token
+    # each row: 800 bytes of text plus the prompt's own (fenced), at 4 bytes a token
     from alpagasus_ray.rules.prompts import rating_messages
 
-    fixed = sum(len(m["content"]) for m in rating_messages("", "", ""))
-    assert 550 < fixed < 650 and report["prompt_tokens_estimate"] == math.ceil(3 * (800 + fixed) / 4)
+    fixed = sum(len(m["content"].encode()) for m in rating_messages("", "", "", fence=True))
+    assert 800 < fixed < 1000 and report["prompt_tokens_estimate"] == math.ceil(3 * (800 + fixed) / 4)
     assert report["cost_usd_at_most"] == pytest.approx((report["prompt_tokens_estimate"] * 1.0 + 300 * 2.0) / 1e6)
     assert not (tmp_path / "run").exists()
 

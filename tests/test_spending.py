@@ -45,7 +45,7 @@ def _saved(tmp_path):
 
 def _worst_request_usd(factor=1.0):
     """The worst case the cap books for one rating request of these rows (all the same size)."""
-    texts = [m["content"] for m in rating_messages("ROW-000 Say hello.", "", "Hello.")]
+    texts = [m["content"] for m in rating_messages("ROW-000 Say hello.", "", "Hello.", fence=True)]
     return usd(*worst_case_tokens(texts, 256), PRICE_IN, PRICE_OUT, factor)
 
 

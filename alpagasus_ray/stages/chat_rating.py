@@ -27,7 +27,8 @@ from alpagasus_ray import columns as C
 from alpagasus_ray.config import RateConfig
 from alpagasus_ray.llm.context import Context
 from alpagasus_ray.llm.results import PartResults
-from alpagasus_ray.rules.prompts import CHAT_PROMPT_VERSION, conversation_rating_messages
+from alpagasus_ray.rules.injection import suspect
+from alpagasus_ray.rules.prompts import CHAT_PROMPT_VERSION, conversation_rating_messages, prompt_version
 from alpagasus_ray.stages.rating import LIGHT, RatingTask, RowRating, rating_meta, set_aside_dataset
 from alpagasus_ray.store.inputs import INVALID_REASON, SET_ASIDE_STATUS
 from alpagasus_ray.store.parts import PartStore, PartWriter
@@ -56,12 +57,12 @@ class ChatRatingTask(RatingTask):
     """The conversation prompt: the whole conversation, or a turn with the turns before it."""
 
     def messages(self, row: dict) -> list[dict]:
-        return conversation_rating_messages(row[C.MESSAGES], self.cfg.unit, self.cfg.dimension)
+        return conversation_rating_messages(row[C.MESSAGES], self.cfg.unit, self.cfg.dimension, self.cfg.fence)
 
 
 def chat_prompt_version(cfg: RateConfig) -> str:
     """The prompt a conversation is rated with: its version and the unit (the two units' prompts differ)."""
-    return f"{CHAT_PROMPT_VERSION}:{cfg.unit}"
+    return f"{prompt_version(CHAT_PROMPT_VERSION, cfg.fence)}:{cfg.unit}"
 
 
 def turn_id(conversation: str, position: int) -> str:
@@ -84,8 +85,17 @@ def _conversation_rows(batch: pa.Table, meta: dict, results: dict) -> pa.Table:
         columns[C.MESSAGES] = _messages(batch[C.MESSAGES])
     columns.update(results)
     columns.update({k: pa.array([v] * n, pa.string()) for k, v in meta.items()})
+    columns[C.SUSPECT] = pa.array([conversation_suspect(turns) for turns in batch[C.MESSAGES].to_pylist()], pa.string())
     return pa.table({f.name: columns[f.name] if f.name in columns else pa.nulls(n, f.type)
                      for f in CHAT_RATED_SCHEMA}, schema=CHAT_RATED_SCHEMA)
+
+
+def conversation_suspect(turns: list[dict] | None) -> str | None:
+    """The pattern that flags a conversation as talking to the grader (its assistant turns are the
+    responses rated), or None."""
+    turns = turns or []
+    return suspect([t["content"] for t in turns if t["role"] != "assistant"],
+                   [t["content"] for t in turns if t["role"] == "assistant"])
 
 
 def chat_rated_rows(batch: pa.Table, meta: dict) -> pa.Table:
@@ -210,7 +220,8 @@ def _assemble_group(group: pa.Table, aggregate: str, meta: dict) -> pa.Table:
         if held is None or (_RANK[turn[C.STATUS]], -turn[C.ATTEMPTS]) < (_RANK[held[C.STATUS]], -held[C.ATTEMPTS]):
             best[turn[TURN]] = turn
     row = {C.ID: conversation[_KEY], C.MESSAGES: conversation[C.MESSAGES], C.FORMATTING: conversation[C.FORMATTING],
-           C.SOURCE: conversation[C.SOURCE], UNIT: "turn", C.ATTEMPTS: 0, C.TOKENS_IN: 0, C.TOKENS_OUT: 0, **meta}
+           C.SOURCE: conversation[C.SOURCE], UNIT: "turn", C.ATTEMPTS: 0, C.TOKENS_IN: 0, C.TOKENS_OUT: 0, **meta,
+           C.SUSPECT: conversation_suspect(conversation[C.MESSAGES])}
     if conversation[INVALID_REASON] is not None:
         row.update({C.STATUS: conversation[SET_ASIDE_STATUS], C.ERROR: conversation[INVALID_REASON], C.REVIEW: ""})
     else:

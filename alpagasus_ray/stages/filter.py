@@ -80,6 +80,7 @@ def run_filter(config: Config) -> dict:
         "rows_rated": scan.rows,
         "by_status": {s: scan.statuses.get(s, 0) for s in C.STATUSES},
         "not_selectable": scan.rows - scan.pool,
+        "dropped_suspect": scan.dropped_suspect if f.drop_suspect else None,
         "pool": scan.pool,
         "selected": chosen.num_rows,
         "kept_fraction_of_pool": round(chosen.num_rows / scan.pool, 4),
@@ -116,6 +117,7 @@ class RatedScan:
     # those at or above the threshold (threshold, subsample), the best k (top_k), or the whole pool
     # (random_k, balanced, which draw from or rank all of it).
     candidates: pa.Table
+    dropped_suspect: int = 0  # rows ok but flagged as talking to the grader, left out (filter.drop_suspect)
 
 
 def scan_rated(store: RatedStore, f: FilterConfig, category_of, k: int | None = None) -> RatedScan:
@@ -133,8 +135,8 @@ def scan_rated(store: RatedStore, f: FilterConfig, category_of, k: int | None = 
     missing = [c for c in (*(CHAT_REQUIRED if store.chat else REQUIRED), f.score) if c not in names]
     if missing:
         raise FilterError(f"{store.uri}: the rated rows lack column(s) {', '.join(missing)}")
-    light = list(dict.fromkeys([C.ID, C.STATUS, C.ATTEMPTS, C.SCORE_EXPECTED, f.score]))
-    rows, statuses, categories = 0, Counter(), Counter()
+    light = list(dict.fromkeys([C.ID, C.STATUS, C.ATTEMPTS, C.SCORE_EXPECTED, f.score, C.SUSPECT]))
+    rows, statuses, categories, suspect = 0, Counter(), Counter(), 0
     pool, pool_categories, pool_scores, at_threshold = 0, Counter(), Counter(), 0
     not_ok, candidates = [], []
     top = _CANDIDATES_OF_MODE[f.mode]
@@ -147,6 +149,10 @@ def scan_rated(store: RatedStore, f: FilterConfig, category_of, k: int | None = 
         ok = pc.equal(table[C.STATUS], C.OK)
         not_ok.append(table.filter(pc.invert(ok)).select([C.ID, C.STATUS, C.ATTEMPTS, CATEGORY]))
         selectable = table.filter(pc.and_(ok, pc.is_valid(table[_SCORE])))
+        if f.drop_suspect:  # rows flagged as talking to the grader are not part of the pool
+            flagged = pc.is_valid(selectable[C.SUSPECT])
+            suspect += pc.sum(flagged).as_py() or 0
+            selectable = selectable.filter(pc.invert(flagged))
         selectable = selectable.select([C.ID, _SCORE, C.SCORE_EXPECTED, CATEGORY])
         pool += selectable.num_rows
         pool_categories.update(_counts(selectable[CATEGORY]))
@@ -166,7 +172,7 @@ def scan_rated(store: RatedStore, f: FilterConfig, category_of, k: int | None = 
         rid = counts.filter(pc.greater(counts.field("counts"), 1))[0]["values"].as_py()
         raise FilterError(f"{store.uri}: id {rid!r} has two rows rated ok; a rating writes one per id, "
                           "so the parts were changed by hand or mixed from two runs")
-    return RatedScan(rows, +statuses, +categories, pool, pool_categories, pool_scores, at_threshold, candidates)
+    return RatedScan(rows, +statuses, +categories, pool, pool_categories, pool_scores, at_threshold, candidates, suspect)
 
 
 def _standing(store: RatedStore, not_ok: pa.Table) -> pa.Table:

@@ -70,14 +70,22 @@ def context_record(context: Context | None) -> dict | None:
     return {"tokens": context.tokens, "key": f"rate.{context.key}", "counted_by": context.counted_by}
 
 
+def _counts(values) -> Counter:
+    return Counter({item["values"]: item["counts"] for item in pc.value_counts(values).to_pylist()})
+
+
 def summarize(scan: InputScan, store: RatedStore, cfg: RateConfig, engine: Engine, seconds: float, sent: int,
               prompt_version: str = PROMPT_VERSION, context: Context | None = None) -> dict:
     """The summary, counted by one streaming scan of the parts."""
-    statuses, scores, tokens, rows = Counter(), Counter(), Counter(), 0
-    not_ok = []
-    for batch in store.batches([C.ID, C.STATUS, C.SCORE, C.TOKENS_IN, C.TOKENS_OUT, C.SOURCE, C.ERROR]):
+    statuses, scores, tokens, suspects, rows = Counter(), Counter(), Counter(), Counter(), 0
+    not_ok, suspect_examples = [], []
+    for batch in store.batches([C.ID, C.STATUS, C.SCORE, C.TOKENS_IN, C.TOKENS_OUT, C.SOURCE, C.ERROR, C.SUSPECT]):
         table = pa.Table.from_batches([batch])
         rows += table.num_rows
+        flagged = table.filter(pc.is_valid(table[C.SUSPECT]))
+        suspects.update(_counts(flagged[C.SUSPECT]))
+        if len(suspect_examples) < 20:
+            suspect_examples += flagged.select([C.ID, C.SOURCE, C.SUSPECT]).slice(0, 20 - len(suspect_examples)).to_pylist()
         for item in pc.value_counts(table[C.STATUS]).to_pylist():
             statuses[item["values"]] += item["counts"]
         ok = pc.equal(table[C.STATUS], C.OK)
@@ -103,6 +111,9 @@ def summarize(scan: InputScan, store: RatedStore, cfg: RateConfig, engine: Engin
         "wall_seconds": round(seconds, 2),
         "rows_sent_this_run": sent,
         "score_histogram": {f"{k:g}": v for k, v in sorted(scores.items())},
+        "suspect_injection": {"rows": sum(suspects.values()), "by_pattern": dict(suspects.most_common()),
+                              "examples": [{"id": r[C.ID], "source": r[C.SOURCE], "pattern": r[C.SUSPECT]}
+                                           for r in suspect_examples]},
         "duplicate_ids": {"count": len(scan.repeats), "examples": scan.repeat_sources},
         "not_ok_examples": [{"id": r[C.ID], "status": r[C.STATUS], "source": r[C.SOURCE], "error": r[C.ERROR]}
                             for r in not_ok],

@@ -20,8 +20,10 @@ from alpagasus_ray.rules.prompts import (
     SCORE_CHOICES,
     expected_score,
     parse_score,
+    prompt_version,
     rating_messages,
 )
+from alpagasus_ray.rules.injection import suspect
 from alpagasus_ray.llm.results import PartResults
 from alpagasus_ray.store.inputs import INVALID_REASON, SET_ASIDE_STATUS
 from alpagasus_ray.store.parts import PartWriter
@@ -47,7 +49,7 @@ class RatingTask:
         self.constrained = engine.constrains and cfg.constrained
 
     def messages(self, row: dict) -> list[dict]:
-        return rating_messages(row[C.INSTRUCTION], row[C.INPUT], row[C.OUTPUT], self.cfg.dimension)
+        return rating_messages(row[C.INSTRUCTION], row[C.INPUT], row[C.OUTPUT], self.cfg.dimension, self.cfg.fence)
 
     def request(self, row: dict) -> Request:
         cfg = self.cfg
@@ -67,16 +69,20 @@ class RatingTask:
 
 
 def rated_rows(batch: pa.Table, meta: dict) -> pa.Table:
-    """Output rows: each row's text and source beside its rating, in the columns of RATED_SCHEMA."""
+    """Output rows: each row's text and source beside its rating, in the columns of RATED_SCHEMA,
+    with the pattern that flags a row as talking to the grader (`rules.injection.suspect`)."""
     n = batch.num_rows
     columns = {name: batch[name] for name in batch.column_names}
     columns.update({k: pa.array([v] * n, pa.string()) for k, v in meta.items()})
+    columns[C.SUSPECT] = pa.array([suspect([i, x], o) for i, x, o in zip(*(batch[c].to_pylist() for c in C.TEXT_FIELDS))],
+                                  pa.string())
     return pa.table({f.name: columns[f.name] for f in RATED_SCHEMA}, schema=RATED_SCHEMA)
 
 
 def rating_meta(cfg: RateConfig) -> dict:
     """What every rated row records of the rating that made it (a run directory never mixes them)."""
-    return {C.GRADER: f"{cfg.backend}:{cfg.model}", C.DIMENSION: cfg.dimension, C.PROMPT_VERSION: PROMPT_VERSION}
+    return {C.GRADER: f"{cfg.backend}:{cfg.model}", C.DIMENSION: cfg.dimension,
+            C.PROMPT_VERSION: prompt_version(PROMPT_VERSION, cfg.fence)}
 
 
 def set_aside_dataset(rows, store, to_stored, progress):

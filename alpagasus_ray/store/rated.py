@@ -21,7 +21,7 @@ RATED_SCHEMA = pa.schema([
     (C.SCORE, pa.float64()), (C.SCORE_EXPECTED, pa.float64()), (C.STATUS, pa.string()), (C.REVIEW, pa.string()),
     (C.GRADER, pa.string()), (C.DIMENSION, pa.string()), (C.PROMPT_VERSION, pa.string()),
     (C.ATTEMPTS, pa.int32()), (C.ERROR, pa.string()), (C.TOKENS_IN, pa.int64()), (C.TOKENS_OUT, pa.int64()),
-    (C.SOURCE, pa.string()),
+    (C.SOURCE, pa.string()), (C.SUSPECT, pa.string()),
 ])
 
 
@@ -35,7 +35,7 @@ CHAT_RATED_SCHEMA = pa.schema([
     (C.GRADER, pa.string()), (C.DIMENSION, pa.string()), (C.PROMPT_VERSION, pa.string()),
     (C.ATTEMPTS, pa.int32()), (C.ERROR, pa.string()), (C.TOKENS_IN, pa.int64()), (C.TOKENS_OUT, pa.int64()),
     (C.SOURCE, pa.string()), (UNIT, pa.string()),
-    (TURN_SCORES, pa.list_(pa.float64())), (TURN_STATUSES, pa.list_(pa.string())),
+    (TURN_SCORES, pa.list_(pa.float64())), (TURN_STATUSES, pa.list_(pa.string())), (C.SUSPECT, pa.string()),
 ])
 # One rated assistant turn: `messages` is the conversation up to and including it (kept only while
 # the turn may be asked again: null once it is ok).
