@@ -17,7 +17,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, Validatio
 from alpagasus_ray.errors import ConfigError
 
 # The backends, and the sections of a config that name one.
-BACKENDS = ("openai", "openai_batch", "vllm", "vllm_batch")
+BACKENDS = ("openai", "openai_batch", "anthropic_batch", "vllm", "vllm_batch")
 ENDPOINT_SECTIONS = ("rate", "generate", "judge")
 
 
@@ -160,6 +160,10 @@ class _BatchApi(_Files):
     batch_poll_seconds: float = operational(10.0, gt=0, description="Seconds between the first polls of the batches' states.")
     batch_poll_max_seconds: float = operational(300.0, gt=0, description="The polls back off (x1.5 each) up to this many seconds apart.")
     batch_price_factor: float = operational(0.5, ge=0, description="The batch price as a fraction of the prices above (OpenAI: 0.5).")
+    batch_enqueued_token_limit: int | None = operational(
+        None, gt=0, description="The input tokens the account may have enqueued for this model across its open batches "
+        "(the limits page; e.g. 2,000,000 for gpt-4o-mini at one tier). Request files are sent as the queue has room "
+        "(their tokens estimated at 4 characters a token) and cut to fit it; None: all are sent at once.")
     reask: Literal["batch", "sync"] = Field(
         "batch", description="Re-ask a reply with no readable result once, in a small follow-up batch, or through "
         "the synchronous API (sync: the same base_url, model and pool keys).")
@@ -204,6 +208,20 @@ class OpenAIBatchEndpoint(_BatchApi, _Pool, _Api, _Endpoint):
     backend: Literal["openai_batch"] = Field("openai_batch", description="openai_batch: OpenAI's Batch API (or a provider's), at its batch price.")
 
 
+class AnthropicBatchEndpoint(_BatchApi, _Api, _Endpoint):
+    """Anthropic's Message Batches API, through the `anthropic` SDK: half the synchronous price."""
+
+    backend: Literal["anthropic_batch"] = Field(
+        "anthropic_batch", description="anthropic_batch: Anthropic's Message Batches API, at its batch price.")
+    api_key_env: str = operational("ANTHROPIC_API_KEY", description="Environment variable holding the API key (never the key itself).")
+
+    @model_validator(mode="after")
+    def _reask_in_batches(self):
+        if self.reask != "batch":
+            raise ValueError("anthropic_batch asks an unreadable reply again in a follow-up batch only (reask: batch)")
+        return self
+
+
 class VllmEndpoint(_Engines, _Endpoint):
     """vLLM engines inside Ray Data (`ray.data.llm`), on GPUs or CPU."""
 
@@ -216,7 +234,7 @@ class VllmBatchEndpoint(_Files, _Body, _Engines, _Endpoint):
     backend: Literal["vllm_batch"] = Field("vllm_batch", description="vllm_batch: request files run by vLLM's batch runner on this machine.")
 
 
-EndpointConfig = OpenAIEndpoint | OpenAIBatchEndpoint | VllmEndpoint | VllmBatchEndpoint
+EndpointConfig = OpenAIEndpoint | OpenAIBatchEndpoint | AnthropicBatchEndpoint | VllmEndpoint | VllmBatchEndpoint
 
 
 def _by_backend(*members: type[BaseModel], default: str) -> Any:
@@ -256,6 +274,10 @@ class RateOpenAIBatch(_Rating, OpenAIBatchEndpoint):
     """The grader through a Batch API."""
 
 
+class RateAnthropicBatch(_Rating, AnthropicBatchEndpoint):
+    """The grader through Anthropic's Message Batches API."""
+
+
 class RateVllm(_Rating, VllmEndpoint):
     """The grader on vLLM engines."""
 
@@ -266,7 +288,7 @@ class RateVllmBatch(_Rating, VllmBatchEndpoint):
     """The grader on vLLM's batch runner."""
 
 
-RateConfig = _by_backend(RateOpenAI, RateOpenAIBatch, RateVllm, RateVllmBatch, default="openai")
+RateConfig = _by_backend(RateOpenAI, RateOpenAIBatch, RateAnthropicBatch, RateVllm, RateVllmBatch, default="openai")
 
 
 # The paper's App. E keyword set for coding rows.
@@ -431,6 +453,10 @@ class JudgeOpenAIBatch(_Judging, OpenAIBatchEndpoint):
     """The judge through a Batch API."""
 
 
+class JudgeAnthropicBatch(_Judging, AnthropicBatchEndpoint):
+    """The judge through Anthropic's Message Batches API."""
+
+
 class JudgeVllm(_Judging, VllmEndpoint):
     """The judge on vLLM engines."""
 
@@ -441,7 +467,8 @@ class JudgeVllmBatch(_Judging, VllmBatchEndpoint):
     """The judge on vLLM's batch runner."""
 
 
-JudgeConfig = _by_backend(JudgeOpenAI, JudgeOpenAIBatch, JudgeVllm, JudgeVllmBatch, default="openai")
+JudgeConfig = _by_backend(JudgeOpenAI, JudgeOpenAIBatch, JudgeAnthropicBatch, JudgeVllm, JudgeVllmBatch,
+                          default="openai")
 
 
 def _renamed(data: Any, section: str, renames: dict[str, str]) -> Any:

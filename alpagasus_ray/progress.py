@@ -84,6 +84,26 @@ class _Reporter:
         """Counts found some other way (e.g. a batch's own counts of the rows it has answered)."""
         self.actor.add.remote(counts)
 
+    def again(self) -> "_Reporter":
+        """The reporter of rows asked again: each was counted when it was first asked (or by an
+        earlier run), so they add to `ROWS_AGAIN`, not to the rows the progress line shows."""
+        return _AgainReporter(self.actor)
+
+
+# The count of rows asked again (a retry of request failures, a re-ask), apart from "rows".
+ROWS_AGAIN = "rows_again"
+
+
+class _AgainReporter(_Reporter):
+    def add(self, results: pa.Table):
+        self.add_counts(batch_counts(results))
+
+    def add_counts(self, counts: dict):
+        counts = dict(counts)
+        if "rows" in counts:
+            counts[ROWS_AGAIN] = counts.pop("rows")
+        self.actor.add.remote(counts)
+
 
 @contextlib.contextmanager
 def watch(stage: str, total: int, cost: Callable[[int, int], float | None] | None = None, done: int = 0,

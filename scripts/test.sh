@@ -12,6 +12,6 @@ started=$SECONDS
 echo "test.sh: the import contract took $((SECONDS - started)) s"
 started=$SECONDS
 status=0
-.venv/bin/python -m pytest -q -p no:cacheprovider "$@" || status=$?
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@" || status=$?
 echo "test.sh: the tests took $((SECONDS - started)) s"
 exit $status

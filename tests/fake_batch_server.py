@@ -81,11 +81,18 @@ requests, not to batch lines), plus (all optional):
                    gets ``create_faults[n]`` while n < len and creates nothing.  A 429
                    has code ``token_limit_exceeded`` and the ``Retry-After`` /
                    ``retry-after-ms`` headers of ``retry_after``
+``enqueued_token_limit``  the input tokens (a prompt's text / 4, as the chat fake counts
+                   them) the open batches (validating, in progress, finalizing) may hold
+                   together (None: no limit).  A create past it is refused the way
+                   ``enqueued_limit_mode`` says: "fail" (OpenAI's: the batch is created, then
+                   fails validation with ``errors.data[0].code = "token_limit_exceeded"``) or
+                   "429" (a LiteLLM proxy's: a 429 with that code at create)
 
 ``/stats`` adds: ``files_uploaded``, ``batch_create_attempts``, ``batches_created``,
 ``batch_lines`` (request lines of created batches), ``batch_lines_answered``,
-``cancels`` (accepted cancel requests) and ``batches`` ({id: the status a client last
-saw}).  ``POST /reset`` clears those and forgets every file and batch.
+``cancels`` (accepted cancel requests), ``max_enqueued_tokens`` (the most the queue
+held after a create), ``queue_refusals`` (creates past the limit) and ``batches``
+({id: the status a client last saw}).  ``POST /reset`` clears those and forgets every file and batch.
 """
 
 from __future__ import annotations
@@ -105,12 +112,14 @@ from aiohttp import web
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import fake_openai_server  # noqa: E402
-from fake_openai_server import FakeOpenAI, _error, retry_after_headers, validate_config  # noqa: E402
+from fake_openai_server import FakeOpenAI, _error, _message_text, retry_after_headers, validate_config  # noqa: E402
 
 CHAT_ENDPOINT = "/v1/chat/completions"
 OUTCOMES = ("completed", "failed", "expired")
 CREATE_FAULT_KINDS = ("429", "500", "ok")  # "ok": that attempt is served normally
-BATCH_DEFAULTS: dict[str, Any] = {"batch_seconds": 1.0, "batches": [], "create_faults": []}
+BATCH_DEFAULTS: dict[str, Any] = {"batch_seconds": 1.0, "batches": [], "create_faults": [],
+                                  "enqueued_token_limit": None, "enqueued_limit_mode": "fail"}
+OPEN = ("validating", "in_progress", "finalizing")  # the states of a batch whose tokens are enqueued
 PLAN_KEYS = {"outcome", "done"}
 FINISHED = ("completed", "failed", "expired", "cancelled")
 # Fractions of batch_seconds at which validating and in_progress end.
@@ -124,6 +133,8 @@ def validate_batch_config(config: dict | None) -> dict:
     merged = {**validate_config(config), **batch}
     if float(merged["batch_seconds"]) < 0:
         raise ValueError("batch_seconds must be >= 0")
+    if merged["enqueued_limit_mode"] not in ("fail", "429"):
+        raise ValueError("enqueued_limit_mode is 'fail' (OpenAI's: the batch fails) or '429' (a proxy's: refused at create)")
     bad = [f for f in merged["create_faults"] if f not in CREATE_FAULT_KINDS]
     if bad:
         raise ValueError(f"unknown create_faults kinds {bad}; known: {CREATE_FAULT_KINDS}")
@@ -158,6 +169,7 @@ class _File:
         self.bytes = os.path.getsize(path)
         self.created_at = int(time.time())
         self.requests = 0  # request lines (valid ones, up to the first bad line)
+        self.tokens = 0  # their input tokens, as the fake server counts a prompt's (its text / 4)
         self.invalid: tuple[int, str] | None = None  # (1-based line, message) of the first bad line
         # (line, message) of the first line a chat-completions batch rejects: another url, a method
         # other than POST, a repeated custom_id.
@@ -191,6 +203,7 @@ class _File:
                     self.invalid = (number, f"Line {number}: custom_id must be a string and body an object.")
                     return
                 self.requests += 1
+                self.tokens += max(1, len(_message_text(request["body"].get("messages") or [])) // 4)
                 if self.rejected is None:
                     if request["url"] != CHAT_ENDPOINT:
                         self.rejected = (number, f"Line {number}: url {request['url']!r} does not match the "
@@ -245,6 +258,7 @@ class _Batch:
             ("in_progress_at", "finalizing_at", "completed_at", "failed_at", "expired_at",
              "cancelling_at", "cancelled_at"))
         self.errors: dict | None = None
+        self.over_limit = False  # created past the enqueued token limit: fails at validation
         self.output_file_id: str | None = None
         self.error_file_id: str | None = None
 
@@ -281,6 +295,9 @@ class _Batch:
 
 def _validation_error(batch: _Batch) -> tuple[int, str] | None:
     """(line, message) of why ``batch`` fails validation, or None."""
+    if batch.over_limit:
+        return None, ("Enqueued token limit reached for this model in the organization (fake). Please try again once "
+                      "some in_progress batches have been completed.")
     if batch.plan.get("outcome") == "failed":
         return 1, "The batch failed validation (fake fault)."
     file = batch.input_file
@@ -317,6 +334,8 @@ class FakeBatchAPI(FakeOpenAI):
         self.batch_lines = 0
         self.batch_lines_answered = 0
         self.cancels = 0
+        self.max_enqueued_tokens = 0  # the most the queue held, at any create
+        self.queue_refusals = 0  # creates past the enqueued token limit (failed batches, or 429s)
 
     def app(self) -> web.Application:
         app = super().app()
@@ -341,6 +360,8 @@ class FakeBatchAPI(FakeOpenAI):
             "batch_lines": self.batch_lines,
             "batch_lines_answered": self.batch_lines_answered,
             "cancels": self.cancels,
+            "max_enqueued_tokens": self.max_enqueued_tokens,
+            "queue_refusals": self.queue_refusals,
             "batches": {b.id: b.status for b in self.batch_objects.values()},
         })
 
@@ -459,11 +480,26 @@ class FakeBatchAPI(FakeOpenAI):
             return _error(404, f"No such File object: {input_file_id}", "invalid_request_error")
         if file.purpose != "batch":
             return _error(400, f"File {input_file_id} does not have purpose 'batch'.", "invalid_request_error")
+        over = False
+        if config["enqueued_token_limit"] is not None:
+            for other in self.batch_objects.values():
+                await self._advance(other)
+            enqueued = sum(b.input_file.tokens for b in self.batch_objects.values() if b.status in OPEN and not b.over_limit)
+            over = enqueued + file.tokens > config["enqueued_token_limit"]
+            if over:
+                self.queue_refusals += 1
+                if config["enqueued_limit_mode"] == "429":
+                    return _error(429, f"Enqueued token limit reached (fake): {enqueued:,} enqueued, limit "
+                                  f"{config['enqueued_token_limit']:,}.", "tokens", "token_limit_exceeded",
+                                  retry_after_headers(config["retry_after"]))
+            else:
+                self.max_enqueued_tokens = max(self.max_enqueued_tokens, enqueued + file.tokens)
         index = len(self.batch_objects)
         plans = config["batches"]
         plan = plans[index] if index < len(plans) else {"outcome": "completed"}
         self.batch_counter += 1
         batch = _Batch(f"batch_{self.batch_counter}", file, body, plan, float(config["batch_seconds"]), self.directory)
+        batch.over_limit = over
         self.batch_objects[batch.id] = batch
         self.batch_lines += batch.total
         return web.json_response(batch.to_json())
@@ -526,7 +562,8 @@ class FakeBatchAPI(FakeOpenAI):
         problem = _validation_error(batch)
         if problem is not None:
             line, message = problem
-            error = {"code": "invalid_request", "message": message, "param": None, "line": line}
+            code = "token_limit_exceeded" if batch.over_limit else "invalid_request"
+            error = {"code": code, "message": message, "param": None, "line": line}
             batch.errors = {"object": "list", "data": [error]}
             self._finish(batch, "failed", "failed_at", batch.at(VALIDATING_END))
             return

@@ -37,7 +37,7 @@ def test_unknown_keys_and_wrong_types_name_the_key(tmp_path):
     with pytest.raises(ConfigError, match=r"rate.backend: 'claude' is not a backend of this section \(one of: openai, "):
         load_config(None, ["rate.backend=claude"])
     # A key of another backend than the one chosen is refused, naming the key, the backend and where it belongs.
-    with pytest.raises(ConfigError, match=r"rate.base_url: not a key of backend vllm \(it is a key of openai, openai_batch\)"):
+    with pytest.raises(ConfigError, match=r"rate.base_url: not a key of backend vllm \(it is a key of openai, openai_batch, anthropic_batch\)"):
         load_config(None, ["rate.backend=vllm", "rate.base_url=http://127.0.0.1:1/v1"])
     with pytest.raises(ConfigError, match=r"judge.concurrency: not a key of backend vllm"):
         load_config(None, ["judge.backend=vllm", "judge.concurrency=4"])

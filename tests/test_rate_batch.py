@@ -121,6 +121,42 @@ def test_reask_sync_asks_an_unreadable_reply_again_through_the_synchronous_api(t
     assert seen["requests"] - seen["batch_lines_answered"] == 1
 
 
+def _server_tokens(row: int) -> int:
+    """The input tokens the fake counts for a row's rating request (its messages' text / 4)."""
+    from alpagasus_ray.rules.prompts import rating_messages
+
+    from fake_openai_server import _message_text
+
+    return max(1, len(_message_text(rating_messages(f"ROW-{row:03d} Say hello.", "", "Hello.", fence=True))) // 4)
+
+
+@pytest.mark.parametrize("limit_at", ["client", "server fails the batch", "server answers 429"])
+def test_a_queue_of_enqueued_tokens_smaller_than_the_job_ends_every_row_ok(tmp_path, ray_local, limit_at):
+    """8 request files of 10 rows against an account whose queue holds about 2.5 of them. With
+    `batch_enqueued_token_limit` the files go as the queue has room; without it, a batch that fails
+    for the limit (OpenAI) or a 429 at create (a proxy) only makes its file wait and go again."""
+    data = _write_rows(tmp_path / "rows.jsonl", 80)
+    limit = 25 * _server_tokens(0)
+    client = [f"rate.batch_enqueued_token_limit={limit}"] if limit_at == "client" else []
+    server = {"batch_seconds": 0.3, "enqueued_token_limit": limit, "retry_after": 0.1,
+              "enqueued_limit_mode": "429" if limit_at == "server answers 429" else "fail"}
+    with serve(server) as url:
+        summary = run_rate(load_config(None, _overrides(tmp_path, url, data, "rate.batch_max_requests=10", *client)))
+        seen = stats(url)
+    records = BatchStore(str(tmp_path / "run" / "batches")).records()
+    assert summary["rows_out"] == 80 and summary["by_status"]["ok"] == 80
+    assert len(records) == 8 and all(r.status == "completed" and r.collected for r in records)
+    assert seen["max_enqueued_tokens"] <= limit and seen["batch_lines_answered"] == 80  # each row answered once
+    if limit_at == "client":
+        assert seen["queue_refusals"] == 0 and seen["batches_created"] == 8
+    else:
+        assert seen["queue_refusals"] > 0
+    if limit_at == "server fails the batch":  # each failed batch is on its file's record, and not adopted again
+        failed = [b for r in records for b in r.requeued]
+        assert len(failed) == seen["queue_refusals"] == seen["batches_created"] - 8
+        assert all(seen["batches"][b] == "failed" for b in failed)
+
+
 @pytest.mark.slow
 def test_kill_minus_nine_while_waiting_then_rerun_collects_the_same_batches(tmp_path, reap_ray_orphans):
     """The driver is killed -9 after it sent every request file and before the batches end; a

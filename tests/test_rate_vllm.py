@@ -13,8 +13,11 @@ from alpagasus_ray.stages.rate import run_rate
 pytestmark = pytest.mark.slow
 
 
-def _data(tmp_path, n, too_long=False):
-    rows = json.load(open("alpagasus_ray/sample/alpaca_sample.json"))[:n]
+def _data(tmp_path, n, too_long=False, most_chars=None):
+    rows = json.load(open("alpagasus_ray/sample/alpaca_sample.json"))
+    if most_chars is not None:  # rows whose rating prompt fits a small context
+        rows = [r for r in rows if len(r["instruction"]) + len(r["input"]) + len(r["output"]) <= most_chars]
+    rows = rows[:n]
     if too_long:
         rows.append({"id": "too-long", "instruction": "Summarize.", "input": "", "output": "word " * 3000})
     path = tmp_path / "rows.json"
@@ -62,7 +65,7 @@ def test_unparseable_replies_are_asked_once_more_then_kept(tmp_path, tiny_model,
 
 
 def test_openai_backend_against_vllm_openai_server(tmp_path, vllm_server, tiny_model, ray_local):
-    data = _data(tmp_path, 6)
+    data = _data(tmp_path, 6, most_chars=400)  # the server's context is 1,024 tokens of the tiny tokenizer
     base = [f"run_dir={tmp_path / 'run'}", f"data.path={data}", "rate.backend=openai", f"rate.base_url={vllm_server}",
             f"rate.model={tiny_model}", "rate.max_tokens=8", "rate.concurrency=4"]
     choices = json.dumps({"structured_outputs": {"choice": list(SCORE_CHOICES)}})

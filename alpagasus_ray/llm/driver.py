@@ -39,5 +39,5 @@ def ask(engine: Engine, task: LLMTask, rows, results: Results, *, progress=None,
         size = engine.cfg.batch_size
         again = ray.data.from_arrow([t.slice(i, size) for t in results.rows(ids) for i in range(0, t.num_rows, size)])
         running = engine.ask(again, task, results, attempt=MAX_ASKS if round == REASK else 1, round=round,
-                             progress=progress, detach=detach)
+                             progress=progress.again() if progress is not None else None, detach=detach)
     return running

@@ -32,7 +32,7 @@ from alpagasus_ray.errors import InputError
 from alpagasus_ray.llm import driver
 from alpagasus_ray.llm.engines import engine_for
 from alpagasus_ray.llm.engines.base import run_to_end
-from alpagasus_ray.progress import watch
+from alpagasus_ray.progress import ROWS_AGAIN, watch
 from alpagasus_ray.ray_runtime import ensure_ray
 from alpagasus_ray.stages.rate_summary import dry_run_report, summarize
 from alpagasus_ray.stages.chat_rating import ConversationRating, TooLong, TurnRating
@@ -126,7 +126,7 @@ def run_rate(config: Config, dry_run: bool = False, detach: bool = False, cancel
         return {"running_batches": [{"batch_id": r.batch_id, "status": r.status, "rows": r.rows} for r in running]}
     plan.finish(input_dataset(config.data, scan.files, scan.repeats, check=check), scan)
     counts = progress.final
-    sent = counts.get("rows", 0) - sum(counts.get(s, 0) for s in C.SET_ASIDE)
+    sent = counts.get("rows", 0) + counts.get(ROWS_AGAIN, 0) - sum(counts.get(s, 0) for s in C.SET_ASIDE)
     summary = summarize(scan, plan.store, cfg, engine, time.time() - started, sent, plan.meta[C.PROMPT_VERSION],
                         context)
     summary.update(plan.summary(sent))

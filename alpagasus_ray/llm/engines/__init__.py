@@ -16,6 +16,7 @@ ENGINES = {
     "vllm": "alpagasus_ray.llm.engines.vllm:VllmEngine",
     "openai": "alpagasus_ray.llm.engines.api:ApiEngine",
     "openai_batch": "alpagasus_ray.llm.engines.openai_batch:OpenAIBatchEngine",
+    "anthropic_batch": "alpagasus_ray.llm.engines.anthropic_batch:AnthropicBatchEngine",
     "vllm_batch": "alpagasus_ray.llm.engines.vllm_batch:VllmBatchEngine",
 }
 

@@ -51,6 +51,7 @@ from alpagasus_ray.llm.task import (
 )
 from alpagasus_ray.progress import batch_counts
 from alpagasus_ray.rules.budget import usd, worst_case_tokens
+from alpagasus_ray.rules.prompts import estimate_tokens
 from alpagasus_ray.store.layout import (
     STAGING_PREFIX,
     open_filesystem,
@@ -65,7 +66,8 @@ ENDED = ("completed", "failed", "expired", "cancelled")
 # Lines of an output or error file turned into results at a time.
 COLLECT_LINES = 4096
 REQUEST = "__request__"  # the request line of a row, made on the workers
-WORST = "__worst__"  # the most its request can be billed for: [prompt tokens, completion tokens]
+# A request's tokens: [its input at 4 characters a token, the most its prompt and its reply can be billed for].
+TOKENS = "__tokens__"
 # Ray resources of the light step that makes request lines.
 LIGHT = {"num_cpus": 0.1}
 _MISSING = {
@@ -74,6 +76,11 @@ _MISSING = {
     "cancelled": "the batch was cancelled before this row was answered",
     "failed": "the batch failed",
 }
+
+
+class QueueFull(Exception):
+    """The Batch API refused to create a batch because the account's queue is full (a 429 at
+    create): the request file waits and is sent again as batches end."""
 
 
 class BatchRecord(BaseModel):
@@ -96,6 +103,11 @@ class BatchRecord(BaseModel):
     # The most its requests can be billed for (`rules.budget.worst_case_tokens`), for the spending cap.
     worst_tokens_in: int = 0
     worst_tokens_out: int = 0
+    # Its input tokens at 4 characters a token, as the dry run counts them: what it takes of the
+    # account's queue of enqueued tokens (`batch_enqueued_token_limit`) while it runs.
+    tokens_estimate: int = 0
+    # Batches made from it that failed because the account's queue was full: it was sent again.
+    requeued: list[str] = []
     collected: bool = False
     collect_seconds: float | None = None  # how long reading its results took
     settled: bool = False  # the rows it replaces have been removed (retry and re-ask rounds)
@@ -172,8 +184,8 @@ def add_requests(batch: pa.Table, task: LLMTask, endpoint, attempts: int) -> pa.
                                  "body": wire.body(request, endpoint.model, sampled, endpoint.extra_body)},
                                 ensure_ascii=False))
         texts = [m["content"] for m in request.messages] if request.messages is not None else [request.prompt]
-        worst.append(list(worst_case_tokens(texts, request.max_tokens)))
-    return batch.append_column(REQUEST, pa.array(lines, pa.string())).append_column(WORST, pa.array(worst, pa.list_(pa.int64())))
+        worst.append([sum(estimate_tokens(t) for t in texts), *worst_case_tokens(texts, request.max_tokens)])
+    return batch.append_column(REQUEST, pa.array(lines, pa.string())).append_column(TOKENS, pa.array(worst, pa.list_(pa.int64())))
 
 
 @dataclass
@@ -188,16 +200,18 @@ class Room:
 
 def write_requests(store: BatchStore, batches: Iterable[pa.Table], endpoint, round: str, attempts: int,
                    url: str = "/v1/chat/completions", room: Room | None = None) -> list[BatchRecord]:
-    """Write the rows of `batches` (each with its `REQUEST` and `WORST` columns, see
-    `add_requests`) as request files of at most `batch_max_requests` lines and `batch_max_bytes`
-    bytes, each with its rows file and then its record. Holds one batch and one file's writer at a
-    time. With `room`, the files stop where the worst case of all of them would pass `room.usd`:
-    the rows after that are not written (counted in `room.cut`)."""
+    """Write the rows of `batches` (each with its `REQUEST` and `TOKENS` columns, see
+    `add_requests`) as request files of at most `batch_max_requests` lines, `batch_max_bytes`
+    bytes and `batch_enqueued_token_limit` tokens, each with its rows file and then its record.
+    Holds one batch and one file's writer at a time. With `room`, the files stop where the worst
+    case of all of them would pass `room.usd`: the rows after that are not written (counted in
+    `room.cut`)."""
     store.fs.create_dir(store.path, recursive=True)
     numbers = [r.number for r in store.records()]
     written: list[BatchRecord] = []
     current = None
     worst_in = worst_out = 0  # of every line written
+    queue = getattr(endpoint, "batch_enqueued_token_limit", None)
 
     def close():
         nonlocal current
@@ -216,21 +230,26 @@ def write_requests(store: BatchStore, batches: Iterable[pa.Table], endpoint, rou
         if room is not None and room.cut:  # past the cap: the rest is counted, not written
             room.cut += batch.num_rows
             continue
-        lines, worst = batch[REQUEST].to_pylist(), batch[WORST].to_pylist()
-        rows = batch.drop_columns([REQUEST, WORST])
+        lines, tokens = batch[REQUEST].to_pylist(), batch[TOKENS].to_pylist()
+        rows = batch.drop_columns([REQUEST, TOKENS])
         start = 0
         for i, line in enumerate(lines):
-            if room is not None and room.price(worst_in + worst[i][0], worst_out + worst[i][1]) > room.usd:
+            estimate, line_in, line_out = tokens[i]
+            if room is not None and room.price(worst_in + line_in, worst_out + line_out) > room.usd:
                 room.cut = batch.num_rows - i
                 lines = lines[:i]
                 break
-            worst_in, worst_out = worst_in + worst[i][0], worst_out + worst[i][1]
+            worst_in, worst_out = worst_in + line_in, worst_out + line_out
             data = (line + "\n").encode()
             if len(data) > endpoint.batch_max_bytes:
                 raise ValueError(f"row {batch[C.ID][i]}: its request alone ({len(data):,} bytes) is larger than "
                                  f"batch_max_bytes ({endpoint.batch_max_bytes:,})")
+            if queue is not None and estimate > queue:
+                raise ValueError(f"row {batch[C.ID][i]}: its request alone (about {estimate:,} tokens) is more than "
+                                 f"batch_enqueued_token_limit ({queue:,})")
             if current is not None and (current[2].rows == endpoint.batch_max_requests
-                                        or current[2].bytes + len(data) > endpoint.batch_max_bytes):
+                                        or current[2].bytes + len(data) > endpoint.batch_max_bytes
+                                        or (queue is not None and current[2].tokens_estimate + estimate > queue)):
                 if i > start:
                     current[1].write_table(rows.slice(start, i - start))
                 start = i
@@ -244,8 +263,9 @@ def write_requests(store: BatchStore, batches: Iterable[pa.Table], endpoint, rou
             current[0].write(data)
             current[2].rows += 1
             current[2].bytes += len(data)
-            current[2].worst_tokens_in += worst[i][0]
-            current[2].worst_tokens_out += worst[i][1]
+            current[2].worst_tokens_in += line_in
+            current[2].worst_tokens_out += line_out
+            current[2].tokens_estimate += estimate
         if current is not None and start < len(lines):
             current[1].write_table(rows.slice(start, len(lines) - start))
     close()
@@ -264,6 +284,7 @@ class FileEngine(Engine):
             raise ValueError(f"backend {endpoint.backend} needs a directory for its request files")
         self.store = BatchStore(workdir)
         self._held = False  # whether the batches of earlier runs are counted in flight under the cap
+        self._queue_full = False  # the API refused a batch for its queue since a batch of this run last ended
 
     # Seconds between the first polls of running batches, and the most they back off to.
     poll_seconds, poll_max_seconds = 1.0, 10.0
@@ -310,28 +331,58 @@ class FileEngine(Engine):
             if new:
                 log.info("%s rows written into %d request files (%s)", f"{sum(r.rows for r in new):,}", len(new), round)
         open_records = [r for r in store.records() if not r.collected]
-        unsent = []
-        for record in open_records:
-            if record.batch_id is None and not record.ended:
-                if not self._book(record):
-                    unsent.append(record)
-                    continue
-                self.submit(record)
-                log.info("request file %s (%s rows) sent as batch %s", record.name, f"{record.rows:,}",
-                         record.batch_id or "(run here)")
+        capped: list[BatchRecord] = []  # request files the spending cap keeps from being sent
+        self._send_waiting(open_records, capped)
         if room is not None and room.cut:
             log.info("%s rows not written into request files: their worst case would pass %s.max_cost_usd",
                      f"{room.cut:,}", self.section)
             self.spending.refuse.remote(room.cut)
-        open_records = [r for r in open_records if r not in unsent]
         answered = _Answered(progress)
-        running = self.follow(open_records, lambda r: self._collect(r, task, results, progress), once=detach,
-                              on_poll=lambda: answered.update(open_records))
+        following = [r for r in open_records if r not in capped]
+
+        def poll() -> None:  # as batches end, the queue has room for the files still waiting
+            self._send_waiting(open_records, capped)
+            following[:] = [r for r in following if r not in capped]
+            answered.update(open_records)
+
+        running = self.follow(following, lambda r: self._collect(r, task, results, progress), once=detach,
+                              on_poll=poll)
         if running:
             return running
         self.stop_at_cap()  # before the rows asked again replace theirs, as a streaming engine does
         self._settle(results)
         return []
+
+    def _send_waiting(self, records: list[BatchRecord], capped: list[BatchRecord]) -> None:
+        """Send the request files of `records` not sent yet, in order, while the account's queue of
+        enqueued tokens has room for them (`batch_enqueued_token_limit`) and the API takes them;
+        those the spending cap refuses go to `capped`, for good."""
+        limit = getattr(self.cfg, "batch_enqueued_token_limit", None)
+        for record in records:
+            if record.batch_id is not None or record.ended or record in capped:
+                continue
+            enqueued = sum(r.tokens_estimate for r in records if r.batch_id is not None and not r.ended)
+            if limit is not None and enqueued + record.tokens_estimate > limit:
+                return  # the rest wait their turn, in order
+            if self._queue_full and enqueued:
+                return  # the API said the queue is full: wait for a batch of this run to end
+            if not self._book(record):
+                capped.append(record)
+                continue
+            try:
+                self.submit(record)
+            except QueueFull as e:
+                self._unbook(record)
+                self._queue_full = True
+                log.info("request file %s waits: the Batch API's queue is full (%s)", record.name, e)
+                return
+            log.info("request file %s (%s rows) sent as batch %s", record.name, f"{record.rows:,}",
+                     record.batch_id or "(run here)")
+
+    def _unbook(self, record: BatchRecord) -> None:
+        """A request file booked under the spending cap is not in flight after all."""
+        if self.spending is not None:
+            self.spending.settle.remote(self._worst_usd(record), 0.0)
 
     def _worst_usd(self, record: BatchRecord) -> float:
         return self._price(record.worst_tokens_in, record.worst_tokens_out)
@@ -400,8 +451,13 @@ class FileEngine(Engine):
         delay = self.poll_seconds
         while True:
             for record in records:
-                if not record.ended:
+                if not record.ended and record.batch_id is not None:
                     self.refresh(record)
+                    if record.batch_id is None:  # its batch failed for the queue's limit: it waits to be sent again
+                        self._unbook(record)
+                        self._queue_full = True
+                    elif record.ended:
+                        self._queue_full = False  # a batch ended: the queue has room again
                 if record.ended and not record.collected:
                     on_end(record)
             if on_poll is not None:
@@ -551,7 +607,7 @@ class _Answered:
             return
         more = 0
         for record in records:
-            more += record.answered - self.shown.get(record.number, 0)
-            self.shown[record.number] = record.answered
+            more += max(0, record.answered - self.shown.get(record.number, 0))
+            self.shown[record.number] = max(record.answered, self.shown.get(record.number, 0))
         if more:
             self.progress.add_counts({"rows": more})

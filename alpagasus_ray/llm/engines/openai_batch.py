@@ -14,9 +14,13 @@ from typing import Iterator
 from alpagasus_ray.config import api_key
 from alpagasus_ray.llm.context import api_context
 from alpagasus_ray.llm.engines.api import require_key
-from alpagasus_ray.llm.engines.files import BatchRecord, FileEngine
+from alpagasus_ray.llm import wire
+from alpagasus_ray.llm.engines.files import BatchRecord, FileEngine, QueueFull
 
 log = logging.getLogger(__name__)
+
+# The error code of a batch that failed because the account's enqueued tokens were at their limit.
+QUEUE_LIMIT = "token_limit_exceeded"
 
 
 class OpenAIBatchEngine(FileEngine):
@@ -48,7 +52,14 @@ class OpenAIBatchEngine(FileEngine):
         return ApiEngine(self.cfg)
 
     def submit(self, record: BatchRecord) -> None:
-        """Upload the request file and create its batch, recording each step."""
+        """Upload the request file and create its batch, recording each step.
+
+        Raises:
+            QueueFull: the API answered 429 to the create (the account's queue is full); the
+                file stays uploaded and waits.
+        """
+        import openai
+
         store = self.store
         if record.input_file_id is None:
             path = store.file(f"{record.name}.requests.jsonl")
@@ -57,9 +68,15 @@ class OpenAIBatchEngine(FileEngine):
             record.input_file_id, record.uploaded_at = uploaded.id, time.time()
             store.save(record)
         if record.batch_id is None:
-            batch = self._made_from(record) or self.client.batches.create(
-                input_file_id=record.input_file_id, endpoint=record.url,
-                completion_window=self.cfg.batch_completion_window, metadata={"alpagasus_request_file": record.name})
+            batch = self._made_from(record)
+            if batch is None:
+                try:
+                    batch = self.client.batches.create(
+                        input_file_id=record.input_file_id, endpoint=record.url,
+                        completion_window=self.cfg.batch_completion_window,
+                        metadata={"alpagasus_request_file": record.name})
+                except openai.RateLimitError as e:  # after the client's own retries: the queue is full
+                    raise QueueFull(wire.describe_error(e)) from None
             self._update(record, batch)
 
     def refresh(self, record: BatchRecord) -> None:
@@ -86,16 +103,25 @@ class OpenAIBatchEngine(FileEngine):
         for batch in self.client.batches.list(limit=100):
             if batch.created_at < since:
                 return None
-            if batch.input_file_id == record.input_file_id:
+            if batch.input_file_id == record.input_file_id and batch.id not in record.requeued:
                 log.info("batch %s was created from request file %s before a restart: adopted", batch.id, record.name)
                 return batch
         return None
 
     def _update(self, record: BatchRecord, batch) -> None:
+        errors = getattr(batch.errors, "data", None) or []
+        if batch.status == "failed" and any(e.code == QUEUE_LIMIT for e in errors):
+            # Not a failure of its rows: the account's queue was full. The file waits to be sent
+            # again, as a new batch (its input file stays uploaded).
+            record.requeued.append(batch.id)
+            record.batch_id, record.status, record.request_counts = None, "written", {}
+            log.info("batch %s of request file %s failed for the enqueued token limit (%s): sent again as the "
+                     "queue has room", batch.id, record.name, errors[0].message)
+            self.store.save(record)
+            return
         counts = batch.request_counts
         record.batch_id, record.status = batch.id, batch.status
         record.request_counts = counts.model_dump() if counts is not None else {}
         record.output_file_id, record.error_file_id = batch.output_file_id, batch.error_file_id
-        errors = getattr(batch.errors, "data", None) or []
         record.errors = [f"{e.code}: {e.message}" + (f" (line {e.line})" if e.line else "") for e in errors]
         self.store.save(record)
