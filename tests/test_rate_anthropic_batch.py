@@ -4,10 +4,8 @@ batches that end on a timer, per-request errors): the same guarantees as `openai
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -17,6 +15,7 @@ from alpagasus_ray.llm.engines.files import BatchStore
 from alpagasus_ray.stages.rate import run_rate
 from alpagasus_ray.store.rated import RatedStore
 
+from processes import kill_job_when
 from fake_anthropic_batch_server import serve, stats
 
 
@@ -93,8 +92,6 @@ def test_kill_minus_nine_while_waiting_then_rerun_sends_nothing_twice(tmp_path, 
     """The driver is killed -9 after it created every batch and before they end; a batch it had
     created without recording it is found and adopted. The rerun creates nothing and every row is
     answered once; the key is in no file it wrote."""
-    import psutil
-
     key = "sk-ant-test-" + "CL4UDE" * 5
     data = _write_rows(tmp_path / "rows.jsonl", 9)
     run_dir = tmp_path / "run"
@@ -103,14 +100,8 @@ def test_kill_minus_nine_while_waiting_then_rerun_sends_nothing_twice(tmp_path, 
         command = [sys.executable, "-m", "alpagasus_ray.cli", "rate", "--config", "configs/rate_anthropic_batch.yaml",
                    *_overrides(tmp_path, url, data, "rate.batch_max_requests=4")]
         log1 = tmp_path / "first.log"
-        with open(log1, "w") as out:
-            driver = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-            store = BatchStore(str(run_dir / "batches"))
-            while len([r for r in store.records() if r.batch_id]) < 3:
-                assert driver.poll() is None, log1.read_text()[-3000:]
-                time.sleep(0.1)
-            psutil.Process(driver.pid).send_signal(signal.SIGKILL)
-            driver.wait()
+        store = BatchStore(str(run_dir / "batches"))
+        kill_job_when(command, env, log1, lambda: len([r for r in store.records() if r.batch_id]) >= 3, children=False)
         assert stats(url)["batches_created"] == 3
         assert not RatedStore(str(run_dir)).parts()
         forgotten = store.records()[1]  # as if killed between the create and the record's save

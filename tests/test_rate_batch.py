@@ -3,10 +3,8 @@ batches endpoints, batches that move through their states on a timer), and vLLM'
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -17,6 +15,7 @@ from alpagasus_ray.rules.prompts import SCORE_CHOICES
 from alpagasus_ray.stages.rate import run_rate
 from alpagasus_ray.store.rated import RatedStore
 
+from processes import kill_job_when
 from fake_batch_server import serve, stats
 
 
@@ -162,8 +161,6 @@ def test_kill_minus_nine_while_waiting_then_rerun_collects_the_same_batches(tmp_
     """The driver is killed -9 after it sent every request file and before the batches end; a
     batch it had created without recording it (as a kill between the two would leave) is found
     and adopted. The rerun submits nothing; the key is in no file it wrote."""
-    import psutil
-
     key = "sk-test-" + "B4TCH" * 6
     data = _write_rows(tmp_path / "rows.jsonl", 9)
     run_dir = tmp_path / "run"
@@ -172,14 +169,8 @@ def test_kill_minus_nine_while_waiting_then_rerun_collects_the_same_batches(tmp_
         command = [sys.executable, "-m", "alpagasus_ray.cli", "rate", "--config", "configs/rate_openai_batch.yaml",
                    *_overrides(tmp_path, url, data, "rate.batch_max_requests=4")]
         log1 = tmp_path / "first.log"
-        with open(log1, "w") as out:
-            driver = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-            store = BatchStore(str(run_dir / "batches"))
-            while len([r for r in store.records() if r.batch_id]) < 3:
-                assert driver.poll() is None, log1.read_text()[-3000:]
-                time.sleep(0.1)
-            psutil.Process(driver.pid).send_signal(signal.SIGKILL)
-            driver.wait()
+        store = BatchStore(str(run_dir / "batches"))
+        kill_job_when(command, env, log1, lambda: len([r for r in store.records() if r.batch_id]) >= 3, children=False)
         assert stats(url)["batches_created"] == 3
         assert not RatedStore(str(run_dir)).parts()  # killed before any batch ended
         forgotten = store.records()[1]  # as if killed between the create and the record's save
