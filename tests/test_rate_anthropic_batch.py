@@ -11,11 +11,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from alpagasus_ray.config import load_config
-from alpagasus_ray.llm.engines.files import BatchStore
 from alpagasus_ray.stages.rate import run_rate
 from alpagasus_ray.store.rated import RatedStore
 
-from processes import kill_job_when
+from processes import assert_key_nowhere, kill_with_a_batch_unrecorded
 from fake_anthropic_batch_server import serve, stats
 
 
@@ -100,13 +99,9 @@ def test_kill_minus_nine_while_waiting_then_rerun_sends_nothing_twice(tmp_path, 
         command = [sys.executable, "-m", "alpagasus_ray.cli", "rate", "--config", "configs/rate_anthropic_batch.yaml",
                    *_overrides(tmp_path, url, data, "rate.batch_max_requests=4")]
         log1 = tmp_path / "first.log"
-        store = BatchStore(str(run_dir / "batches"))
-        kill_job_when(command, env, log1, lambda: len([r for r in store.records() if r.batch_id]) >= 3, children=False)
+        kill_with_a_batch_unrecorded(command, env, run_dir, log1, batches=3)
         assert stats(url)["batches_created"] == 3
         assert not RatedStore(str(run_dir)).parts()
-        forgotten = store.records()[1]  # as if killed between the create and the record's save
-        forgotten.batch_id, forgotten.status = None, "written"
-        store.save(forgotten)
         second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         seen = stats(url)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -114,6 +109,4 @@ def test_kill_minus_nine_while_waiting_then_rerun_sends_nothing_twice(tmp_path, 
     assert sorted(seen["answered"].values()) == [1] * 9
     rated = pq.read_table(run_dir / "rated")
     assert rated.num_rows == 9 and set(rated["status"].to_pylist()) == {"ok"}
-    written = [p for p in run_dir.rglob("*") if p.is_file()]
-    assert written and not any(key.encode() in p.read_bytes() for p in written)
-    assert key not in log1.read_text() + second.stdout + second.stderr
+    assert_key_nowhere(key, run_dir, log1.read_text(), second.stdout, second.stderr)

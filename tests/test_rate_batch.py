@@ -15,7 +15,7 @@ from alpagasus_ray.rules.prompts import SCORE_CHOICES
 from alpagasus_ray.stages.rate import run_rate
 from alpagasus_ray.store.rated import RatedStore
 
-from processes import kill_job_when
+from processes import assert_key_nowhere, kill_with_a_batch_unrecorded
 from fake_batch_server import serve, stats
 
 
@@ -169,13 +169,9 @@ def test_kill_minus_nine_while_waiting_then_rerun_collects_the_same_batches(tmp_
         command = [sys.executable, "-m", "alpagasus_ray.cli", "rate", "--config", "configs/rate_openai_batch.yaml",
                    *_overrides(tmp_path, url, data, "rate.batch_max_requests=4")]
         log1 = tmp_path / "first.log"
-        store = BatchStore(str(run_dir / "batches"))
-        kill_job_when(command, env, log1, lambda: len([r for r in store.records() if r.batch_id]) >= 3, children=False)
+        kill_with_a_batch_unrecorded(command, env, run_dir, log1, batches=3)
         assert stats(url)["batches_created"] == 3
         assert not RatedStore(str(run_dir)).parts()  # killed before any batch ended
-        forgotten = store.records()[1]  # as if killed between the create and the record's save
-        forgotten.batch_id, forgotten.status = None, "written"
-        store.save(forgotten)
         second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
         seen = stats(url)
     assert second.returncode == 0, second.stderr[-3000:]
@@ -183,9 +179,7 @@ def test_kill_minus_nine_while_waiting_then_rerun_collects_the_same_batches(tmp_
     rated = pq.read_table(run_dir / "rated")
     assert rated.num_rows == 9 and set(rated["status"].to_pylist()) == {"ok"}
     assert seen["authorization"] == [f"Bearer {key}"]
-    written = [p for p in run_dir.rglob("*") if p.is_file()]
-    assert written and not any(key.encode() in p.read_bytes() for p in written)
-    assert key not in log1.read_text() + second.stdout + second.stderr
+    assert_key_nowhere(key, run_dir, log1.read_text(), second.stdout, second.stderr)
 
 
 @pytest.mark.slow

@@ -3,10 +3,8 @@
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -16,6 +14,7 @@ from alpagasus_ray.stages.rate import run_rate
 from alpagasus_ray.store.rated import RatedStore
 
 from fake_openai_server import serve, stats
+from processes import assert_key_nowhere, kill_job_when
 
 LN = math.log
 
@@ -205,8 +204,6 @@ def test_kill_minus_nine_then_rerun_finishes_without_resending_and_never_writes_
                                                                                           victims):
     """Kill -9 the driver (its Ray workers finish what they hold), or the driver and every Ray
     process it started at once (what is in flight is lost), then run the same command again."""
-    import psutil
-
     key = "sk-test-" + "K3Y" * 8
     n = 96
     data = _write_rows(tmp_path / "rows.jsonl", n)
@@ -217,18 +214,8 @@ def test_kill_minus_nine_then_rerun_finishes_without_resending_and_never_writes_
                    "rate.num_workers=1", "rate.batch_size=4"]
         env = {**os.environ, "OPENAI_API_KEY": key}
         log1 = tmp_path / "first.log"
-        with open(log1, "w") as out:
-            driver = subprocess.Popen(command, env=env, stdout=out, stderr=subprocess.STDOUT)
-            store = RatedStore(str(run_dir))
-            while len(store.parts()) < 3:
-                assert driver.poll() is None, log1.read_text()[-2000:]
-                time.sleep(0.1)
-            doomed = [psutil.Process(driver.pid)]
-            if victims == "whole job":
-                doomed += doomed[0].children(recursive=True)
-            for proc in doomed:
-                proc.send_signal(signal.SIGKILL)
-            driver.wait()
+        store = RatedStore(str(run_dir))
+        kill_job_when(command, env, log1, lambda: len(store.parts()) >= 3, children=victims == "whole job")
         finished_before_kill = set(store.read()["id"].to_pylist())
         markers_before = {r["instruction"][:7] for r in store.read().to_pylist()}
         second = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
@@ -246,8 +233,6 @@ def test_kill_minus_nine_then_rerun_finishes_without_resending_and_never_writes_
     assert seen["requests"] - n <= 4 + 4 + 3
     # The key was used, and is nowhere in what the job wrote or printed.
     assert seen["authorization"] == [f"Bearer {key}"]
-    written = [p for p in run_dir.rglob("*") if p.is_file()]
-    assert written and not any(key.encode() in p.read_bytes() for p in written)
-    assert key not in log1.read_text() + second.stdout + second.stderr
+    assert_key_nowhere(key, run_dir, log1.read_text(), second.stdout, second.stderr)
     assert key not in (run_dir / "rate_config.json").read_text()
 

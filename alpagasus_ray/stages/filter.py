@@ -32,7 +32,7 @@ from alpagasus_ray.config import Config, FilterConfig
 from alpagasus_ray.rules import selection
 from alpagasus_ray.rules.prompts import SCORE_MAX, SCORE_MIN
 from alpagasus_ray.store.layout import RunDir, is_local, open_filesystem
-from alpagasus_ray.store.parts import SCAN_BATCH_ROWS, best_per_id
+from alpagasus_ray.store.parts import SCAN_BATCH_ROWS, best_per_id, value_counts
 from alpagasus_ray.store.formatting import CONVERSATIONS, SYSTEM, turns_for
 from alpagasus_ray.store.rated import RatedStore, open_rated
 
@@ -144,8 +144,8 @@ def scan_rated(store: RatedStore, f: FilterConfig, category_of, k: int | None = 
         table = pa.Table.from_batches([batch])
         table = table.select(light).append_column(_SCORE, table[f.score]).append_column(CATEGORY, category_of(table))
         rows += table.num_rows
-        statuses.update(_counts(table[C.STATUS]))
-        categories.update(_counts(table[CATEGORY]))
+        statuses.update(value_counts(table[C.STATUS]))
+        categories.update(value_counts(table[CATEGORY]))
         ok = pc.equal(table[C.STATUS], C.OK)
         not_ok.append(table.filter(pc.invert(ok)).select([C.ID, C.STATUS, C.ATTEMPTS, CATEGORY]))
         selectable = table.filter(pc.and_(ok, pc.is_valid(table[_SCORE])))
@@ -155,17 +155,17 @@ def scan_rated(store: RatedStore, f: FilterConfig, category_of, k: int | None = 
             selectable = selectable.filter(pc.invert(flagged))
         selectable = selectable.select([C.ID, _SCORE, C.SCORE_EXPECTED, CATEGORY])
         pool += selectable.num_rows
-        pool_categories.update(_counts(selectable[CATEGORY]))
-        pool_scores.update(_counts(pc.round(selectable[_SCORE], 3)))
+        pool_categories.update(value_counts(selectable[CATEGORY]))
+        pool_scores.update(value_counts(pc.round(selectable[_SCORE], 3)))
         at_threshold += pc.sum(pc.greater_equal(selectable[_SCORE], f.threshold)).as_py() or 0
         candidates = top(candidates + [selectable], f, k)
     not_ok = pa.concat_tables(not_ok)
     standing = _standing(store, not_ok)
     rows -= not_ok.num_rows - standing.num_rows
-    statuses.subtract(_counts(not_ok[C.STATUS]))
-    statuses.update(_counts(standing[C.STATUS]))
-    categories.subtract(_counts(not_ok[CATEGORY]))
-    categories.update(_counts(standing[CATEGORY]))
+    statuses.subtract(value_counts(not_ok[C.STATUS]))
+    statuses.update(value_counts(standing[C.STATUS]))
+    categories.subtract(value_counts(not_ok[CATEGORY]))
+    categories.update(value_counts(standing[CATEGORY]))
     candidates = pa.concat_tables(candidates).sort_by([(C.ID, "ascending")])
     if pc.count_distinct(candidates[C.ID]).as_py() != candidates.num_rows:
         counts = pc.value_counts(candidates[C.ID])
@@ -183,10 +183,6 @@ def _standing(store: RatedStore, not_ok: pa.Table) -> pa.Table:
         [C.ID], (pc.field(C.STATUS) == C.OK) & pc.field(C.ID).isin(pc.unique(not_ok[C.ID])))]
     best = best_per_id(not_ok)
     return best.filter(pc.invert(pc.is_in(best[C.ID], value_set=pa.chunked_array(rated_ok, pa.string()).combine_chunks())))
-
-
-def _counts(values) -> Counter:
-    return Counter({item["values"]: item["counts"] for item in pc.value_counts(values).to_pylist()})
 
 
 def _at_or_above(tables: list[pa.Table], f: FilterConfig, k: int | None) -> list[pa.Table]:

@@ -39,7 +39,7 @@ from alpagasus_ray.stages.chat_rating import ConversationRating, TooLong, TurnRa
 from alpagasus_ray.stages.rating import LIGHT, RowRating
 from alpagasus_ray.store.inputs import input_dataset, scan_input
 from alpagasus_ray.store.layout import RunDir, exists, is_dir, join, list_dir, read_json, write_json
-from alpagasus_ray.store.parts import PartStore, done_ids, skip_done
+from alpagasus_ray.store.parts import PartStore, done_ids, skip_done, token_sums
 
 # The name of the parts that hold the ratings taken from a pilot.
 PILOT_PREFIX = "pilot"
@@ -147,8 +147,8 @@ def _spent_tokens(store, piloted: pa.Table | None) -> tuple[int, int]:
     """The usage saved in `store`, and in the pilot's ratings it is about to take."""
     tokens_in, tokens_out = store.tokens()
     if piloted is not None:
-        tokens_in += pc.sum(piloted[C.TOKENS_IN]).as_py() or 0
-        tokens_out += pc.sum(piloted[C.TOKENS_OUT]).as_py() or 0
+        more_in, more_out = token_sums(piloted)
+        tokens_in, tokens_out = tokens_in + more_in, tokens_out + more_out
     return tokens_in, tokens_out
 
 

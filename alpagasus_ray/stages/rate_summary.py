@@ -16,6 +16,7 @@ from alpagasus_ray.llm.engines import Engine
 from alpagasus_ray.rules.budget import FORMAT_TOKENS, FORMAT_TOKENS_PER_MESSAGE
 from alpagasus_ray.rules.prompts import CHARS_PER_TOKEN, PROMPT_VERSION
 from alpagasus_ray.store.inputs import InputScan
+from alpagasus_ray.store.parts import token_sums, value_counts
 from alpagasus_ray.store.rated import RatedStore
 
 # Bytes of a rating request line besides the prompt's text: custom_id, url, model, sampling fields.
@@ -70,10 +71,6 @@ def context_record(context: Context | None) -> dict | None:
     return {"tokens": context.tokens, "key": f"rate.{context.key}", "counted_by": context.counted_by}
 
 
-def _counts(values) -> Counter:
-    return Counter({item["values"]: item["counts"] for item in pc.value_counts(values).to_pylist()})
-
-
 def summarize(scan: InputScan, store: RatedStore, cfg: RateConfig, engine: Engine, seconds: float, sent: int,
               prompt_version: str = PROMPT_VERSION, context: Context | None = None) -> dict:
     """The summary, counted by one streaming scan of the parts."""
@@ -83,16 +80,13 @@ def summarize(scan: InputScan, store: RatedStore, cfg: RateConfig, engine: Engin
         table = pa.Table.from_batches([batch])
         rows += table.num_rows
         flagged = table.filter(pc.is_valid(table[C.SUSPECT]))
-        suspects.update(_counts(flagged[C.SUSPECT]))
+        suspects.update(value_counts(flagged[C.SUSPECT]))
         if len(suspect_examples) < 20:
             suspect_examples += flagged.select([C.ID, C.SOURCE, C.SUSPECT]).slice(0, 20 - len(suspect_examples)).to_pylist()
-        for item in pc.value_counts(table[C.STATUS]).to_pylist():
-            statuses[item["values"]] += item["counts"]
+        statuses.update(value_counts(table[C.STATUS]))
         ok = pc.equal(table[C.STATUS], C.OK)
-        for item in pc.value_counts(table.filter(ok)[C.SCORE]).to_pylist():
-            scores[item["values"]] += item["counts"]
-        tokens.update({C.TOKENS_IN: pc.sum(table[C.TOKENS_IN]).as_py() or 0,
-                       C.TOKENS_OUT: pc.sum(table[C.TOKENS_OUT]).as_py() or 0})
+        scores.update(value_counts(table.filter(ok)[C.SCORE]))
+        tokens.update(dict(zip((C.TOKENS_IN, C.TOKENS_OUT), token_sums(table))))
         if len(not_ok) < 20:
             not_ok += table.filter(pc.invert(ok)).slice(0, 20 - len(not_ok)).to_pylist()
     if rows != scan.rows:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import uuid
+from collections import Counter
 from typing import Iterator
 
 import pyarrow as pa
@@ -123,17 +124,16 @@ class PartStore:
         """(tokens_in, tokens_out) over every part: the usage the model reported for the rows saved."""
         tokens_in = tokens_out = 0
         for batch in self.batches([C.TOKENS_IN, C.TOKENS_OUT]):
-            tokens_in += pc.sum(batch.column(0)).as_py() or 0
-            tokens_out += pc.sum(batch.column(1)).as_py() or 0
+            more_in, more_out = token_sums(batch)
+            tokens_in, tokens_out = tokens_in + more_in, tokens_out + more_out
         return tokens_in, tokens_out
 
     def status_counts(self) -> dict[str, int]:
         """Rows per status over every part."""
-        counts = dict.fromkeys(C.STATUSES, 0)
+        counts = Counter(dict.fromkeys(C.STATUSES, 0))
         for batch in self.batches([C.STATUS]):
-            for item in pc.value_counts(batch.column(0)).to_pylist():
-                counts[item["values"]] = counts.get(item["values"], 0) + item["counts"]
-        return counts
+            counts.update(value_counts(batch.column(0)))
+        return dict(counts)
 
     def ids_to_ask_again(self, retry_failed: bool, reask: bool) -> list[str]:
         """Ids whose best row is a request failure (with `retry_failed`) or a first unreadable
@@ -249,3 +249,17 @@ def skip_done(batch: pa.Table, done: list) -> pa.Table:
     ids = batch[C.ID].to_numpy(zero_copy_only=False).astype(str)
     where = np.minimum(np.searchsorted(written, ids), len(written) - 1)
     return batch.filter(pa.array(written[where] != ids))
+
+
+def value_counts(values) -> Counter:
+    """How many times each value occurs in an Arrow array or column (None counted as a value).
+
+    >>> value_counts(pa.array(["ok", "ok", None, "parse_failed"]))
+    Counter({'ok': 2, None: 1, 'parse_failed': 1})
+    """
+    return Counter({item["values"]: item["counts"] for item in pc.value_counts(values).to_pylist()})
+
+
+def token_sums(rows: pa.Table | pa.RecordBatch) -> tuple[int, int]:
+    """(tokens_in, tokens_out) summed over `rows` (a row without usage counts 0)."""
+    return (pc.sum(rows[C.TOKENS_IN]).as_py() or 0, pc.sum(rows[C.TOKENS_OUT]).as_py() or 0)

@@ -24,8 +24,7 @@ import time
 from typing import Iterator
 
 from alpagasus_ray.config import ConfigError, api_key
-from alpagasus_ray.llm.context import api_context
-from alpagasus_ray.llm.engines.files import BatchRecord, FileEngine, QueueFull
+from alpagasus_ray.llm.engines.files import BatchApiEngine, BatchRecord, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +32,13 @@ log = logging.getLogger(__name__)
 CARRIED = ("model", "max_tokens", "temperature", "top_p", "stop_sequences")
 
 
-class AnthropicBatchEngine(FileEngine):
+class AnthropicBatchEngine(BatchApiEngine):
     """Message Batches through the `anthropic` client."""
 
     def __init__(self, endpoint, workdir: str | None = None):
         import anthropic
 
         super().__init__(endpoint, workdir)
-        self.poll_seconds, self.poll_max_seconds = endpoint.batch_poll_seconds, endpoint.batch_poll_max_seconds
         self.client = anthropic.Anthropic(base_url=endpoint.base_url, api_key=api_key(endpoint),
                                           max_retries=endpoint.max_retries, timeout=endpoint.request_timeout)
 
@@ -49,12 +47,6 @@ class AnthropicBatchEngine(FileEngine):
             raise ConfigError(
                 f"{section}.backend=anthropic_batch with Anthropic's endpoint needs an API key in ${self.cfg.api_key_env}; "
                 f"set it in the environment (never in a config), or set {section}.base_url to a server without auth")
-
-    def context(self):
-        return api_context(self.cfg)
-
-    def price_factor(self) -> float | None:
-        return self.cfg.batch_price_factor
 
     def submit(self, record: BatchRecord) -> None:
         """Create the batch with the request file's requests (or adopt the one a kill left).

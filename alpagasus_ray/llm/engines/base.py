@@ -21,7 +21,7 @@ from alpagasus_ray.config import ConfigError
 from alpagasus_ray.errors import CapReached
 from alpagasus_ray.llm.context import Context
 from alpagasus_ray.llm.task import FIRST, LLMTask, Results, Sink
-from alpagasus_ray.rules.budget import SharedSpending
+from alpagasus_ray.rules.budget import SharedSpending, usd
 
 
 class Engine:
@@ -72,8 +72,7 @@ class Engine:
         cfg = self.cfg
         if factor is None or cfg.price_input_per_million is None or cfg.price_output_per_million is None:
             return None
-        usd = (tokens_in * cfg.price_input_per_million + tokens_out * cfg.price_output_per_million) / 1e6
-        return round(usd * factor, 6)
+        return round(usd(tokens_in, tokens_out, cfg.price_input_per_million, cfg.price_output_per_million, factor), 6)
 
     def cap_spending(self, stores, section: str) -> None:
         """Hold the requests of this engine under `<section>.max_cost_usd`, the usage saved in

@@ -38,6 +38,7 @@ from pydantic import BaseModel, ValidationError
 
 from alpagasus_ray import columns as C
 from alpagasus_ray.llm import wire
+from alpagasus_ray.llm.context import api_context
 from alpagasus_ray.llm.engines.base import Engine
 from alpagasus_ray.llm.task import (
     FIRST,
@@ -502,6 +503,20 @@ class FileEngine(Engine):
             results.replace(ids, record.round, keep_parts=mine)
             record.settled = True
             self.store.save(record)
+
+
+class BatchApiEngine(FileEngine):
+    """A provider's Batch API, paid at its batch price and polled at the endpoint's pace."""
+
+    def __init__(self, endpoint, workdir: str | None = None):
+        super().__init__(endpoint, workdir)
+        self.poll_seconds, self.poll_max_seconds = endpoint.batch_poll_seconds, endpoint.batch_poll_max_seconds
+
+    def context(self):
+        return api_context(self.cfg)
+
+    def price_factor(self) -> float | None:
+        return self.cfg.batch_price_factor
 
 
 def collect(engine: FileEngine, record: BatchRecord, task: LLMTask, save: Callable[[pa.Table], None]) -> dict:

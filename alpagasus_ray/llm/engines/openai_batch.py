@@ -12,10 +12,9 @@ import time
 from typing import Iterator
 
 from alpagasus_ray.config import api_key
-from alpagasus_ray.llm.context import api_context
 from alpagasus_ray.llm.engines.api import require_key
 from alpagasus_ray.llm import wire
-from alpagasus_ray.llm.engines.files import BatchRecord, FileEngine, QueueFull
+from alpagasus_ray.llm.engines.files import BatchApiEngine, BatchRecord, QueueFull
 
 log = logging.getLogger(__name__)
 
@@ -23,25 +22,18 @@ log = logging.getLogger(__name__)
 QUEUE_LIMIT = "token_limit_exceeded"
 
 
-class OpenAIBatchEngine(FileEngine):
+class OpenAIBatchEngine(BatchApiEngine):
     """The Batch API through the `openai` client."""
 
     def __init__(self, endpoint, workdir: str | None = None):
         import openai
 
         super().__init__(endpoint, workdir)
-        self.poll_seconds, self.poll_max_seconds = endpoint.batch_poll_seconds, endpoint.batch_poll_max_seconds
         self.client = openai.OpenAI(base_url=endpoint.base_url, api_key=api_key(endpoint),
                                     max_retries=endpoint.max_retries, timeout=endpoint.request_timeout)
 
     def check(self, section: str) -> None:
         require_key(self.cfg, section)
-
-    def context(self):
-        return api_context(self.cfg)
-
-    def price_factor(self) -> float | None:
-        return self.cfg.batch_price_factor
 
     def sync_engine(self):
         """With `reask: sync`, the same endpoint's synchronous API (its pool keys apply)."""
