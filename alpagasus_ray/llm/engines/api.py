@@ -25,7 +25,7 @@ from alpagasus_ray import columns as C
 from alpagasus_ray.config import ConfigError, api_key, pool_size
 from alpagasus_ray.llm import wire
 from alpagasus_ray.llm.context import api_context
-from alpagasus_ray.llm.engines.base import StreamingEngine
+from alpagasus_ray.llm.engines.base import BATCHES_PER_BLOCK, StreamingEngine
 from alpagasus_ray.llm.task import (
     MAX_ASKS,
     Request,
@@ -43,11 +43,6 @@ from alpagasus_ray.rules.ratelimit import SharedLimiter
 # rows/s), at 256 MB the batches waiting for it stay near 22 MB.
 OBJECT_STORE_BYTES = 256 * 2**20
 READ_BLOCK_BYTES = 4 * 2**20
-# Batches per block. An async actor runs up to 4 batches of a block at once (Ray Data's
-# RAY_DATA_DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY), and each block is a task that the driver's
-# core worker follows: it kept about 15 KB of native memory for each task it had run (+120 MB
-# over a 520k-row rating in blocks of one batch; flat in blocks of four).
-BATCHES_PER_BLOCK = 4
 
 
 class ApiEngine(StreamingEngine):
@@ -82,8 +77,8 @@ class ApiEngine(StreamingEngine):
         # Blocks of a few batches: an actor pool grows with the blocks waiting for it, and a large
         # block (a read yields up to 2,048 rows) would keep one actor busy while the others idle;
         # each batch is still saved as soon as it finishes.
+        rows = self.in_blocks(rows)
         block_rows = endpoint.batch_size * BATCHES_PER_BLOCK
-        rows = rows.repartition(target_num_rows_per_block=block_rows)
         # Enough blocks per actor that a full batch is waiting whenever one finishes (the batches of
         # a block run at once, their rows queued for the slots in order).
         calls = math.ceil(slots / block_rows) + 1
