@@ -69,10 +69,14 @@ def test_completed_errored_expired_and_unreadable_rows_then_retry_failed_resends
 
 
 def test_detach_then_cancel_and_dry_run(tmp_path, ray_local):
+    """A row too long for `rate.context_tokens` is set aside before a request file is written."""
     data = _write_rows(tmp_path / "rows.jsonl", 8)
+    with open(data, "a") as f:
+        f.write(json.dumps({"id": "too-long", "instruction": "Summarize.", "input": "", "output": "word " * 3000}) + "\n")
     with serve({"batch_seconds": 30}) as url:
-        config = load_config(None, _overrides(tmp_path, url, data, "rate.batch_max_requests=3"))
+        config = load_config(None, _overrides(tmp_path, url, data, "rate.batch_max_requests=3", "rate.context_tokens=2000"))
         dry = run_rate(config, dry_run=True)
+        assert dry["too_long"] == 1 and dry["context"]["key"] == "rate.context_tokens"
         assert dry["request_files"] == 3 and dry["cost_usd_at_most"] == pytest.approx(
             dry["cost_usd_at_most_synchronous"] / 2, abs=1e-6)
         assert stats(url)["batches_created"] == 0
@@ -81,9 +85,12 @@ def test_detach_then_cancel_and_dry_run(tmp_path, ray_local):
         cancelled = run_rate(config, cancel=True)
         seen = stats(url)
     assert cancelled["cancelled"] == 3 and seen["cancels"] == 3 and set(seen["batches"].values()) == {"ended"}
-    assert cancelled["by_status"]["request_failed"] == 8
+    assert cancelled["by_status"]["request_failed"] == 8 and cancelled["by_status"]["too_long"] == 1
+    assert seen["batch_requests"] == 8
     _, rated = _statuses(tmp_path / "run")
-    assert len(rated) == 8 and all("cancelled before this row was answered" in r["error"] for r in rated)
+    too_long = [r for r in rated if r["id"] == "too-long"]
+    assert len(rated) == 9 and too_long[0]["status"] == "too_long" and "rate.context_tokens" in too_long[0]["error"]
+    assert all("cancelled before this row was answered" in r["error"] for r in rated if r["id"] != "too-long")
 
 
 @pytest.mark.slow

@@ -108,15 +108,18 @@ def _engine_actors() -> dict[int, str]:
 
 
 def test_an_engine_killed_mid_rating_is_replaced_and_only_its_blocks_asked_again(tmp_path, tiny_model, reap_ray_orphans):
-    """Two vLLM engines rate 240 rows in blocks of 4 batches of 4; once a third are answered, one
+    """Two vLLM engines rate 720 rows in blocks of 4 batches of 4; once a sixth are answered, one
     engine's process is killed -9 while it runs a block. Ray restarts the actor and runs the
     blocks it held there (Ray Data's actor pools), and the stage goes on: every row ok and saved
     once, none asked again by the driver; by the engines' own log, the rows answered twice are
     only some of those the killed engine had answered (its unfinished blocks)."""
     import psutil
 
-    n, batch = 240, 4
-    data = _data(tmp_path, n, most_chars=1200)
+    n, batch = 720, 4
+    rows = json.loads(_data(tmp_path, n, most_chars=1200).read_text())
+    rows = [{**rows[i % len(rows)], "id": f"row-{i}"} for i in range(n)]  # long enough to kill it midway
+    data = tmp_path / "rows.json"
+    data.write_text(json.dumps(rows))
     run_dir = tmp_path / "run"
     command = [sys.executable, "-m", "alpagasus_ray.cli", "rate", "--verbose", "--config", "/dev/null",
                f"run_dir={run_dir}", f"data.path={data}", "rate.backend=vllm", f"rate.model={tiny_model}",
@@ -135,7 +138,7 @@ def test_an_engine_killed_mid_rating_is_replaced_and_only_its_blocks_asked_again
             busy = [pid for pid, title in actors.items() if title.endswith(".submit")]
             if killed is None and busy and len(actors) == 2:
                 answered_at_kill = len(_answered(log.read_text()))
-                if answered_at_kill >= n // batch // 3:  # a third done: each engine has answered some
+                if answered_at_kill >= n // batch // 6:  # a sixth done: each engine has answered some
                     killed, at_kill = busy[0], set(actors)
                     orphans = psutil.Process(killed).children(recursive=True)  # its vLLM engine core
                     os.kill(killed, signal.SIGKILL)

@@ -126,7 +126,9 @@ def engine_processor(endpoint, preprocess, *, chat: bool = True):
         max_tasks_in_flight_per_actor=ENGINE_BLOCKS,
         accelerator_type=endpoint.accelerator_type if endpoint.use_gpu else None,
         should_continue_on_error=True,
-        placement_group_config=None if endpoint.use_gpu else {"bundles": [{"CPU": 1}]},
+        # On a CPU node an engine counts as half a CPU (its threads use every core anyway), so that
+        # the re-blocking (a task of a whole CPU) and the stages around it fit beside it on two cores.
+        placement_group_config=None if endpoint.use_gpu else {"bundles": [{"CPU": 0.5}]},
         runtime_env={"env_vars": engine_env(endpoint)},
         chat_template_stage={"enabled": chat, **light},
         tokenize_stage={"enabled": True, **light},
