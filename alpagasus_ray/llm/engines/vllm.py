@@ -29,10 +29,6 @@ from alpagasus_ray.ray_runtime import worker_log_level
 from alpagasus_ray.tiny_model import resolve_model
 
 _ROW = "__row__"  # the input row, carried through the vLLM stages as one JSON string
-# Blocks an engine runs at once, and all it is given: a block waits in Ray Data's queue, for
-# whichever engine frees first, rather than behind the ones an engine holds (Ray Data LLM would
-# give each engine twice as many), so an engine that dies holds only the blocks it was running.
-ENGINE_BLOCKS = 8
 
 
 class VllmEngine(StreamingEngine):
@@ -71,8 +67,9 @@ class VllmEngine(StreamingEngine):
             results = [_result(task, row, out, attempt, endpoint.max_model_len) for row, out in zip(inputs, outputs)]
             return with_results(pa.Table.from_pylist(inputs), task, results, progress, sink)
 
-        # In blocks of a few batches, not a read's 2,048 rows: an engine that dies loses the blocks it
-        # held, which Ray Data runs again on its replacement (see BATCHES_PER_BLOCK).
+        # In blocks of a few batches, not a read's (a whole file, up to 128 MiB): every engine gets
+        # some, and one that dies holds only a few, which Ray Data runs again on its replacement
+        # (see BATCHES_PER_BLOCK). Ray Data LLM runs 8 blocks at once on an engine and queues 8 more.
         return processor(self.in_blocks(rows)).map_batches(postprocess, batch_format="pyarrow", batch_size=None, **light_stage(endpoint))
 
 
@@ -122,8 +119,6 @@ def engine_processor(endpoint, preprocess, *, chat: bool = True):
         engine_kwargs=kwargs,
         concurrency=pool_size(endpoint.num_engines),  # a number is a fixed pool: Ray Data would autoscale 1..n
         batch_size=endpoint.batch_size,
-        max_concurrent_batches=ENGINE_BLOCKS,
-        max_tasks_in_flight_per_actor=ENGINE_BLOCKS,
         accelerator_type=endpoint.accelerator_type if endpoint.use_gpu else None,
         should_continue_on_error=True,
         # On a CPU node an engine counts as half a CPU (its threads use every core anyway), so that
