@@ -120,10 +120,7 @@ def run_rate(config: Config, dry_run: bool = False, detach: bool = False, cancel
         set_aside = plan.set_aside(skip(rows), progress) if scan.invalid else None
         if set_aside is not None:
             run_to_end(set_aside)
-        # Nothing new to ask (a rerun of a finished rating): no pass over the input, no engine started
-        # for it; the failures are still asked again below.
-        new = plan.to_ask(rows, skip) if requests > asked else None
-        running = driver.ask(engine, plan.task, new, plan.results, progress=progress,
+        running = driver.ask(engine, plan.task, plan.to_ask(rows, skip), plan.results, progress=progress,
                              retry_failed=cfg.retry_failed, detach=detach)
     if running:
         return {"running_batches": [{"batch_id": r.batch_id, "status": r.status, "rows": r.rows} for r in running]}
