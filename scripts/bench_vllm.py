@@ -68,7 +68,10 @@ def bare_rows_per_s(model: str, rows: int, max_model_len: int) -> float:
 
     with open(DATA) as f:
         data = json.load(f)[:rows]
-    conversations = [rating_messages(r["instruction"], r["input"], r["output"]) for r in data]
+    try:  # the prompts the backend sends: fenced by default since `rate.fence` came
+        conversations = [rating_messages(r["instruction"], r["input"], r["output"], fence=True) for r in data]
+    except TypeError:
+        conversations = [rating_messages(r["instruction"], r["input"], r["output"]) for r in data]
     params = SamplingParams(temperature=0, max_tokens=4, logprobs=5,
                             structured_outputs=StructuredOutputsParams(choice=list(SCORE_CHOICES)))
     llm = LLM(model=model, dtype="float32", max_model_len=max_model_len, enforce_eager=True,
