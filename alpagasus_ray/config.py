@@ -176,7 +176,7 @@ class _Engines(_Strict):
         1, description="Engine replicas (one per GPU, or per tensor-parallel group): a number, or a range [min, max] "
         "for an autoscaling pool that a cluster autoscaler can add GPU nodes for.")
     tensor_parallel_size: int = Field(1, gt=0, description="GPUs per engine.")
-    use_gpu: bool = Field(True, description="Give each engine GPUs; false runs on CPU (tests, demo).")
+    use_gpu: bool = Field(True, description="Give each engine GPUs; false runs on CPU (tests, demo), each engine counted as half a CPU by Ray.")
     accelerator_type: str | None = operational(None, description="Ray accelerator type for the engines, e.g. A100.")
     max_model_len: int = Field(4096, gt=0, description="Context length of the engine.")
     cpu_kv_cache_gib: int = operational(
