@@ -25,7 +25,7 @@ from alpagasus_ray import columns as C
 from alpagasus_ray.config import ConfigError, api_key, pool_size
 from alpagasus_ray.llm import wire
 from alpagasus_ray.llm.context import api_context
-from alpagasus_ray.llm.engines.base import BATCHES_PER_BLOCK, StreamingEngine
+from alpagasus_ray.llm.engines.base import StreamingEngine
 from alpagasus_ray.llm.task import (
     MAX_ASKS,
     Request,
@@ -75,10 +75,10 @@ class ApiEngine(StreamingEngine):
         fewest, most = pool_size(endpoint.num_workers)
         slots = endpoint.concurrency // most  # the concurrency holds with the pool at its largest
         # Blocks of a few batches: an actor pool grows with the blocks waiting for it, and a large
-        # block (a read yields up to 2,048 rows) would keep one actor busy while the others idle;
+        # block (a read yields one per input file) would keep one actor busy while the others idle;
         # each batch is still saved as soon as it finishes.
         rows = self.in_blocks(rows)
-        block_rows = endpoint.batch_size * BATCHES_PER_BLOCK
+        block_rows = self.block_rows
         # Enough blocks per actor that a full batch is waiting whenever one finishes (the batches of
         # a block run at once, their rows queued for the slots in order).
         calls = math.ceil(slots / block_rows) + 1

@@ -129,16 +129,21 @@ class Engine:
 # 4), a worker that dies has its blocks run again by its replacement (what a block's finished
 # batches answered is asked again, never saved twice), and the driver's core worker kept about
 # 15 KB for each task it had run (+120 MB over a 520k-row API rating in blocks of one batch; flat
-# in blocks of four). A read yields blocks of up to 2,048 rows.
+# in blocks of four). A read yields one block per input file, up to 128 MiB.
 BATCHES_PER_BLOCK = 4
 
 
 class StreamingEngine(Engine):
     """An engine that maps a Ray Dataset through the model on the workers (`map`)."""
 
+    @property
+    def block_rows(self) -> int:
+        """Rows in each block the workers take: `BATCHES_PER_BLOCK` batches."""
+        return self.cfg.batch_size * BATCHES_PER_BLOCK
+
     def in_blocks(self, rows):
-        """`rows` in blocks of `BATCHES_PER_BLOCK` batches (the last ones fewer)."""
-        return rows.repartition(target_num_rows_per_block=self.cfg.batch_size * BATCHES_PER_BLOCK)
+        """`rows` in blocks of `block_rows` rows (the last ones fewer)."""
+        return rows.repartition(target_num_rows_per_block=self.block_rows)
 
     def map(self, rows, task: LLMTask, *, attempt: int = 1, sink: Sink | None = None, progress=None):
         """`rows` with each row's result beside it, a lazy Dataset; with `sink`, each finished batch
